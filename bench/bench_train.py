@@ -1,0 +1,160 @@
+"""Training throughput per model: a plain fp32/NCHW loop fed by a per-sample PIL DataLoader, against the
+engine's path (uint8 batch in memory, batched crop/flip, channels_last, autocast where the device has it).
+
+    python bench/bench_train.py [--models resnet20 cnn] [--steps 20] [--batch_size 128] [--device auto]
+
+Prints images/s for both paths, the speed-up, and the share of the measured matmul peak
+(training FLOPs = 3 x forward FLOPs, counted with torch.utils.flop_counter).
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models  # noqa: E402
+from utils.constants import DATASETS  # noqa: E402
+from utils.data import DeviceLoader  # noqa: E402
+from utils.engine import cpu_supports_bf16  # noqa: E402
+
+
+def matmul_peak(device, dtype, n=2048, reps=10):
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward_flops(model, size, device):
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(1, 3, size, size, device=device)
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    model.train()
+    return counter.get_total_flops()
+
+
+def fake_split(n, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def time_steps(step, batches, warmup, device):
+    it = iter(batches)
+    for _ in range(warmup):
+        step(*next(it))
+    sync(device)
+    t, n = time.perf_counter(), 0
+    for x, y in it:
+        step(x, y)
+        n += y.shape[0]
+    sync(device)
+    return n / (time.perf_counter() - t)
+
+
+def plain_loop(name, images, labels, batch_size, steps, warmup, device):
+    """The baseline: fp32, NCHW, torchvision transforms on PIL images, one sample at a time."""
+    import torchvision.transforms as T
+    from PIL import Image
+    info = DATASETS["cifar10"]
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(info.mean, info.std)])
+    arr = images.permute(0, 2, 3, 1).numpy()
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):
+            return tf(Image.fromarray(arr[i])), int(labels[i])
+
+    loader = torch.utils.data.DataLoader(DS(), batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
+    model = models.build(name, 10).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def batches():
+        for i, (x, y) in enumerate(loader):
+            if i >= warmup + steps:
+                return
+            yield x.to(device), y.to(device)
+
+    def step(x, y):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return time_steps(step, batches(), warmup, device)
+
+
+def engine_loop(name, images, labels, batch_size, steps, warmup, device, amp_dtype):
+    info = DATASETS["cifar10"]
+    loader = DeviceLoader(images, labels, batch_size, device, info.mean, info.std, True, channels_last=True)
+    model = models.build(name, 10).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, nesterov=True)
+
+    def batches():
+        for i, b in enumerate(loader):
+            if i >= warmup + steps:
+                return
+            yield b
+
+    def step(x, y):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return time_steps(step, batches(), warmup, device)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["resnet20", "cnn", "resnet18"])
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda":
+        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        amp = torch.bfloat16 if cpu_supports_bf16() else None
+    torch.manual_seed(0)
+    n = args.batch_size * (args.steps + args.warmup)
+    images, labels = fake_split(n)
+    peak32 = matmul_peak(device, torch.float32)
+    peak_amp = matmul_peak(device, amp) if amp is not None else peak32
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"engine precision {str(amp).replace('torch.', '') if amp else 'fp32 (no fast bf16 on this CPU)'}")
+    print(f"measured matmul peak: fp32 {peak32 / 1e9:.0f} GFLOP/s, engine precision {peak_amp / 1e9:.0f} GFLOP/s")
+    print(f"{'model':<12} {'GFLOP/img':>9} {'plain img/s':>12} {'engine img/s':>13} {'speed-up':>9} "
+          f"{'plain %peak':>11} {'engine %peak':>12}")
+    for name in args.models:
+        flops = 3 * forward_flops(models.build(name, 10), 32, torch.device("cpu"))
+        plain = plain_loop(name, images, labels, args.batch_size, args.steps, args.warmup, device)
+        fast = engine_loop(name, images, labels, args.batch_size, args.steps, args.warmup, device, amp)
+        print(f"{name:<12} {flops / 1e9:>9.3f} {plain:>12.0f} {fast:>13.0f} {fast / plain:>8.2f}x "
+              f"{100 * plain * flops / peak32:>10.1f}% {100 * fast * flops / peak_amp:>11.1f}%", flush=True)
+
+
+if __name__ == "__main__":
+    np.random.seed(0)
+    main()

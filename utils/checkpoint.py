@@ -1,0 +1,124 @@
+"""Checkpoints written atomically (temp file, fsync, rename) and loaded with weights_only=True.
+
+A checkpoint stores the architecture, class count, dataset and normalisation beside the weights, so a
+model is always rebuilt from its checkpoint, never from a path or a folder name.
+"""
+import json
+import os
+import subprocess
+import tempfile
+
+import torch
+
+from .constants import DATASETS
+from .errors import UserError
+
+
+def _atomic_write(path, write):
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    except OSError as e:
+        raise UserError(f"cannot write in {folder} ({e.strerror}); choose a writable --save_path") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise UserError(f"writing {path} failed ({e.strerror or e}); the previous file is intact, "
+                        f"free some space or choose another --save_path") from None
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_text(path, text):
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_checkpoint(path, state):
+    _atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """Load a checkpoint safely: no pickled code runs (weights_only); any failure is one clear UserError."""
+    if not path:
+        raise UserError(f"no {what} given; set its path in params.json or on the command line")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} not found; train it first or fix the path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"{what} {path} was refused: it holds objects other than tensors and plain data, "
+                            f"which could run code when loaded; only load checkpoints you trust, re-saved as "
+                            f"state dicts") from None
+        raise UserError(f"{what} {path} cannot be read ({type(e).__name__}: {first[:200]}); "
+                        f"the file is truncated or corrupt") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+        raise UserError(f"{what} {path} is not a checkpoint of this project (no 'model'/'arch' entries)")
+    return ckpt
+
+
+def unwrap(model):
+    """The bare module behind DDP and torch.compile wrappers (so saved keys carry no prefixes)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def model_record(model, arch, dataset):
+    info = DATASETS[dataset]
+    return {"model": unwrap(model).state_dict(), "arch": arch, "num_classes": info.num_classes,
+            "dataset": dataset, "mean": list(info.mean), "std": list(info.std)}
+
+
+def build_from_checkpoint(path, what, dataset=None, num_classes=None):
+    """Rebuild the model stored in a checkpoint, check it against what the command expects, load weights."""
+    import models
+    ckpt = load_checkpoint(path, what)
+    if dataset is not None and ckpt.get("dataset") != dataset:
+        raise UserError(f"{what} {path} was trained on {ckpt.get('dataset')}, this run uses {dataset}; "
+                        f"use a {dataset} {what} or set dataset to {ckpt.get('dataset')}")
+    if num_classes is not None and ckpt.get("num_classes") != num_classes:
+        raise UserError(f"{what} {path} has {ckpt.get('num_classes')} classes, this run needs {num_classes}")
+    try:
+        model = models.build(ckpt["arch"], ckpt["num_classes"])
+    except ValueError as e:
+        raise UserError(f"{what} {path}: {e}") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{what} {path}: its weights do not fit architecture '{ckpt['arch']}' "
+                        f"({str(e).splitlines()[0][:160]})") from None
+    return model, ckpt
+
+
+def freeze(model):
+    """A frozen model: eval mode (BN uses running stats), no gradients into its weights."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def git_commit():
+    try:
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        commit = out.stdout.strip()
+        return commit if out.returncode == 0 and len(commit) == 40 else None
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,176 @@
+"""Run configuration: DIR/params.json, overridden key by key from the command line, checked, written back.
+
+Every script declares its keys as a dict of defaults; the default's type is the key's type. The resolved
+config is written to DIR/config.json only once it has been checked, so a bad invocation changes nothing.
+"""
+import argparse
+import json
+import math
+import os
+
+from .constants import DATASETS
+from .errors import UserError
+
+# Keys every training script shares (METHOD.md section 1 and the CPU pilot of section 6).
+TRAIN_DEFAULTS = {
+    "dataset": "cifar10",
+    "data_root": "./data",
+    "download": False,
+    "subset": 0,            # >0: a fixed class-balanced slice of the training set (smoke runs, tests)
+    "test_subset": 0,       # >0: score on the first N test images only (tests)
+    "model": "resnet20",
+    "epochs": 12,
+    "batch_size": 128,
+    "eval_batch_size": 500,
+    "optimizer": "sgd",
+    "lr": 0.1,
+    "momentum": 0.9,
+    "nesterov": True,
+    "weight_decay": 5e-4,
+    "schedule": "onecycle",  # onecycle | cosine | step | constant
+    "milestones": [],        # epochs, for schedule=step
+    "lr_decay": 0.1,         # factor at each milestone
+    "warmup": 0.15,          # onecycle: fraction of the run spent rising to lr
+    "label_smoothing": 0.0,
+    "seed": 0,
+    "device": "auto",        # auto | cpu | cuda | cuda:N
+    "amp": "auto",           # auto | off | bf16 | fp16
+    "channels_last": True,
+    "compile": False,
+    "log_every": 25,         # steps between host syncs for the progress bar
+}
+
+CHOICES = {
+    "dataset": tuple(DATASETS),
+    "optimizer": ("sgd", "adam", "adamw"),
+    "schedule": ("onecycle", "cosine", "step", "constant"),
+    "amp": ("auto", "off", "bf16", "fp16"),
+}
+
+POSITIVE = ("epochs", "batch_size", "eval_batch_size", "lr", "log_every")
+NON_NEGATIVE = ("subset", "test_subset", "weight_decay", "momentum", "label_smoothing", "seed", "warmup")
+
+
+def _type_name(value):
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
+        type(value), type(value).__name__)
+
+
+def _coerce(key, value, default, source):
+    """Check a value against the type of its default; ints are accepted where floats are expected."""
+    if default is None:
+        if value is None or isinstance(value, str):
+            return value
+    elif isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise UserError(f"{source}: '{key}' must be finite, got {value}")
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(default, list):
+        if isinstance(value, list):
+            return value
+    expected = "a string or null" if default is None else _type_name(default)
+    raise UserError(f"{source}: '{key}' must be {expected}, got {json.dumps(value)}")
+
+
+def _parse_cli_value(key, text, default):
+    """Command-line text -> value: JSON first (numbers, true/false, lists), else the plain string."""
+    low = text.lower()
+    if isinstance(default, bool) and low in ("true", "false", "1", "0", "yes", "no"):
+        return low in ("true", "1", "yes")
+    if isinstance(default, str) or default is None:
+        return None if low in ("null", "none") and default is None else text
+    if isinstance(default, list) and "," in text and not text.startswith("["):
+        text = "[" + text + "]"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def read_params(save_path, defaults):
+    path = os.path.join(save_path, "params.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found; create it (copy one from exps/) or point --save_path at an experiment folder")
+    try:
+        with open(path) as f:
+            params = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); fix the file") from None
+    if not isinstance(params, dict):
+        raise UserError(f"{path} must hold a JSON object of key: value pairs")
+    unknown = sorted(k for k in params if k not in defaults and not k.startswith("_"))
+    if unknown:
+        raise UserError(f"{path}: unknown key '{unknown[0]}'; valid keys: {', '.join(sorted(defaults))}")
+    return {k: _coerce(k, v, defaults[k], path) for k, v in params.items() if not k.startswith("_")}
+
+
+def validate(cfg, source="config"):
+    for key, options in CHOICES.items():
+        if key in cfg and cfg[key] not in options:
+            raise UserError(f"{source}: '{key}' must be one of {', '.join(options)}, got '{cfg[key]}'")
+    for key in POSITIVE:
+        if key in cfg and not cfg[key] > 0:
+            raise UserError(f"{source}: '{key}' must be > 0, got {cfg[key]}")
+    for key in NON_NEGATIVE:
+        if key in cfg and cfg[key] < 0:
+            raise UserError(f"{source}: '{key}' must be >= 0, got {cfg[key]}")
+    if "model" in cfg:
+        import models
+        if cfg["model"] not in models.MODELS and cfg["model"] not in models.ALIASES:
+            raise UserError(f"{source}: unknown model '{cfg['model']}'; choose one of: {', '.join(models.names())} "
+                            f"(python train_scratch.py --list-models)")
+    if cfg.get("schedule") == "step" and not all(isinstance(m, int) and m > 0 for m in cfg.get("milestones", [])):
+        raise UserError(f"{source}: 'milestones' must be a list of positive epoch numbers")
+    dev = cfg.get("device", "auto")
+    if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
+        raise UserError(f"{source}: 'device' must be auto, cpu, cuda or cuda:N, got '{dev}'")
+
+
+def parse_config(description, defaults, argv=None, extra_args=None):
+    """Parse `--save_path DIR [--key value ...] [--resume]` into (cfg dict, args namespace).
+
+    extra_args: callable(parser) adding script-only flags (e.g. --list-models).
+    """
+    parser = argparse.ArgumentParser(description=description,
+                                     epilog="Any key of params.json can be overridden, e.g. --epochs 2.")
+    parser.add_argument("--save_path", help="experiment folder holding params.json; outputs go there")
+    parser.add_argument("--resume", action="store_true", help="continue from SAVE_PATH/last.pth")
+    if extra_args:
+        extra_args(parser)
+    group = parser.add_argument_group("config keys (override params.json)")
+    for key, default in defaults.items():
+        group.add_argument(f"--{key}", dest=f"cfg_{key}", default=None, metavar=_type_name(default).upper()
+                           if default is not None else "STR", help=f"default: {json.dumps(default)}")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed its one-line usage error
+        raise SystemExit(0 if e.code == 0 else 2) from None
+    return args, parser
+
+
+def resolve_config(args, defaults):
+    if not args.save_path:
+        raise UserError("--save_path is required: an experiment folder holding params.json (see exps/)")
+    cfg = dict(defaults)
+    cfg.update(read_params(args.save_path, defaults))
+    for key, default in defaults.items():
+        text = getattr(args, f"cfg_{key}")
+        if text is not None:
+            cfg[key] = _coerce(key, _parse_cli_value(key, text, default), default, "command line")
+    validate(cfg, os.path.join(args.save_path, "params.json"))
+    return cfg
+
+
+def write_config(save_path, cfg):
+    from .checkpoint import atomic_write_text
+    atomic_write_text(os.path.join(save_path, "config.json"), json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,476 @@
+"""The training engine every script shares: device, precision, DDP, the loop, evaluation, checkpoints, logs.
+
+A script hands the engine a Task: the model being trained and the one step that differs (CE; RML or
+Nasty against a frozen original; KD against a frozen teacher; DFAD's student/generator steps). The step
+returns a dict of named loss terms; the engine sums them, backpropagates, and logs each one.
+"""
+import contextlib
+import csv
+import io
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .checkpoint import (atomic_write_json, atomic_write_text, git_commit, load_checkpoint, model_record,
+                         save_checkpoint, unwrap)
+from .constants import DATASETS
+from .errors import UserError
+
+PROTOCOL = ("final_acc (last epoch) is the headline figure; best_acc is picked on the test split "
+            "and is reported only beside it")
+
+
+def lr_factor(cfg, progress):
+    """Multiplier of the base lr after `progress` epochs (a float) of cfg['epochs']."""
+    total, name = cfg["epochs"], cfg["schedule"]
+    if name == "constant":
+        return 1.0
+    if name == "step":
+        return cfg["lr_decay"] ** sum(progress >= m for m in cfg["milestones"])
+    if name == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(progress / total, 1.0)))
+    rise = cfg["warmup"] * total  # onecycle: linear up to lr, then linear down to 0
+    if progress < rise:
+        return max(progress / rise, 0.02)
+    return max((total - progress) / max(total - rise, 1e-8), 0.0)
+
+
+def cpu_supports_bf16():
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class Task:
+    """What a script trains. Override `loss`; the rest has defaults for supervised training on the train loader."""
+
+    model = None
+
+    def setup(self, engine):
+        """Called once the engine knows the device; move frozen models there (engine.prepare_frozen)."""
+
+    def steps_per_epoch(self, engine):
+        return len(engine.loaders["train"])
+
+    def train_batches(self, engine, epoch, start_step):
+        loader = engine.loaders["train"]
+        loader.set_epoch(epoch)
+        return loader.iterate(start_step)
+
+    def loss(self, batch):
+        """Return (terms: dict name -> scalar tensor, logits, targets); logits/targets may be None."""
+        raise NotImplementedError
+
+    def after_step(self, engine, step):
+        """Called after the optimizer step (DFAD's generator step lives here)."""
+
+    def eval_batch(self, x, logits, y):
+        """Diagnostics on a test batch: dict name -> tensor summed over the batch (the engine averages)."""
+        return {}
+
+    def end_epoch(self, engine, epoch, row):
+        """Called on every rank after evaluation; `row` is the epoch's log row (add keys to it)."""
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def metrics(self):
+        """Extra entries for metrics.json."""
+        return {}
+
+
+class Engine:
+    def __init__(self, cfg, save_path, script, resume=False):
+        self.cfg, self.save_path, self.script, self.resume = cfg, save_path, script, resume
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = self._pick_device(cfg["device"])
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.amp_dtype = self._pick_amp(cfg["amp"])
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        torch.manual_seed(cfg["seed"])
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.is_main = self.rank == 0
+        self.info = DATASETS[cfg["dataset"]]
+        self.loaders = {}
+        self._stop_signal = None
+        if self.is_main:
+            self._check_writable()
+        self._resume_ckpt = self._read_resume() if resume else None
+
+    # --- set-up -----------------------------------------------------------------------------------
+    def _pick_device(self, name):
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise UserError("device 'cuda' asked for but no CUDA GPU is visible; use --device cpu or auto")
+            if self.world_size > 1:
+                name = f"cuda:{self.local_rank}"
+            device = torch.device(name)
+            torch.cuda.set_device(device)
+            return device
+        return torch.device("cpu")
+
+    def _pick_amp(self, amp):
+        if amp == "off":
+            return None
+        if self.device.type == "cuda":
+            if amp == "auto":
+                return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if amp == "bf16" else torch.float16
+        if amp == "fp16":
+            raise UserError("amp fp16 is for CUDA only; on CPU use --amp bf16 or off")
+        if amp == "auto":
+            return torch.bfloat16 if cpu_supports_bf16() else None
+        return torch.bfloat16
+
+    def _check_writable(self):
+        try:
+            os.makedirs(self.save_path, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create save_path {self.save_path} ({e.strerror})") from None
+        if not os.access(self.save_path, os.W_OK):
+            raise UserError(f"save_path {self.save_path} is not writable; choose another --save_path")
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, model):
+        model = model.to(self.device)
+        if self.cfg["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def prepare_frozen(self, model):
+        """A frozen helper model (original, teacher) on the device: eval mode, no grads, never wrapped in DDP."""
+        from .checkpoint import freeze
+        return freeze(self.to_device(model))
+
+    def load_data(self, train=True):
+        from .data import build_loaders
+        self.loaders = build_loaders(self.cfg, self.device, self.rank, self.world_size, train=train)
+        return self.loaders
+
+    def log(self, msg):
+        if self.is_main:
+            print(msg, flush=True)
+            with open(os.path.join(self.save_path, "train.log"), "a") as f:
+                f.write(msg + "\n")
+
+    def all_reduce(self, t):
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t
+
+    # --- optimisation ----------------------------------------------------------------------------
+    def build_optimizer(self, params, cfg=None, prefix=""):
+        cfg = cfg or self.cfg
+        name, lr, wd = cfg[prefix + "optimizer"], cfg[prefix + "lr"], cfg[prefix + "weight_decay"]
+        if name == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=cfg[prefix + "momentum"], weight_decay=wd,
+                                   nesterov=cfg[prefix + "nesterov"] and cfg[prefix + "momentum"] > 0)
+        if name == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def _state(self, epoch, step):
+        state = model_record(self.model, self.cfg["model"], self.cfg["dataset"])
+        state.update({
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"schedule": self.cfg["schedule"], "global_step": self.global_step},
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "epoch": epoch, "step": step, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+            "config": self.cfg, "history": self.history, "train_time": self.train_time,
+            "images_seen": self.images_seen, "rng": {"torch": torch.get_rng_state()},
+            "task": self.task.state_dict(), "git_commit": self.commit, "script": self.script,
+        })
+        if self.device.type == "cuda":
+            state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def save(self, name, epoch, step=0):
+        if self.is_main:
+            save_checkpoint(os.path.join(self.save_path, name), self._state(epoch, step))
+
+    def _read_resume(self):
+        """Read and check last.pth before anything is written, so a bad --resume changes nothing."""
+        path = os.path.join(self.save_path, "last.pth")
+        ckpt = load_checkpoint(path, "resume checkpoint")
+        old = ckpt.get("config", {})
+        for key in ("model", "dataset", "batch_size", "epochs", "schedule"):
+            if key in old and old[key] != self.cfg[key]:
+                raise UserError(f"cannot resume: {path} was written with {key}={old[key]!r}, this run has "
+                                f"{key}={self.cfg[key]!r}; use the same config or start without --resume")
+        return ckpt
+
+    def _load_resume(self):
+        ckpt = self._resume_ckpt
+        unwrap(self.model).load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.task.load_state_dict(ckpt.get("task", {}))
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        self.global_step = ckpt["scheduler"]["global_step"]
+        self.best_acc, self.best_epoch = ckpt["best_acc"], ckpt["best_epoch"]
+        self.history, self.train_time = ckpt["history"], ckpt["train_time"]
+        self.images_seen = ckpt["images_seen"]
+        return ckpt["epoch"], ckpt["step"]
+
+    # --- signals ---------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        if self._stop_signal is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+
+    @contextlib.contextmanager
+    def _signals(self):
+        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for s in old:
+                signal.signal(s, self._on_signal)
+        except ValueError:  # not the main thread (e.g. called from a test harness thread)
+            old = {}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    # --- the loop --------------------------------------------------------------------------------
+    def fit(self, task):
+        cfg = self.cfg
+        self.task = task
+        task.setup(self)
+        model = self.to_device(task.model)
+        self.model = model
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.optimizer = self.build_optimizer([p for p in model.parameters() if p.requires_grad])
+        self.global_step, self.best_acc, self.best_epoch = 0, -1.0, -1
+        self.history, self.train_time, self.images_seen = [], 0.0, 0
+        self.commit = git_commit()
+        start_epoch, start_step = 0, 0
+        if self.resume:
+            start_epoch, start_step = self._load_resume()
+            self.log(f"resumed from {os.path.join(self.save_path, 'last.pth')} at epoch {start_epoch} step {start_step}")
+        elif self.is_main and os.path.exists(os.path.join(self.save_path, "last.pth")):
+            self.log(f"note: starting afresh; the old checkpoints in {self.save_path} will be replaced "
+                     f"(use --resume to continue them)")
+        train_model = model
+        if self.world_size > 1:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg["compile"]:
+            train_model = torch.compile(train_model)
+        task.train_model = train_model
+        steps = task.steps_per_epoch(self)
+        if self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(self.save_path, "tb"))
+        self.log(f"{self.script}: {cfg['model']} ({self.num_params / 1e6:.2f}M params) on {cfg['dataset']}, "
+                 f"device {self.device}, amp {self.amp_dtype or 'off'}, world size {self.world_size}, "
+                 f"{cfg['epochs']} epochs x {steps} steps, batch {cfg['batch_size']}")
+        wall0 = time.time()
+        with self._signals():
+            for epoch in range(start_epoch, cfg["epochs"]):
+                self._train_epoch(epoch, start_step if epoch == start_epoch else 0, steps)
+                self._end_epoch(epoch)
+        wall = time.time() - wall0
+        return self._finish(wall)
+
+    def _train_epoch(self, epoch, start_step, steps):
+        cfg, task = self.cfg, self.task
+        self.model.train()
+        dev = self.device
+        sums, correct = {}, torch.zeros((), device=dev)
+        first_bad = torch.full((), -1, device=dev, dtype=torch.long)
+        seen, t0 = 0, time.time()
+        base_lr = cfg["lr"]
+        bar = None
+        if self.is_main:
+            from tqdm import tqdm
+            bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+                       dynamic_ncols=True, leave=False, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        lr = base_lr
+        try:
+            step = start_step
+            for step, batch in enumerate(task.train_batches(self, epoch, start_step), start=start_step):
+                lr = base_lr * lr_factor(cfg, epoch + step / steps)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                with self.autocast():
+                    terms, logits, targets = task.loss(batch)
+                loss = sum(terms.values())
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    self.optimizer.step()
+                task.after_step(self, step)
+                self.global_step += 1
+                with torch.no_grad():  # accumulate on the device: no host sync per step
+                    loss = loss.detach().float()
+                    first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0) + v.detach().float()
+                    sums["loss"] = sums.get("loss", 0) + loss
+                    if logits is not None:
+                        correct += (logits.argmax(1) == targets).sum()
+                        seen += targets.shape[0]
+                n = batch[0].shape[0] if isinstance(batch, (tuple, list)) else cfg["batch_size"]
+                self.images_seen += n * self.world_size
+                done = step + 1 - start_step
+                if done % cfg["log_every"] == 0 or step + 1 == steps or self._stop_signal is not None:
+                    self._check_finite(first_bad, epoch)
+                    if bar is not None:
+                        vals = {k: (v / done).item() for k, v in sums.items()}
+                        post = {"loss": f"{vals['loss']:.3f}"}
+                        if seen:
+                            post["acc"] = f"{100 * correct.item() / seen:.1f}"
+                        post["img/s"] = f"{n * self.world_size * done / (time.time() - t0):.0f}"
+                        bar.set_postfix(post)
+                        bar.update(done - (bar.n - start_step))
+                if self._stop_signal is not None:
+                    self._interrupt(epoch, step + 1)
+        finally:
+            if bar is not None:
+                bar.close()
+        elapsed = time.time() - t0
+        self.train_time += elapsed
+        done = max(steps - start_step, 1)
+        red = self.all_reduce(torch.stack([v / done for v in sums.values()] +
+                                          [correct, torch.tensor(float(seen), device=dev)]).float())
+        vals = (red / torch.tensor([self.world_size] * len(sums) + [1, 1], device=dev)).tolist()
+        self._epoch_row = {"epoch": epoch + 1, "lr": lr if steps else base_lr,
+                           "train_img_per_s": round(done * cfg["batch_size"] / elapsed, 1)}
+        self._epoch_row.update({f"train_{k}": v for k, v in zip(sums, vals[:len(sums)])})
+        if vals[-1]:
+            self._epoch_row["train_acc"] = 100.0 * vals[-2] / vals[-1]
+
+    def _check_finite(self, first_bad, epoch):
+        bad = int(self.all_reduce(first_bad.clone().clamp(min=-1) + 1).item())
+        if bad > 0:
+            step = int(first_bad.item())
+            msg = (f"loss became NaN/inf at epoch {epoch + 1}, step {step + 1}; the likely cause is a learning rate "
+                   f"too high for this model (lr={self.cfg['lr']}) or a loss weight too large; lower --lr "
+                   f"and start again (the last good checkpoint in {self.save_path} is kept)")
+            raise UserError(msg)
+
+    def _interrupt(self, epoch, step):
+        self.save("last.pth", epoch, step)
+        name = signal.Signals(self._stop_signal).name
+        self.log(f"stopped by {name} at epoch {epoch + 1}, step {step}; last.pth written. Resume with: "
+                 f"python {self.script} --save_path {self.save_path} --resume")
+        sys.exit(128 + self._stop_signal)
+
+    @torch.no_grad()
+    def evaluate(self, model=None, loader=None, diagnostics=True):
+        """Top-1 accuracy (%) on the test loader, and the task's diagnostics averaged per image."""
+        model = model or self.model
+        loader = loader or self.loaders["test"]
+        was_training = model.training
+        model.eval()
+        correct = torch.zeros((), device=self.device)
+        total = torch.zeros((), device=self.device)
+        diag = {}
+        for x, y in loader:
+            with self.autocast():
+                logits = model(x)
+            logits = logits.float()
+            correct += (logits.argmax(1) == y).sum()
+            total += y.shape[0]
+            if diagnostics:
+                for k, v in self.task.eval_batch(x, logits, y).items():
+                    diag[k] = diag.get(k, 0) + v.float()
+        keys = list(diag)
+        red = self.all_reduce(torch.stack([correct, total] + [diag[k] for k in keys]))
+        vals = red.tolist()
+        model.train(was_training)
+        return 100.0 * vals[0] / vals[1], {k: v / vals[1] for k, v in zip(keys, vals[2:])}
+
+    def _end_epoch(self, epoch):
+        acc, diag = self.evaluate()
+        row = self._epoch_row
+        row["test_acc"] = acc
+        row.update({f"test_{k}": v for k, v in diag.items()})
+        self.task.end_epoch(self, epoch, row)
+        self.history.append(row)
+        improved = acc > self.best_acc
+        if improved:
+            self.best_acc, self.best_epoch = acc, epoch + 1
+        # last.pth first: if the run dies between the two writes, resume still sees this epoch done
+        self.save("last.pth", epoch + 1, 0)
+        if improved:
+            self.save("best.pth", epoch + 1, 0)
+        if self.is_main:
+            for k, v in row.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
+            self.tb.flush()
+            self._write_csv()
+        extra = " ".join(f"{k}={v:.3f}" for k, v in diag.items())
+        self.log(f"epoch {epoch + 1}/{self.cfg['epochs']}: loss {row.get('train_loss', float('nan')):.4f} "
+                 f"train_acc {row.get('train_acc', float('nan')):.2f} test_acc {acc:.2f} "
+                 f"{row['train_img_per_s']:.0f} img/s {extra}".rstrip())
+
+    def _write_csv(self):
+        keys = []
+        for row in self.history:
+            keys += [k for k in row if k not in keys]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(os.path.join(self.save_path, "log.csv"), buf.getvalue())
+
+    def _finish(self, wall):
+        last = self.history[-1] if self.history else {}
+        metrics = {
+            "script": self.script, "model": self.cfg["model"], "dataset": self.cfg["dataset"],
+            "final_acc": last.get("test_acc"), "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+            "epochs": self.cfg["epochs"], "params": self.num_params,
+            "wall_time_s": round(wall, 1), "train_time_s": round(self.train_time, 1),
+            "images_per_s": round(self.images_seen / max(self.train_time, 1e-9), 1),
+            "seed": self.cfg["seed"], "batch_size": self.cfg["batch_size"], "world_size": self.world_size,
+            "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
+            "torch": torch.__version__, "git_commit": self.commit, "protocol": PROTOCOL,
+            "final_diagnostics": {k[5:]: v for k, v in last.items() if k.startswith("test_") and k != "test_acc"},
+            "config": self.cfg, "history": self.history,
+        }
+        metrics.update(self.task.metrics())
+        if self.is_main:
+            atomic_write_json(os.path.join(self.save_path, "metrics.json"), metrics)
+            self.tb.close()
+            self.log(f"done: final test acc {metrics['final_acc']:.2f} (best {self.best_acc:.2f} at epoch "
+                     f"{self.best_epoch}), {metrics['wall_time_s']:.0f} s, {metrics['images_per_s']:.0f} img/s; "
+                     f"metrics in {os.path.join(self.save_path, 'metrics.json')}")
+        if self.world_size > 1:
+            dist.barrier()
+        return metrics
+
+
+def cross_entropy(logits, targets, label_smoothing=0.0):
+    """CE in float32 (safe under autocast)."""
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
