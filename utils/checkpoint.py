@@ -63,7 +63,7 @@ def load_checkpoint(path, what="checkpoint"):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "GLOBAL" in str(e) or "Unsupported global" in str(e):  # a class or callable we do not load
             raise UserError(f"{what} {path} was refused: it holds objects other than tensors and plain data, "
                             f"which could run code when loaded; only load checkpoints you trust, re-saved as "
                             f"state dicts") from None

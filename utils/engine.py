@@ -107,6 +107,7 @@ class Engine:
         self.info = DATASETS[cfg["dataset"]]
         self.loaders = {}
         self._stop_signal = None
+        self.progress = 0.0
         if self.is_main:
             self._check_writable()
         self._resume_ckpt = self._read_resume() if resume else None
@@ -314,7 +315,8 @@ class Engine:
         try:
             step = start_step
             for step, batch in enumerate(task.train_batches(self, epoch, start_step), start=start_step):
-                lr = base_lr * lr_factor(cfg, epoch + step / steps)
+                self.progress = epoch + step / steps  # in epochs; tasks read it for warm-ups
+                lr = base_lr * lr_factor(cfg, self.progress)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
                 with self.autocast():

@@ -1,0 +1,120 @@
+"""Train an anti-distillation teacher against a frozen original: RML (the possessive teacher) or Nasty Teacher.
+
+    python train_possessive.py --save_path exps/mini/rml_resnet20 [--method nasty --omega 0.04 ...]
+
+RML (docs/METHOD.md section 2):
+    CE + alpha tau^2 KL(b(z_o)||b(z_p)) + beta tau^2 KL(q(reverse(z_o))||q(z_p)) - gamma tau^2 KL(q(z_o)||q(z_p))
+Nasty (section 3): CE - omega tau^2 KL(softmax(z_n/tau) || softmax(z_o/tau)).
+"""
+import sys
+
+import torch
+
+import models
+from utils.checkpoint import build_from_checkpoint
+from utils.config import TRAIN_DEFAULTS, parse_config, resolve_config, write_config
+from utils.diagnostics import mean_kl, non_target_entropy, non_target_kendall, reversed_top1_match
+from utils.engine import Engine, Task
+from utils.errors import UserError, cli_main
+from utils.losses import REVERSE_SCOPES, nasty_loss, rml_loss
+
+DEFAULTS = dict(
+    TRAIN_DEFAULTS,
+    method="rml",            # rml | nasty
+    original="",             # checkpoint of the original model (from train_scratch.py)
+    tau=4.0,
+    alpha=1.0,               # RML: binary (target vs rest) term
+    beta=1.0,                # RML: reversed non-target term
+    gamma=0.0,               # RML: Nasty-style maximisation restricted to non-target classes
+    beta_warmup=0.0,         # RML: epochs over which beta rises linearly from 0 (0 = constant)
+    reverse_scope="non_target",
+    omega=0.04,              # Nasty: weight of the maximised KL
+    init_from_original=False,
+)
+METHODS = ("rml", "nasty")
+
+
+class PossessiveTask(Task):
+    def __init__(self, model, original, cfg):
+        self.model, self.original, self.cfg = model, original, cfg
+        self.engine = None
+
+    def setup(self, engine):
+        if self.engine is engine:
+            return
+        self.engine = engine
+        self.original = engine.prepare_frozen(self.original)
+
+    def loss(self, batch):
+        x, y = batch
+        cfg = self.cfg
+        with torch.no_grad():
+            original_logits = self.original(x)
+        logits = self.train_model(x)
+        if cfg["method"] == "nasty":
+            return nasty_loss(logits, original_logits, y, cfg["tau"], cfg["omega"]), logits, y
+        beta = cfg["beta"]
+        if cfg["beta_warmup"] > 0:
+            beta *= min(1.0, self.engine.progress / cfg["beta_warmup"])
+        terms = rml_loss(logits, original_logits, y, cfg["tau"], cfg["alpha"], beta, cfg["gamma"],
+                         cfg["reverse_scope"])
+        return terms, logits, y
+
+    @torch.no_grad()
+    def eval_batch(self, x, logits, y):
+        """Has the defence taken hold? Distance from the original and reversal of its non-target order."""
+        tau = self.cfg["tau"]
+        with self.engine.autocast():
+            original_logits = self.original(x)
+        original_logits = original_logits.float()
+        out = {"kl_to_original": mean_kl(logits, original_logits, tau, reduction="sum"),
+               "nt_entropy": non_target_entropy(logits, y, tau, reduction="sum"),
+               "original_nt_entropy": non_target_entropy(original_logits, y, tau, reduction="sum")}
+        if logits.shape[1] >= 3:
+            out["kendall"] = non_target_kendall(logits, original_logits, y, reduction="sum")
+            out["reversed_top1"] = reversed_top1_match(logits, original_logits, y, reduction="sum")
+        return out
+
+    def metrics(self):
+        return {"method": self.cfg["method"], "original": self.cfg["original"],
+                "original_acc": self.original_acc}
+
+
+def check(cfg):
+    if cfg["method"] not in METHODS:
+        raise UserError(f"'method' must be one of {', '.join(METHODS)}, got '{cfg['method']}'")
+    if cfg["reverse_scope"] not in REVERSE_SCOPES:
+        raise UserError(f"'reverse_scope' must be one of {', '.join(REVERSE_SCOPES)}, got '{cfg['reverse_scope']}'")
+    if not cfg["tau"] > 0:
+        raise UserError(f"'tau' must be > 0, got {cfg['tau']}")
+    for key in ("alpha", "beta", "gamma", "omega", "beta_warmup"):
+        if cfg[key] < 0:
+            raise UserError(f"'{key}' must be >= 0, got {cfg[key]}")
+
+
+@cli_main
+def main(argv=None):
+    args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv)
+    cfg = resolve_config(args, DEFAULTS)
+    check(cfg)
+    engine = Engine(cfg, args.save_path, "train_possessive.py", resume=args.resume)
+    original, ckpt = build_from_checkpoint(cfg["original"], "original", dataset=cfg["dataset"],
+                                           num_classes=engine.info.num_classes)
+    model = models.build(cfg["model"], engine.info.num_classes)
+    if cfg["init_from_original"]:
+        if models.ALIASES.get(cfg["model"], cfg["model"]) != ckpt["arch"]:
+            raise UserError(f"init_from_original needs model '{ckpt['arch']}' (the original's), got '{cfg['model']}'")
+        model.load_state_dict(ckpt["model"])
+    engine.load_data()
+    if engine.is_main:
+        write_config(args.save_path, cfg)
+    task = PossessiveTask(model, original, cfg)
+    task.setup(engine)
+    task.original_acc, _ = engine.evaluate(task.original, diagnostics=False)
+    engine.log(f"original {ckpt['arch']} from {cfg['original']}: test acc {task.original_acc:.2f}")
+    engine.fit(task)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
