@@ -13,7 +13,8 @@ import torch
 import models
 from utils.checkpoint import build_from_checkpoint
 from utils.config import TRAIN_DEFAULTS, parse_config, resolve_config, write_config
-from utils.diagnostics import mean_kl, non_target_entropy, non_target_kendall, reversed_top1_match
+from utils.diagnostics import (class_response, expected_calibration_error, mean_kl, non_target_entropy,
+                               non_target_kendall, reversed_top1_match)
 from utils.engine import Engine, Task
 from utils.errors import UserError, cli_main
 from utils.losses import REVERSE_SCOPES, nasty_loss, rml_loss
@@ -76,8 +77,16 @@ class PossessiveTask(Task):
         return out
 
     def metrics(self):
-        return {"method": self.cfg["method"], "original": self.cfg["original"],
-                "original_acc": self.original_acc}
+        """Besides the method: the mean softmax response per class at tau of this teacher and of the
+        original (report.py draws them), and the original's calibration error."""
+        tau = self.cfg["tau"]
+        logits, labels = self.engine.predict(self.model)
+        original_logits, _ = self.engine.predict(self.original)
+        return {"method": self.cfg["method"], "original": self.cfg["original"], "original_acc": self.original_acc,
+                "original_ece": float(expected_calibration_error(original_logits, labels)),
+                "response_tau": tau,
+                "class_response": class_response(logits, labels, tau).tolist(),
+                "original_class_response": class_response(original_logits, labels, tau).tolist()}
 
 
 def check(cfg):

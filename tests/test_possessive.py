@@ -30,7 +30,10 @@ def test_end_to_end_writes_checkpoint_and_diagnostics(tmp_path, cifar_root, orig
     d = _exp(tmp_path, cifar_root, original, method=method, gamma=0.1, beta_warmup=1.0)
     assert run_main(train_possessive.main, ["--save_path", d]) == 0
     m = read_json(os.path.join(d, "metrics.json"))
-    assert m["method"] == method and m["original_acc"] > 10
+    assert m["method"] == method and m["original_acc"] > 10 and 0 <= m["final_ece"] <= 1
+    response = torch.tensor(m["class_response"])
+    assert response.shape == (10, 10) and torch.allclose(response.sum(1), torch.ones(10), atol=1e-4)
+    assert torch.tensor(m["original_class_response"]).shape == (10, 10)
     diag = m["final_diagnostics"]
     for key in ("kl_to_original", "kendall", "reversed_top1", "nt_entropy", "original_nt_entropy"):
         assert key in diag and diag[key] == diag[key], key  # present and not NaN

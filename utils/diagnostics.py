@@ -109,3 +109,15 @@ __all__ = [
     "mean_kl",
     "expected_calibration_error",
 ]
+
+
+@torch.no_grad()
+def class_response(logits, target, tau, num_classes=None):
+    """Mean softmax response at temperature tau for each true class: a (C, C) tensor, row c = the mean
+    of softmax(z / tau) over test images of class c (the bar charts of the Nasty Teacher paper)."""
+    num_classes = num_classes or logits.shape[1]
+    probs = torch.softmax(logits.float() / tau, dim=1)
+    sums = torch.zeros(num_classes, logits.shape[1], dtype=probs.dtype, device=probs.device)
+    sums.index_add_(0, target, probs)
+    counts = torch.bincount(target, minlength=num_classes).clamp(min=1).to(probs.dtype)
+    return sums / counts[:, None]

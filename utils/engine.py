@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .checkpoint import (atomic_write_json, atomic_write_text, git_commit, load_checkpoint, model_record,
                          save_checkpoint, unwrap)
 from .constants import DATASETS
+from .diagnostics import expected_calibration_error
 from .errors import UserError
 
 PROTOCOL = ("final_acc (last epoch) is the headline figure; best_acc is picked on the test split "
@@ -412,6 +413,19 @@ class Engine:
         model.train(was_training)
         return 100.0 * vals[0] / vals[1], {k: v / vals[1] for k, v in zip(keys, vals[2:])}
 
+    @torch.no_grad()
+    def predict(self, model):
+        """(logits float32, labels) of the whole test split, on the CPU; every rank computes all of it."""
+        loader = self.loaders["test"]
+        was_training = model.training
+        model.eval()
+        out = []
+        for i in range(0, len(loader.labels), loader.batch_size):
+            with self.autocast():
+                out.append(model(loader._normalise(loader.images[i:i + loader.batch_size])).float().cpu())
+        model.train(was_training)
+        return torch.cat(out), loader.labels.cpu()
+
     def _end_epoch(self, epoch):
         acc, diag = self.evaluate()
         row = self._epoch_row
@@ -461,6 +475,8 @@ class Engine:
             "final_diagnostics": {k[5:]: v for k, v in last.items() if k.startswith("test_") and k != "test_acc"},
             "config": self.cfg, "history": self.history,
         }
+        logits, labels = self.predict(self.model)
+        metrics["final_ece"] = float(expected_calibration_error(logits, labels))
         metrics.update(self.task.metrics())
         if self.is_main:
             atomic_write_json(os.path.join(self.save_path, "metrics.json"), metrics)
