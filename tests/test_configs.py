@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+import train_dfad
+import train_kd
 import train_possessive
 import train_scratch
 from conftest import ROOT
@@ -18,13 +20,14 @@ def _defaults_for(path):
     name = parts[-2]
     if any(p in SCRIPTS for p in parts) or name.startswith(("rml_", "nasty_")):
         return train_possessive.DEFAULTS
-    if name.startswith(("kd_", "dfad_")) or "kd" in parts or "dfad" in parts:
-        return None  # checked by the attack scripts' own tests
+    if name.startswith("kd_") or "kd" in parts:
+        return train_kd.DEFAULTS
+    if name.startswith("dfad_") or "dfad" in parts:
+        return train_dfad.DEFAULTS
     return train_scratch.DEFAULTS
 
 
-CONFIGS = [p for p in sorted(glob.glob(os.path.join(ROOT, "exps", "**", "params.json"), recursive=True))
-           if _defaults_for(p) is not None]
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "exps", "**", "params.json"), recursive=True))
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -35,3 +38,7 @@ def test_shipped_params_are_valid(path):
     validate(cfg, path)
     if defaults is train_possessive.DEFAULTS:
         train_possessive.check(cfg)
+    elif defaults is train_kd.DEFAULTS:
+        train_kd.check_kd_config(cfg, path)
+    elif defaults is train_dfad.DEFAULTS:
+        train_dfad.check_dfad_config(cfg, path)

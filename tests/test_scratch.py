@@ -9,7 +9,7 @@ import torch
 
 import train_scratch
 from conftest import ROOT, TINY, make_exp, read_json, run_main
-from utils.engine import Task, lr_factor
+from utils.engine import lr_factor
 
 
 def _exp(tmp_path, cifar_root, name="run", **over):

@@ -92,9 +92,10 @@ def _parse_cli_value(key, text, default):
     if isinstance(default, list) and "," in text and not text.startswith("["):
         text = "[" + text + "]"
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
         return text
+    return [value] if isinstance(default, list) and not isinstance(value, list) else value
 
 
 def read_params(save_path, defaults):

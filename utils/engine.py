@@ -91,8 +91,10 @@ class Task:
 
 
 class Engine:
-    def __init__(self, cfg, save_path, script, resume=False):
+    def __init__(self, cfg, save_path, script, resume=False, resume_keys=()):
+        """resume_keys: the script's own settings that a --resume must not change (e.g. the loss weights)."""
         self.cfg, self.save_path, self.script, self.resume = cfg, save_path, script, resume
+        self.resume_keys = tuple(resume_keys)
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -216,7 +218,7 @@ class Engine:
         path = os.path.join(self.save_path, "last.pth")
         ckpt = load_checkpoint(path, "resume checkpoint")
         old = ckpt.get("config", {})
-        for key in ("model", "dataset", "batch_size", "epochs", "schedule"):
+        for key in ("model", "dataset", "batch_size", "epochs", "schedule") + self.resume_keys:
             if key in old and old[key] != self.cfg[key]:
                 raise UserError(f"cannot resume: {path} was written with {key}={old[key]!r}, this run has "
                                 f"{key}={self.cfg[key]!r}; use the same config or start without --resume")
@@ -342,7 +344,7 @@ class Engine:
                     if logits is not None:
                         correct += (logits.argmax(1) == targets).sum()
                         seen += targets.shape[0]
-                n = batch[0].shape[0] if isinstance(batch, (tuple, list)) else cfg["batch_size"]
+                n = batch[0].shape[0] if isinstance(batch, (tuple, list)) else cfg["batch_size"] // self.world_size
                 self.images_seen += n * self.world_size
                 done = step + 1 - start_step
                 if done % cfg["log_every"] == 0 or step + 1 == steps or self._stop_signal is not None:

@@ -1,0 +1,282 @@
+"""Rebuild a reproduction's results table and figures from its run folders alone.
+
+    python report.py exps/mini
+
+Reads exps/<preset>/steps.json (written by reproduce.py) and each step's metrics.json / sweep.json; writes
+results.md (the table of docs/METHOD.md section 5), results.json and PNG figures beside them.
+A stolen student counts as *distillable* when it beats the label-smoothing student of the same
+architecture (the bar of Markov KD and CMIM), *KD-resistant* otherwise.
+"""
+import json
+import os
+import sys
+
+from utils.checkpoint import atomic_write_json, atomic_write_text
+from utils.errors import UserError, cli_main
+
+TEACHER_NAMES = {"original": "original", "rml": "possessive (RML)", "nasty": "Nasty"}
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _load(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _run(exp_root, name):
+    """The headline of one step: final accuracy (at the thief's best tau for a sweep) and its metrics."""
+    folder = os.path.join(exp_root, name)
+    sweep = _load(os.path.join(folder, "sweep.json"))
+    if sweep:
+        best = sweep["runs"][_tau_key(sweep["best_tau"], sweep["runs"])]
+        metrics = _load(os.path.join(folder, best, "metrics.json")) or {}
+        return {"acc": sweep["best_acc"], "tau": sweep["best_tau"], "per_tau": sweep["final_acc"],
+                "metrics": metrics}
+    metrics = _load(os.path.join(folder, "metrics.json"))
+    if metrics is None:
+        return None
+    return {"acc": metrics["final_acc"], "tau": metrics.get("tau", metrics.get("config", {}).get("tau")),
+            "metrics": metrics}
+
+
+def _tau_key(tau, runs):
+    for key in runs:
+        if float(key) == float(tau):
+            return key
+    raise KeyError(tau)
+
+
+def collect(exp_root):
+    manifest = _load(os.path.join(exp_root, "steps.json"))
+    if manifest is None:
+        raise UserError(f"{exp_root}/steps.json not found; run reproduce.py first (it writes the manifest)")
+    res = {"preset": manifest["preset"], "teachers": {}, "students": {}, "dfad": {}, "missing": []}
+    for step in manifest["steps"]:
+        role, run = step["role"], _run(exp_root, step["name"])
+        if run is None:
+            res["missing"].append(step["name"])
+            continue
+        m = run["metrics"]
+        if role["kind"] == "teacher":
+            diag = m.get("final_diagnostics", {})
+            res["teachers"][role["teacher"]] = {
+                "acc": run["acc"], "best_acc": m.get("best_acc"), "ece": m.get("final_ece"),
+                "kendall": diag.get("kendall"), "reversed_top1": diag.get("reversed_top1"),
+                "nt_entropy": diag.get("nt_entropy"), "wall_time_s": m.get("wall_time_s"),
+                "class_response": m.get("class_response"), "original_class_response": m.get("original_class_response"),
+                "response_tau": m.get("response_tau"), "history": m.get("history", []), "folder": step["name"]}
+        elif role["kind"] == "student":
+            s = res["students"].setdefault(role["arch"], {"kd": {}})
+            s[role["source"]] = {"acc": run["acc"], "wall_time_s": m.get("wall_time_s"),
+                                 "history": m.get("history", []), "folder": step["name"]}
+        elif role["kind"] == "kd":
+            s = res["students"].setdefault(role["arch"], {"kd": {}})
+            s["kd"].setdefault(role["teacher"], {})[role["attack"]] = {
+                "acc": run["acc"], "tau": run["tau"], "per_tau": run.get("per_tau"), "folder": step["name"],
+                "history": m.get("history", [])}
+        elif role["kind"] == "dfad":
+            res["dfad"][role["teacher"]] = {"arch": role["arch"], "acc": run["acc"], "folder": step["name"],
+                                           "wall_time_s": m.get("wall_time_s"), "history": m.get("history", [])}
+    original = res["teachers"].get("original", {}).get("acc")
+    for t in res["teachers"].values():
+        t["delta"] = None if original is None else t["acc"] - original
+    for s in res["students"].values():
+        scratch = s.get("scratch", {}).get("acc")
+        ls = s.get("ls", {}).get("acc")
+        for attacks in s["kd"].values():
+            for a in attacks.values():
+                a["delta_scratch"] = None if scratch is None else a["acc"] - scratch
+                a["delta_ls"] = None if ls is None else a["acc"] - ls
+                a["verdict"] = None if ls is None else ("distillable" if a["acc"] > ls else "KD-resistant")
+    return res
+
+
+def _fmt(v, spec="{:.2f}", signed=False):
+    if v is None:
+        return "–"
+    return ("{:+.2f}" if signed else spec).format(v)
+
+
+def markdown(res, extra=None):
+    lines = [f"# Results: preset `{res['preset']}`", ""]
+    lines += ["Final-epoch top-1 test accuracy (%). KD rows: the thief's best temperature, picked on the test "
+              "split (an upper bound for the attack). *Distillable*: the stolen student beats the "
+              "label-smoothing student of the same architecture; *KD-resistant*: it does not.", ""]
+    lines += ["## Teachers", "",
+              "| teacher | test acc | Δ vs original | Kendall τ vs original (non-target order) | reversed top-1 | "
+              "non-target entropy | ECE |", "|---|---|---|---|---|---|---|"]
+    for key in ("original", "rml", "nasty"):
+        t = res["teachers"].get(key)
+        if t:
+            lines.append(f"| {TEACHER_NAMES[key]} | {_fmt(t['acc'])} | {_fmt(t['delta'], signed=True) if key != 'original' else '–'} | "
+                         f"{_fmt(t['kendall'], '{:.3f}')} | {_fmt(t['reversed_top1'], '{:.3f}')} | "
+                         f"{_fmt(t['nt_entropy'], '{:.3f}')} | {_fmt(t['ece'], '{:.3f}')} |")
+    for arch, s in res["students"].items():
+        lines += ["", f"## Student `{arch}`", "",
+                  f"Scratch: **{_fmt(s.get('scratch', {}).get('acc'))}**, label smoothing 0.1: "
+                  f"**{_fmt(s.get('ls', {}).get('acc'))}**.", "",
+                  "| teacher | attack | student acc | best τ | Δ vs scratch | Δ vs label smoothing | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for teacher in ("original", "rml", "nasty"):
+            for attack, a in s["kd"].get(teacher, {}).items():
+                lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {_fmt(a['acc'])} | {_fmt(a['tau'], '{:g}')} | "
+                             f"{_fmt(a['delta_scratch'], signed=True)} | {_fmt(a['delta_ls'], signed=True)} | "
+                             f"{a['verdict'] or '–'} |")
+    if res["dfad"]:
+        lines += ["", "## Data-free (DFAD)", "", "| teacher | student | student acc |", "|---|---|---|"]
+        for teacher, d in res["dfad"].items():
+            lines.append(f"| {TEACHER_NAMES[teacher]} | {d['arch']} | {_fmt(d['acc'])} |")
+    resistant = _verdicts(res)
+    if resistant:
+        lines += ["", "## Which teachers resist which attacks", ""] + resistant
+    if res["missing"]:
+        lines += ["", f"Steps without results yet: {', '.join(res['missing'])}."]
+    if extra:
+        lines += [""] + [f"{k}: {v}" for k, v in extra.items()]
+    lines += ["", "Figures: `fig_accuracy.png` (teachers and students), `fig_response.png` (mean softmax "
+              "response at τ for one class), `fig_curves.png` (test accuracy per epoch).",
+              "Rebuild with `python report.py <this folder>`.", ""]
+    return "\n".join(lines)
+
+
+def _verdicts(res):
+    out = []
+    for arch, s in res["students"].items():
+        for teacher in ("original", "rml", "nasty"):
+            attacks = s["kd"].get(teacher, {})
+            if not attacks or any(a["verdict"] is None for a in attacks.values()):
+                continue
+            beaten = [k for k, a in attacks.items() if a["verdict"] == "distillable"]
+            if beaten:
+                out.append(f"- {TEACHER_NAMES[teacher]} → `{arch}`: **distillable** by {', '.join(beaten)}.")
+            else:
+                out.append(f"- {TEACHER_NAMES[teacher]} → `{arch}`: **KD-resistant** against all "
+                           f"{len(attacks)} attacks ({', '.join(attacks)}).")
+    return out
+
+
+def figures(res, exp_root, response_class=3):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    # 1. accuracy bars
+    labels, values, colours = [], [], []
+    for key in ("original", "rml", "nasty"):
+        if key in res["teachers"]:
+            labels.append(f"teacher\n{TEACHER_NAMES[key]}")
+            values.append(res["teachers"][key]["acc"])
+            colours.append("#4c72b0")
+    for arch, s in res["students"].items():
+        for src in ("scratch", "ls"):
+            if src in s:
+                labels.append(f"{arch}\n{src}")
+                values.append(s[src]["acc"])
+                colours.append("#8c8c8c")
+        for teacher, attacks in s["kd"].items():
+            for attack, a in attacks.items():
+                labels.append(f"{arch} KD\n{teacher}/{attack}")
+                values.append(a["acc"])
+                colours.append({"original": "#55a868", "rml": "#c44e52", "nasty": "#dd8452"}[teacher])
+    if values:
+        fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(values)), 4.5))
+        ax.bar(range(len(values)), values, color=colours)
+        ax.set_xticks(range(len(values)), labels, rotation=70, fontsize=7)
+        ax.set_ylabel("test accuracy (%)")
+        lo = min(values)
+        ax.set_ylim(max(0, lo - 10), min(100, max(values) + 3))
+        bars = [s["ls"]["acc"] for s in res["students"].values() if "ls" in s]
+        for i, bar in enumerate(bars):
+            ax.axhline(bar, color="k", ls="--", lw=0.8, label="label-smoothing student" if i == 0 else None)
+        if bars:
+            ax.legend(loc="lower right", fontsize=7)
+        ax.set_title("Teachers and students (KD at the thief's best τ)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(exp_root, "fig_accuracy.png"), dpi=110)
+        plt.close(fig)
+        written.append("fig_accuracy.png")
+    # 2. softmax response for one class
+    responses = {}
+    for key in ("rml", "nasty"):
+        t = res["teachers"].get(key)
+        if t and t.get("class_response"):
+            responses[TEACHER_NAMES[key]] = t["class_response"]
+            responses.setdefault("original", t["original_class_response"])
+    if responses:
+        order = ["original"] + [k for k in responses if k != "original"]
+        fig, axes = plt.subplots(1, len(order), figsize=(4 * len(order), 3.2), sharey=True)
+        axes = axes if len(order) > 1 else [axes]
+        tau = next(t.get("response_tau") for t in res["teachers"].values() if t.get("response_tau"))
+        for ax, name in zip(axes, order):
+            row = responses[name][response_class]
+            ax.bar(range(len(row)), row, color=["#c44e52" if i == response_class else "#4c72b0" for i in range(len(row))])
+            ax.set_title(f"{name}")
+            if len(row) == 10:
+                ax.set_xticks(range(10), CIFAR10_CLASSES, rotation=70, fontsize=7)
+        axes[0].set_ylabel(f"mean softmax at τ={tau:g}")
+        cls = CIFAR10_CLASSES[response_class] if len(responses["original"]) == 10 else str(response_class)
+        fig.suptitle(f"Mean response to test images of class '{cls}'")
+        fig.tight_layout()
+        fig.savefig(os.path.join(exp_root, "fig_response.png"), dpi=110)
+        plt.close(fig)
+        written.append("fig_response.png")
+    # 3. training curves
+    curves = [(f"teacher {TEACHER_NAMES[k]}", t["history"]) for k, t in res["teachers"].items()]
+    for arch, s in res["students"].items():
+        curves += [(f"{arch} {src}", s[src]["history"]) for src in ("scratch", "ls") if src in s]
+        curves += [(f"{arch} KD {t}/{a}", v["history"]) for t, atts in s["kd"].items() for a, v in atts.items()
+                   if a == "vanilla"]
+    curves += [(f"DFAD {t}", d["history"]) for t, d in res["dfad"].items()]
+    curves = [(n, h) for n, h in curves if h]
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, hist in curves:
+            ax.plot([r["epoch"] for r in hist], [r["test_acc"] for r in hist], marker=".", label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(exp_root, "fig_curves.png"), dpi=110)
+        plt.close(fig)
+        written.append("fig_curves.png")
+    return written
+
+
+def build(exp_root, extra=None):
+    res = collect(exp_root)
+    old = _load(os.path.join(exp_root, "results.json")) or {}
+    extra = dict(old.get("extra", {}), **(extra or {}))
+    slim = json.loads(json.dumps(res))
+    for group in (slim["teachers"], slim["dfad"]):
+        for t in group.values():
+            t.pop("history", None)
+    for s in slim["students"].values():
+        for k in ("scratch", "ls"):
+            s.get(k, {}).pop("history", None)
+        for atts in s["kd"].values():
+            for a in atts.values():
+                a.pop("history", None)
+    slim["extra"] = extra
+    atomic_write_json(os.path.join(exp_root, "results.json"), slim)
+    atomic_write_text(os.path.join(exp_root, "results.md"), markdown(res, extra))
+    figures(res, exp_root)
+    return res
+
+
+@cli_main
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise UserError("usage: python report.py exps/<preset>")
+    if not os.path.isdir(argv[0]):
+        raise UserError(f"{argv[0]} is not a folder; pass the preset folder, e.g. exps/mini")
+    build(argv[0])
+    print(f"wrote {os.path.join(argv[0], 'results.md')}, results.json and figures")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""One command for the paper's claim: original -> possessive (RML) and Nasty teachers -> every attack.
+
+    python reproduce.py --preset mini --data_root ./data            # CPU scale
+    python reproduce.py --preset paper --data_root ./data           # GPU scale (paper settings)
+
+Each step is the real script (train_scratch.py, train_possessive.py, train_kd.py, train_dfad.py) run on its
+own folder exps/<preset>/<step>/ (params.json written there). A finished step (metrics.json, or sweep.json
+for a tau sweep, matching the step's config) is skipped; an interrupted one resumes from its last.pth, so
+after a crash the same command loses at most the current epoch. At the end report.py writes
+exps/<preset>/results.md, results.json and the figures.
+"""
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+
+from utils.checkpoint import atomic_write_json
+from utils.errors import UserError, cli_main
+
+# Keys that do not change what a step computes; a finished step is not re-run when only these differ.
+NON_RESULT_KEYS = {"data_root", "download", "device", "log_every", "eval_batch_size", "compile", "_comment"}
+
+TEACHERS = ("original", "rml", "nasty")
+ATTACKS = ("vanilla", "rereverse", "dkd", "tckd")
+
+PRESETS = {
+    # Seconds per step on generated data: the test suite runs the whole chain with it.
+    "tiny": {
+        "dataset": "cifar10", "teacher_model": "cnn", "students": ["cnn_small"], "dfad_student": "cnn_small",
+        "train": {"batch_size": 20, "eval_batch_size": 50, "amp": "off", "log_every": 5},
+        "teacher": {"epochs": 2, "lr": 0.05},
+        "possessive": {"epochs": 1, "lr": 0.02, "init_from_original": True},
+        "student": {"epochs": 1, "lr": 0.05},
+        "taus": [4.0],
+        "dfad": {"epochs": 1, "iters_per_epoch": 2, "k": 2, "batch_size": 16, "lr": 0.05},
+    },
+    # CPU scale (2 cores): METHOD.md section 6 settings, students on a shorter schedule.
+    "mini": {
+        "dataset": "cifar10", "teacher_model": "resnet20", "students": ["cnn"], "dfad_student": "resnet8",
+        "train": {"batch_size": 128, "optimizer": "sgd", "nesterov": True, "weight_decay": 5e-4,
+                  "schedule": "onecycle"},
+        "teacher": {"epochs": 12, "lr": 0.2},
+        "possessive": {"epochs": 4, "lr": 0.05, "init_from_original": True},
+        "student": {"epochs": 10, "lr": 0.05},
+        "taus": [1.0, 4.0],
+        "dfad": {"epochs": 10, "iters_per_epoch": 50, "k": 5, "batch_size": 128, "lr": 0.1,
+                 "schedule": "step", "milestones": [5, 8]},
+    },
+    # Paper scale (GPU): ResNet-18 teachers as in the Nasty Teacher paper, their CIFAR-10 students.
+    "paper": {
+        "dataset": "cifar10", "teacher_model": "resnet18", "students": ["cnn", "resnet20", "resnet32", "resnet18"],
+        "dfad_student": "resnet18",
+        "train": {"batch_size": 128, "optimizer": "sgd", "nesterov": False, "weight_decay": 5e-4,
+                  "schedule": "step", "lr_decay": 0.1},
+        "teacher": {"epochs": 200, "lr": 0.1, "milestones": [100, 150]},
+        "possessive": {"epochs": 200, "lr": 0.1, "milestones": [100, 150]},
+        "student": {"epochs": 200, "lr": 0.1, "milestones": [100, 150]},
+        "taus": [1.0, 4.0, 10.0, 20.0],
+        "dfad": {"epochs": 500, "iters_per_epoch": 50, "k": 5, "batch_size": 256, "lr": 0.1,
+                 "milestones": [100, 200]},
+    },
+}
+
+DATASET_TAU = {"cifar10": 4.0, "cifar100": 20.0, "tinyimagenet": 20.0}
+DATASET_OMEGA = {"cifar10": 0.04, "cifar100": 0.005, "tinyimagenet": 0.01}
+
+
+def plan(preset, dataset=None):
+    """The steps of a preset: a list of dicts {name, script, params, role}."""
+    p = PRESETS[preset]
+    dataset = dataset or p["dataset"]
+    tau = DATASET_TAU[dataset]
+    base = dict(p["train"], dataset=dataset, seed=0)
+    steps = []
+
+    def add(name, script, role, **params):
+        steps.append({"name": name, "script": script, "role": role, "params": dict(base, **params)})
+
+    arch = p["teacher_model"]
+    add(f"teacher_{arch}", "train_scratch.py", {"kind": "teacher", "teacher": "original"},
+        model=arch, **p["teacher"])
+    original = f"teacher_{arch}/last.pth"
+    add(f"rml_{arch}", "train_possessive.py", {"kind": "teacher", "teacher": "rml"}, model=arch, method="rml",
+        original=original, tau=tau, alpha=1.0, beta=1.0, gamma=0.0, **p["possessive"])
+    add(f"nasty_{arch}", "train_possessive.py", {"kind": "teacher", "teacher": "nasty"}, model=arch,
+        method="nasty", original=original, tau=tau, omega=DATASET_OMEGA[dataset], **p["possessive"])
+    teacher_ckpt = {"original": original, "rml": f"rml_{arch}/last.pth", "nasty": f"nasty_{arch}/last.pth"}
+    for student in p["students"]:
+        add(f"scratch_{student}", "train_scratch.py", {"kind": "student", "arch": student, "source": "scratch"},
+            model=student, **p["student"])
+        add(f"ls_{student}", "train_scratch.py", {"kind": "student", "arch": student, "source": "ls"},
+            model=student, label_smoothing=0.1, **p["student"])
+        for teacher in TEACHERS:
+            for attack in ATTACKS:
+                sweep = {"tau_sweep": p["taus"]} if len(p["taus"]) > 1 else {"tau": p["taus"][0]}
+                add(f"kd_{attack}_{teacher}_{student}", "train_kd.py",
+                    {"kind": "kd", "arch": student, "teacher": teacher, "attack": attack},
+                    model=student, teacher=teacher_ckpt[teacher], attack=attack, **sweep, **p["student"])
+    for teacher in ("original", "rml"):
+        student = p["dfad_student"]
+        add(f"dfad_{teacher}_{student}", "train_dfad.py", {"kind": "dfad", "arch": student, "teacher": teacher},
+            model=student, teacher=teacher_ckpt[teacher], **p["dfad"])
+    return steps
+
+
+def _resolve_paths(step, exp_root):
+    """Checkpoint references inside a preset are relative to the preset folder."""
+    params = dict(step["params"])
+    for key in ("original", "teacher"):
+        if key in params:
+            params[key] = os.path.join(exp_root, params[key])
+    return params
+
+
+def _same(recorded, params):
+    return all(recorded.get(k) == v for k, v in params.items() if k not in NON_RESULT_KEYS)
+
+
+def step_state(folder, params):
+    """'done', 'resume' or 'new' for a step folder and the params it should run with."""
+    for name in ("sweep.json", "metrics.json") if params.get("tau_sweep") else ("metrics.json",):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                try:
+                    recorded = json.load(f)
+                except json.JSONDecodeError:
+                    continue
+            if name == "sweep.json":
+                cfg_path = os.path.join(folder, "config.json")
+                recorded = json.load(open(cfg_path)) if os.path.isfile(cfg_path) else {}
+            else:
+                recorded = recorded.get("config", {})
+            if _same(recorded, params):
+                return "done"
+    if os.path.isfile(os.path.join(folder, "last.pth")) or any(
+            os.path.isfile(os.path.join(folder, d, "last.pth")) for d in _subdirs(folder)):
+        cfg_path = os.path.join(folder, "config.json")
+        if os.path.isfile(cfg_path) and _same(json.load(open(cfg_path)), params):
+            return "resume"
+    return "new"
+
+
+def _subdirs(folder):
+    return [d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))] if os.path.isdir(folder) else []
+
+
+def write_params(folder, params):
+    path = os.path.join(folder, "params.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            try:
+                if json.load(f) == params:
+                    return
+            except json.JSONDecodeError:
+                pass
+    os.makedirs(folder, exist_ok=True)
+    atomic_write_json(path, params)
+
+
+def run_step(script, argv):
+    """Run a script's main() in this process (one torch import for the whole chain); return its exit code."""
+    module = importlib.import_module(script[:-3])
+    try:
+        return module.main(argv) or 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+
+
+@cli_main
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="mini")
+    parser.add_argument("--dataset", choices=sorted(DATASET_TAU), default=None,
+                        help="override the preset's dataset (cifar10, cifar100, tinyimagenet)")
+    parser.add_argument("--data_root", default="./data")
+    parser.add_argument("--exp_root", default=None, help="default: exps/<preset> (exps/<preset>_<dataset> if --dataset)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--only", default=None, help="run only the steps whose name contains this text")
+    parser.add_argument("--dry_run", action="store_true", help="list the steps and their state, run nothing")
+    args = parser.parse_args(argv)
+    exp_root = args.exp_root or os.path.join(
+        "exps", args.preset if not args.dataset else f"{args.preset}_{args.dataset}")
+    if not os.path.isdir(args.data_root):
+        raise UserError(f"data_root '{args.data_root}' does not exist; pass --data_root pointing at your dataset copy")
+    steps = plan(args.preset, args.dataset)
+    os.makedirs(exp_root, exist_ok=True)
+    atomic_write_json(os.path.join(exp_root, "steps.json"),
+                      {"preset": args.preset, "steps": [{k: s[k] for k in ("name", "script", "role")} for s in steps]})
+    selected = [s for s in steps if not args.only or args.only in s["name"]]
+    t0 = time.time()
+    for i, step in enumerate(selected, 1):
+        folder = os.path.join(exp_root, step["name"])
+        params = _resolve_paths(step, exp_root)
+        state = step_state(folder, params)
+        head = f"[{i}/{len(selected)}] {step['script']} {folder}"
+        if args.dry_run:
+            print(f"{head}: {state}")
+            continue
+        if state == "done":
+            print(f"{head}: done, skipped", flush=True)
+            continue
+        write_params(folder, params)
+        argv = ["--save_path", folder, "--data_root", args.data_root, "--device", args.device]
+        if state == "resume":
+            argv.append("--resume")
+        print(f"{head}: {'resuming' if state == 'resume' else 'running'} "
+              f"({(time.time() - t0) / 60:.1f} min so far)", flush=True)
+        code = run_step(step["script"], argv)
+        if code != 0:
+            raise UserError(f"step {step['name']} failed (exit {code}); fix the cause and re-run the same command: "
+                            f"finished steps are skipped and this one resumes")
+    if args.dry_run:
+        return 0
+    total = time.time() - t0
+    import report
+    report.build(exp_root, extra={"reproduce_wall_time_s": round(total, 1)} if not args.only else None)
+    print(f"all {len(selected)} steps done in {total / 60:.1f} min; results in {os.path.join(exp_root, 'results.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The whole chain on the tiny preset: every step runs, results.md has every row, re-runs skip, a killed
+run completes on re-run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import reproduce
+from conftest import ROOT, read_json, run_main
+
+
+def _reproduce(exp_root, data_root):
+    return [sys.executable, "reproduce.py", "--preset", "tiny", "--data_root", data_root, "--exp_root", exp_root]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, cifar_root):
+    exp_root = str(tmp_path_factory.mktemp("repro") / "tiny")
+    out = subprocess.run(_reproduce(exp_root, cifar_root), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return exp_root, out
+
+
+def test_every_step_has_metrics(chain):
+    exp_root, out = chain
+    steps = reproduce.plan("tiny")
+    for step in steps:
+        assert os.path.isfile(os.path.join(exp_root, step["name"], "metrics.json")), step["name"]
+    assert f"[{len(steps)}/{len(steps)}]" in out.stdout
+
+
+def test_results_table_has_every_row(chain):
+    exp_root, _ = chain
+    md = open(os.path.join(exp_root, "results.md")).read()
+    for teacher in ("original", "possessive (RML)", "Nasty"):
+        assert f"| {teacher} |" in md
+        for attack in reproduce.ATTACKS:
+            assert f"| {teacher} | {attack} |" in md
+    assert "Scratch: **" in md and "label smoothing 0.1: **" in md and "## Data-free (DFAD)" in md
+    assert "Steps without results yet" not in md
+    res = read_json(os.path.join(exp_root, "results.json"))
+    kd = res["students"]["cnn_small"]["kd"]["rml"]["vanilla"]
+    assert kd["verdict"] in ("distillable", "KD-resistant") and kd["delta_ls"] is not None
+
+
+def test_figures_are_pngs(chain):
+    exp_root, _ = chain
+    for name in ("fig_accuracy.png", "fig_response.png", "fig_curves.png"):
+        with open(os.path.join(exp_root, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_second_run_skips_everything(chain, cifar_root, capsys):
+    exp_root, _ = chain
+    before = os.path.getmtime(os.path.join(exp_root, "teacher_cnn", "metrics.json"))
+    assert run_main(reproduce.main, ["--preset", "tiny", "--data_root", cifar_root, "--exp_root", exp_root]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done, skipped") == len(reproduce.plan("tiny"))
+    assert os.path.getmtime(os.path.join(exp_root, "teacher_cnn", "metrics.json")) == before
+
+
+def test_report_rebuilds_from_folders(chain, tmp_path):
+    exp_root, _ = chain
+    os.remove(os.path.join(exp_root, "results.md"))
+    out = subprocess.run([sys.executable, "report.py", exp_root], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and os.path.isfile(os.path.join(exp_root, "results.md"))
+    bad = subprocess.run([sys.executable, "report.py", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "steps.json not found" in bad.stderr
+
+
+def test_killed_run_completes_on_rerun(tmp_path, cifar_root):
+    exp_root = str(tmp_path / "tiny")
+    proc = subprocess.Popen(_reproduce(exp_root, cifar_root), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    first = os.path.join(exp_root, "teacher_cnn", "metrics.json")
+    deadline = time.time() + 300
+    while not os.path.isfile(first) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)  # somewhere inside the next step
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.path.isfile(first)
+    out = subprocess.run(_reproduce(exp_root, cifar_root), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "teacher_cnn: done, skipped" in out.stdout
+    assert os.path.isfile(os.path.join(exp_root, "results.md"))
