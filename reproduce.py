@@ -42,11 +42,11 @@ PRESETS = {
         "train": {"batch_size": 128, "optimizer": "sgd", "nesterov": True, "weight_decay": 5e-4,
                   "schedule": "onecycle"},
         "teacher": {"epochs": 12, "lr": 0.2},
-        "possessive": {"epochs": 4, "lr": 0.05, "init_from_original": True},
-        "student": {"epochs": 10, "lr": 0.05},
+        "possessive": {"epochs": 3, "lr": 0.05, "init_from_original": True},
+        "student": {"epochs": 6, "lr": 0.05},
         "taus": [1.0, 4.0],
-        "dfad": {"epochs": 10, "iters_per_epoch": 50, "k": 5, "batch_size": 128, "lr": 0.1,
-                 "schedule": "step", "milestones": [5, 8]},
+        "dfad": {"epochs": 3, "iters_per_epoch": 50, "k": 5, "batch_size": 128, "lr": 0.1,
+                 "schedule": "step", "milestones": [2]},
     },
     # Paper scale (GPU): ResNet-18 teachers as in the Nasty Teacher paper, their CIFAR-10 students.
     "paper": {
@@ -114,6 +114,10 @@ def _resolve_paths(step, exp_root):
     return params
 
 
+def _result_keys(params):
+    return {k: v for k, v in params.items() if k not in NON_RESULT_KEYS}
+
+
 def _same(recorded, params):
     return all(recorded.get(k) == v for k, v in params.items() if k not in NON_RESULT_KEYS)
 
@@ -147,17 +151,29 @@ def _subdirs(folder):
     return [d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))] if os.path.isdir(folder) else []
 
 
-def write_params(folder, params):
+def describe(step, preset):
+    """The _comment written at the top of a step's params.json."""
+    role, p = step["role"], step["params"]
+    what = {"teacher": f"{role.get('teacher')} teacher {p['model']}",
+            "student": f"{p['model']} student, {role.get('source')}",
+            "kd": f"{role.get('attack')} KD of {p['model']} from the {role.get('teacher')} teacher",
+            "dfad": f"DFAD of {p['model']} from the {role.get('teacher')} teacher"}[role["kind"]]
+    return f"Step of reproduce.py --preset {preset}: {what}, {p['epochs']} epochs."
+
+
+def write_params(folder, params, comment=None):
+    """Write params.json unless it already holds these params (comments and data paths aside)."""
     path = os.path.join(folder, "params.json")
     if os.path.isfile(path):
         with open(path) as f:
             try:
-                if json.load(f) == params:
-                    return
+                old = json.load(f)
             except json.JSONDecodeError:
-                pass
+                old = None
+        if isinstance(old, dict) and _result_keys(old) == _result_keys(params):
+            return
     os.makedirs(folder, exist_ok=True)
-    atomic_write_json(path, params)
+    atomic_write_json(path, dict(params, _comment=comment) if comment else params)
 
 
 def run_step(script, argv):
@@ -202,7 +218,7 @@ def main(argv=None):
         if state == "done":
             print(f"{head}: done, skipped", flush=True)
             continue
-        write_params(folder, params)
+        write_params(folder, params, describe(step, args.preset))
         argv = ["--save_path", folder, "--data_root", args.data_root, "--device", args.device]
         if state == "resume":
             argv.append("--resume")

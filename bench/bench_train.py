@@ -1,7 +1,7 @@
-"""Training throughput per model: a plain fp32/NCHW loop fed by a per-sample PIL DataLoader, against the
-engine's path (uint8 batch in memory, batched crop/flip, channels_last, autocast where the device has it).
+"""Training throughput per script step: a plain fp32/NCHW loop fed by a per-sample PIL DataLoader, against
+the engine's path (uint8 batch in memory, batched crop/flip, channels_last, autocast where the device has it).
 
-    python bench/bench_train.py [--models resnet20 cnn] [--steps 20] [--batch_size 128] [--device auto]
+    python bench/bench_train.py [--step scratch kd possessive] [--models resnet20 cnn] [--steps 15]
 
 Prints images/s for both paths, the speed-up, and the share of the measured matmul peak
 (training FLOPs = 3 x forward FLOPs, counted with torch.utils.flop_counter).
@@ -69,7 +69,36 @@ def time_steps(step, batches, warmup, device):
     return n / (time.perf_counter() - t)
 
 
-def plain_loop(name, images, labels, batch_size, steps, warmup, device):
+def make_step(kind, name, teacher_name, device, channels_last, amp_dtype):
+    """One training step of a script: scratch (CE), kd (frozen teacher forward + student step, as in
+    train_kd.py) or possessive (frozen original forward + RML step, as in train_possessive.py)."""
+    from utils.losses import kd_loss, rml_loss
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = models.build(name, 10).to(device).to(memory_format=fmt)
+    frozen = None
+    if kind != "scratch":
+        frozen = models.build(teacher_name, 10).to(device).to(memory_format=fmt).eval().requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, nesterov=True)
+
+    def step(x, y):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            if frozen is not None:
+                with torch.no_grad():
+                    z = frozen(x)
+            logits = model(x)
+            if kind == "scratch":
+                loss = F.cross_entropy(logits.float(), y)
+            elif kind == "kd":
+                loss = sum(kd_loss(logits, z, y, 4.0, 0.9).values())
+            else:
+                loss = sum(rml_loss(logits, z, y, 4.0, 1.0, 1.0, 0.0).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step, model, frozen
+
+
+def plain_loop(kind, name, teacher_name, images, labels, batch_size, steps, warmup, device):
     """The baseline: fp32, NCHW, torchvision transforms on PIL images, one sample at a time."""
     import torchvision.transforms as T
     from PIL import Image
@@ -85,47 +114,37 @@ def plain_loop(name, images, labels, batch_size, steps, warmup, device):
             return tf(Image.fromarray(arr[i])), int(labels[i])
 
     loader = torch.utils.data.DataLoader(DS(), batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
-    model = models.build(name, 10).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    step, _, _ = make_step(kind, name, teacher_name, device, False, None)
 
     def batches():
         for i, (x, y) in enumerate(loader):
             if i >= warmup + steps:
                 return
             yield x.to(device), y.to(device)
-
-    def step(x, y):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
     return time_steps(step, batches(), warmup, device)
 
 
-def engine_loop(name, images, labels, batch_size, steps, warmup, device, amp_dtype):
+def engine_loop(kind, name, teacher_name, images, labels, batch_size, steps, warmup, device, amp_dtype):
+    """The engine's path: uint8 data on the device, batched crop/flip, channels_last, autocast if fast."""
     info = DATASETS["cifar10"]
     loader = DeviceLoader(images, labels, batch_size, device, info.mean, info.std, True, channels_last=True)
-    model = models.build(name, 10).to(device).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    step, _, _ = make_step(kind, name, teacher_name, device, True, amp_dtype)
 
     def batches():
         for i, b in enumerate(loader):
             if i >= warmup + steps:
                 return
             yield b
-
-    def step(x, y):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
     return time_steps(step, batches(), warmup, device)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["resnet20", "cnn", "resnet18"])
+    p.add_argument("--step", nargs="+", default=["scratch", "kd", "possessive"], choices=["scratch", "kd", "possessive"],
+                   help="which script's step: train_scratch (CE), train_kd (teacher forward + student), "
+                        "train_possessive (original forward + RML step of a same-architecture teacher)")
+    p.add_argument("--models", nargs="+", default=["resnet20", "cnn"], help="trained models")
+    p.add_argument("--teacher", default="resnet20", help="the frozen teacher of the kd step")
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch_size", type=int, default=128)
@@ -145,15 +164,20 @@ def main():
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"engine precision {str(amp).replace('torch.', '') if amp else 'fp32 (no fast bf16 on this CPU)'}")
     print(f"measured matmul peak: fp32 {peak32 / 1e9:.0f} GFLOP/s, engine precision {peak_amp / 1e9:.0f} GFLOP/s")
-    print(f"{'model':<12} {'GFLOP/img':>9} {'plain img/s':>12} {'engine img/s':>13} {'speed-up':>9} "
+    print(f"{'step':<11} {'model':<22} {'GFLOP/img':>9} {'plain img/s':>12} {'engine img/s':>13} {'speed-up':>9} "
           f"{'plain %peak':>11} {'engine %peak':>12}")
-    for name in args.models:
-        flops = 3 * forward_flops(models.build(name, 10), 32, torch.device("cpu"))
-        plain = plain_loop(name, images, labels, args.batch_size, args.steps, args.warmup, device)
-        fast = engine_loop(name, images, labels, args.batch_size, args.steps, args.warmup, device, amp)
-        print(f"{name:<12} {flops / 1e9:>9.3f} {plain:>12.0f} {fast:>13.0f} {fast / plain:>8.2f}x "
-              f"{100 * plain * flops / peak32:>10.1f}% {100 * fast * flops / peak_amp:>11.1f}%", flush=True)
-
+    cpu = torch.device("cpu")
+    for kind in args.step:
+        for name in args.models:
+            teacher = args.teacher if kind == "kd" else name
+            flops = 3 * forward_flops(models.build(name, 10), 32, cpu)  # forward + backward of the trained model
+            if kind != "scratch":
+                flops += forward_flops(models.build(teacher, 10), 32, cpu)  # the frozen model's forward
+            label = name if kind == "scratch" else f"{name} <- {teacher}"
+            plain = plain_loop(kind, name, teacher, images, labels, args.batch_size, args.steps, args.warmup, device)
+            fast = engine_loop(kind, name, teacher, images, labels, args.batch_size, args.steps, args.warmup, device, amp)
+            print(f"{kind:<11} {label:<22} {flops / 1e9:>9.3f} {plain:>12.0f} {fast:>13.0f} {fast / plain:>8.2f}x "
+                  f"{100 * plain * flops / peak32:>10.1f}% {100 * fast * flops / peak_amp:>11.1f}%", flush=True)
 
 if __name__ == "__main__":
     np.random.seed(0)
