@@ -85,16 +85,11 @@ class KDTask(Task):
         self.dkd_beta = 0.0 if self.attack == "tckd" else cfg["dkd_beta"]
         self.warmup_epochs = dkd_warmup_epochs(cfg)
         self.teacher_path, self.teacher_arch, self.teacher_acc = cfg["teacher"], teacher_arch, teacher_acc
-        self.progress = 0.0
+        self.engine = None
 
     def setup(self, engine):
+        self.engine = engine
         self.teacher = engine.prepare_frozen(self.teacher)
-
-    def train_batches(self, engine, epoch, start_step):
-        steps = self.steps_per_epoch(engine)
-        for step, batch in enumerate(super().train_batches(engine, epoch, start_step), start=start_step):
-            self.progress = epoch + step / steps  # derived from (epoch, step): exact after --resume
-            yield batch
 
     @torch.no_grad()
     def teacher_logits(self, x, y):
@@ -108,7 +103,7 @@ class KDTask(Task):
         t = self.teacher_logits(x, y)
         s = self.train_model(x)
         if self.attack in ("dkd", "tckd"):
-            w = warmup_factor(self.progress, self.warmup_epochs)
+            w = warmup_factor(self.engine.progress, self.warmup_epochs)  # (epoch, step): exact after --resume
             terms = dkd_loss(s, t, y, self.tau, self.dkd_alpha, self.dkd_beta, warmup=w)
             if self.attack == "tckd":
                 del terms["nckd"]  # always 0: not worth a log column
