@@ -23,6 +23,10 @@ from .constants import DATASETS
 from .diagnostics import expected_calibration_error
 from .errors import UserError
 
+# A training loss this large (in absolute value) means the run has diverged even while it is still finite:
+# no loss of these scripts comes near it in a healthy run, and float32 overflows only at ~3e38.
+LOSS_LIMIT = 1e6
+
 PROTOCOL = ("final_acc (last epoch) is the headline figure; best_acc is picked on the test split "
             "and is reported only beside it")
 
@@ -149,6 +153,12 @@ class Engine:
             raise UserError(f"cannot create save_path {self.save_path} ({e.strerror})") from None
         if not os.access(self.save_path, os.W_OK):
             raise UserError(f"save_path {self.save_path} is not writable; choose another --save_path")
+        for name in os.listdir(self.save_path):  # left by a write that a SIGKILL cut short
+            if name.startswith(".tmp-"):
+                try:
+                    os.unlink(os.path.join(self.save_path, name))
+                except OSError:
+                    pass
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -210,6 +220,7 @@ class Engine:
         return state
 
     def save(self, name, epoch, step=0):
+        self._check_weights(name)
         if self.is_main:
             save_checkpoint(os.path.join(self.save_path, name), self._state(epoch, step))
 
@@ -217,7 +228,11 @@ class Engine:
         """Read and check last.pth before anything is written, so a bad --resume changes nothing."""
         path = os.path.join(self.save_path, "last.pth")
         ckpt = load_checkpoint(path, "resume checkpoint")
-        old = ckpt.get("config", {})
+        missing = [k for k in ("config", "optimizer", "scheduler", "epoch", "step", "rng", "history") if k not in ckpt]
+        if missing:
+            raise UserError(f"cannot resume: {path} holds no training state (no '{missing[0]}'); it is a weights-only "
+                            f"checkpoint, not the last.pth of a training run; start without --resume")
+        old = ckpt["config"]
         for key in ("model", "dataset", "batch_size", "epochs", "schedule") + self.resume_keys:
             if key in old and old[key] != self.cfg[key]:
                 raise UserError(f"cannot resume: {path} was written with {key}={old[key]!r}, this run has "
@@ -337,7 +352,8 @@ class Engine:
                 self.global_step += 1
                 with torch.no_grad():  # accumulate on the device: no host sync per step
                     loss = loss.detach().float()
-                    first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
+                    diverged = ~torch.isfinite(loss) | (loss.abs() > LOSS_LIMIT)
+                    first_bad = torch.where(diverged & (first_bad < 0), step, first_bad)
                     for k, v in terms.items():
                         sums[k] = sums.get(k, 0) + v.detach().float()
                     sums["loss"] = sums.get("loss", 0) + loss
@@ -358,6 +374,8 @@ class Engine:
                         bar.set_postfix(post)
                         bar.update(done - (bar.n - start_step))
                 if self._stop_signal is not None:
+                    if bar is not None:
+                        bar.close()  # so the resume line is not printed onto the bar
                     self._interrupt(epoch, step + 1)
         finally:
             if bar is not None:
@@ -378,10 +396,19 @@ class Engine:
         bad = int(self.all_reduce(first_bad.clone().clamp(min=-1) + 1).item())
         if bad > 0:
             step = int(first_bad.item())
-            msg = (f"loss became NaN/inf at epoch {epoch + 1}, step {step + 1}; the likely cause is a learning rate "
-                   f"too high for this model (lr={self.cfg['lr']}) or a loss weight too large; lower --lr "
-                   f"and start again (the last good checkpoint in {self.save_path} is kept)")
+            msg = (f"loss became NaN/inf (or above {LOSS_LIMIT:g}) at epoch {epoch + 1}, step {step + 1}; the likely "
+                   f"cause is a learning rate too high for this model (lr={self.cfg['lr']}) or a loss weight too large; "
+                   f"lower --lr and start again (the last good checkpoint in {self.save_path} is kept)")
             raise UserError(msg)
+
+    def _check_weights(self, name):
+        """Never write a checkpoint of NaN/inf weights: an update can diverge after a finite loss."""
+        for key, value in unwrap(self.model).state_dict().items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise UserError(f"weights became NaN/inf ({key}) before {name} was written; the likely cause is a "
+                                f"learning rate too high for this model (lr={self.cfg['lr']}) or a loss weight too "
+                                f"large; lower --lr and start again (the last good checkpoint in {self.save_path} "
+                                f"is kept)")
 
     def _interrupt(self, epoch, step):
         self.save("last.pth", epoch, step)
@@ -438,10 +465,11 @@ class Engine:
         improved = acc > self.best_acc
         if improved:
             self.best_acc, self.best_epoch = acc, epoch + 1
-        # last.pth first: if the run dies between the two writes, resume still sees this epoch done
-        self.save("last.pth", epoch + 1, 0)
+        # best.pth first: if the run dies between the two writes, last.pth still holds the previous epoch, so
+        # --resume runs this epoch again and rewrites both (written the other way round, best.pth would be lost)
         if improved:
             self.save("best.pth", epoch + 1, 0)
+        self.save("last.pth", epoch + 1, 0)
         if self.is_main:
             for k, v in row.items():
                 if k != "epoch" and isinstance(v, (int, float)):
