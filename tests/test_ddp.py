@@ -1,5 +1,6 @@
 """Two CPU processes under torchrun (gloo) against one process with the same global batch."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -16,7 +17,11 @@ def test_two_process_gloo_matches_single_process(tmp_path, cifar_root):
     one = subprocess.run([sys.executable, "train_scratch.py", "--save_path", single], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    with socket.socket() as sock:  # a free port of our own, so concurrent test runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                          "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                           "train_scratch.py", "--save_path", multi], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
