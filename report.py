@@ -66,7 +66,8 @@ def collect(exp_root):
                 "kendall": diag.get("kendall"), "reversed_top1": diag.get("reversed_top1"),
                 "nt_entropy": diag.get("nt_entropy"), "wall_time_s": m.get("wall_time_s"),
                 "class_response": m.get("class_response"), "original_class_response": m.get("original_class_response"),
-                "response_tau": m.get("response_tau"), "history": m.get("history", []), "folder": step["name"]}
+                "response_tau": m.get("response_tau"), "original_ece": m.get("original_ece"),
+                "history": m.get("history", []), "folder": step["name"]}
         elif role["kind"] == "student":
             s = res["students"].setdefault(role["arch"], {"kd": {}})
             s[role["source"]] = {"acc": run["acc"], "wall_time_s": m.get("wall_time_s"),
@@ -79,6 +80,9 @@ def collect(exp_root):
         elif role["kind"] == "dfad":
             res["dfad"][role["teacher"]] = {"arch": role["arch"], "acc": run["acc"], "folder": step["name"],
                                            "wall_time_s": m.get("wall_time_s"), "history": m.get("history", [])}
+    orig = res["teachers"].get("original")
+    if orig is not None and orig["ece"] is None:  # a defended teacher's run scores its original too
+        orig["ece"] = next((t["original_ece"] for t in res["teachers"].values() if t.get("original_ece")), None)
     original = res["teachers"].get("original", {}).get("acc")
     for t in res["teachers"].values():
         t["delta"] = None if original is None else t["acc"] - original
