@@ -11,19 +11,16 @@ import train_scratch
 from conftest import ROOT
 from utils.config import read_params, validate
 
-SCRIPTS = {"possessive": train_possessive.DEFAULTS, "nasty": train_possessive.DEFAULTS,
-           "rml": train_possessive.DEFAULTS}
-
-
 def _defaults_for(path):
-    parts = os.path.relpath(path, ROOT).split(os.sep)
-    name = parts[-2]
-    if any(p in SCRIPTS for p in parts) or name.startswith(("rml_", "nasty_")):
-        return train_possessive.DEFAULTS
-    if name.startswith("kd_") or "kd" in parts:
-        return train_kd.DEFAULTS
-    if name.startswith("dfad_") or "dfad" in parts:
-        return train_dfad.DEFAULTS
+    """The script a params.json belongs to, from its folder names (a tau sweep's tau_<t>/ sits inside)."""
+    parts = os.path.relpath(path, ROOT).split(os.sep)[:-1]
+    for part in reversed(parts):
+        if part in ("possessive", "nasty", "rml") or part.startswith(("rml_", "nasty_")):
+            return train_possessive.DEFAULTS
+        if part == "kd" or part.startswith("kd_"):
+            return train_kd.DEFAULTS
+        if part == "dfad" or part.startswith("dfad_"):
+            return train_dfad.DEFAULTS
     return train_scratch.DEFAULTS
 
 
