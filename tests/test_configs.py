@@ -37,5 +37,13 @@ def test_shipped_params_are_valid(path):
         train_possessive.check(cfg)
     elif defaults is train_kd.DEFAULTS:
         train_kd.check_kd_config(cfg, path)
+        assert cfg["teacher"].endswith(".pth")
     elif defaults is train_dfad.DEFAULTS:
         train_dfad.check_dfad_config(cfg, path)
+        assert cfg["teacher"].endswith(".pth")
+
+
+def test_every_script_has_shipped_configs():
+    kinds = {id(_defaults_for(p)) for p in CONFIGS}
+    for script in (train_scratch, train_possessive, train_kd, train_dfad):
+        assert id(script.DEFAULTS) in kinds, script.__name__

@@ -1,6 +1,5 @@
 """train_dfad.py and utils/generator.py: the generator, the two adversarial steps, a run that never reads
 training data, resume, and bad input."""
-import glob
 import os
 import signal
 
@@ -13,7 +12,7 @@ import train_dfad
 import utils.data
 from conftest import ROOT, make_exp, read_json, run_main
 from utils.checkpoint import model_record, save_checkpoint
-from utils.config import read_params, validate
+from utils.config import read_params
 from utils.engine import Engine
 from utils.generator import Generator
 from utils.losses import dfad_discrepancy
@@ -215,10 +214,6 @@ def test_resume_refuses_a_changed_generator(tmp_path, test_only_root, teacher_ck
 
 
 # ------------------------------------------------------------------------------------------ shipped configs
-DFAD_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "exps", "*", "dfad_*", "params.json")) +
-                      glob.glob(os.path.join(ROOT, "exps", "*", "dfad", "*", "params.json")))
-
-
 def test_paper_config_holds_dfad_published_settings():
     cfg = dict(train_dfad.DEFAULTS)
     cfg.update(read_params(os.path.join(ROOT, "exps", "CIFAR10", "dfad", "resnet34_resnet18"), train_dfad.DEFAULTS))
@@ -227,12 +222,3 @@ def test_paper_config_holds_dfad_published_settings():
         "nz": 256, "iters_per_epoch": 50, "k": 5, "lr_G": 1e-3, "g_optimizer": "adam", "lr": 0.1, "schedule": "step",
         "milestones": [100, 200], "epochs": 500, "batch_size": 256, "weight_decay": 5e-4, "momentum": 0.9}
     assert all(cfg[k] == train_dfad.DEFAULTS[k] for k in ("nz", "k", "lr_G", "epochs", "batch_size", "milestones"))
-
-
-@pytest.mark.parametrize("path", DFAD_CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
-def test_shipped_dfad_params_are_valid(path):
-    cfg = dict(train_dfad.DEFAULTS)
-    cfg.update(read_params(os.path.dirname(path), train_dfad.DEFAULTS))
-    validate(cfg, path)
-    train_dfad.check_dfad_config(cfg, path)
-    assert cfg["teacher"].endswith(".pth")
