@@ -477,8 +477,9 @@ class Engine:
             self.tb.flush()
             self._write_csv()
         extra = " ".join(f"{k}={v:.3f}" for k, v in diag.items())
+        train_acc = f"train_acc {row['train_acc']:.2f} " if "train_acc" in row else ""  # DFAD has no labels
         self.log(f"epoch {epoch + 1}/{self.cfg['epochs']}: loss {row.get('train_loss', float('nan')):.4f} "
-                 f"train_acc {row.get('train_acc', float('nan')):.2f} test_acc {acc:.2f} "
+                 f"{train_acc}test_acc {acc:.2f} "
                  f"{row['train_img_per_s']:.0f} img/s {extra}".rstrip())
 
     def _write_csv(self):
