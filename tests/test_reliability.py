@@ -144,7 +144,7 @@ def reference(tmp_path_factory, cifar_root):
     d = make_exp(tmp_path_factory.mktemp("ref") / "run", **dict(TINY, data_root=cifar_root, epochs=3))
     # the same thread count as the killed runs' processes: a different count changes the order of float sums
     threads = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or "1"))
     try:
         assert run_main(train_scratch.main, ["--save_path", d]) == 0
     finally:
@@ -289,7 +289,7 @@ class Zygote:
         self.workdir = workdir
         self.children = []
         self.count = 0
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS") or "1", PYTHONUNBUFFERED="1")
         self.err = open(os.path.join(workdir, "zygote.err"), "w")
         self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, ROOT, str(STEP_DELAY), str(WRITE_DELAY)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, cwd=ROOT,
