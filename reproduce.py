@@ -122,8 +122,14 @@ def _same(recorded, params):
     return all(recorded.get(k) == v for k, v in params.items() if k not in NON_RESULT_KEYS)
 
 
-def step_state(folder, params):
-    """'done', 'resume' or 'new' for a step folder and the params it should run with."""
+def step_state(folder, params, needs_checkpoint=False):
+    """'done', 'resume' or 'new' for a step folder and the params it should run with.
+
+    needs_checkpoint: later steps load this step's last.pth (a teacher), so results without the
+    checkpoint (e.g. metrics.json from a fresh clone, where checkpoints are not committed) are not done.
+    """
+    if needs_checkpoint and not os.path.isfile(os.path.join(folder, "last.pth")):
+        return "new"
     for name in ("sweep.json", "metrics.json") if params.get("tau_sweep") else ("metrics.json",):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
@@ -210,7 +216,7 @@ def main(argv=None):
     for i, step in enumerate(selected, 1):
         folder = os.path.join(exp_root, step["name"])
         params = _resolve_paths(step, exp_root)
-        state = step_state(folder, params)
+        state = step_state(folder, params, needs_checkpoint=step["role"]["kind"] == "teacher")
         head = f"[{i}/{len(selected)}] {step['script']} {folder}"
         if args.dry_run:
             print(f"{head}: {state}")

@@ -88,3 +88,16 @@ def test_killed_run_completes_on_rerun(tmp_path, cifar_root):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "teacher_cnn: done, skipped" in out.stdout
     assert os.path.isfile(os.path.join(exp_root, "results.md"))
+
+
+def test_teacher_without_checkpoint_is_retrained(chain, cifar_root, capsys):
+    """A fresh clone has the committed metrics.json but no checkpoints: teachers must run again."""
+    exp_root, _ = chain
+    os.rename(os.path.join(exp_root, "teacher_cnn", "last.pth"), os.path.join(exp_root, "teacher_cnn", "kept.pth"))
+    try:
+        assert run_main(reproduce.main, ["--preset", "tiny", "--data_root", cifar_root, "--exp_root", exp_root,
+                                         "--dry_run"]) == 0
+        out = capsys.readouterr().out
+        assert "teacher_cnn: new" in out and "rml_cnn: done" in out
+    finally:
+        os.rename(os.path.join(exp_root, "teacher_cnn", "kept.pth"), os.path.join(exp_root, "teacher_cnn", "last.pth"))
