@@ -80,7 +80,7 @@ class PossessiveTask(Task):
         """Besides the method: the mean softmax response per class at tau of this teacher and of the
         original (report.py draws them), and the original's calibration error."""
         tau = self.cfg["tau"]
-        logits, labels = self.engine.predict(self.model)
+        logits, labels = self.engine.final_logits, self.engine.final_labels
         original_logits, _ = self.engine.predict(self.original)
         return {"method": self.cfg["method"], "original": self.cfg["original"], "original_acc": self.original_acc,
                 "original_ece": float(expected_calibration_error(original_logits, labels)),

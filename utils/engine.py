@@ -506,8 +506,9 @@ class Engine:
             "final_diagnostics": {k[5:]: v for k, v in last.items() if k.startswith("test_") and k != "test_acc"},
             "config": self.cfg, "history": self.history,
         }
-        logits, labels = self.predict(self.model)
-        metrics["final_ece"] = float(expected_calibration_error(logits, labels))
+        # the final model's test logits, kept for the task's metrics() so no one predicts them twice
+        self.final_logits, self.final_labels = self.predict(self.model)
+        metrics["final_ece"] = float(expected_calibration_error(self.final_logits, self.final_labels))
         metrics.update(self.task.metrics())
         if self.is_main:
             atomic_write_json(os.path.join(self.save_path, "metrics.json"), metrics)
