@@ -8,11 +8,17 @@ own folder exps/<preset>/<step>/ (params.json written there). A finished step (m
 for a tau sweep, matching the step's config) is skipped; an interrupted one resumes from its last.pth, so
 after a crash the same command loses at most the current epoch. At the end report.py writes
 exps/<preset>/results.md, results.json and the figures.
+
+--jobs N runs up to N steps at once, each as its own process, as soon as the teachers it loads are done
+(on CPU the cores are shared out with OMP_NUM_THREADS; with several GPUs each job slot gets its own GPU).
+A step's output then goes to <step>/run.log.
 """
 import argparse
 import importlib
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 
@@ -191,6 +197,100 @@ def run_step(script, argv):
         return e.code if isinstance(e.code, int) else 1
 
 
+def dependencies(step):
+    """Names of the steps whose checkpoints this step loads (its 'original' / 'teacher' entries)."""
+    return {step["params"][k].split("/")[0] for k in ("original", "teacher") if k in step["params"]}
+
+
+def job_env(slot, jobs):
+    """Environment of the process in job slot `slot` of `jobs`: its share of the CPU cores, its own GPU."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if not os.environ.get("OMP_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    if not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        import torch
+        gpus = torch.cuda.device_count()
+        if gpus > 1:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    return env
+
+
+def run_parallel(todo, jobs, t0):
+    """Run the steps in `todo` with up to `jobs` processes at once, each step once its teachers are done.
+
+    A failed step stops new steps from starting; the running ones finish (their work is kept) and the
+    error names the failed steps and their logs. SIGTERM/SIGINT are passed on to the running steps,
+    which save a checkpoint and stop, so the same command resumes them.
+    """
+    pending = list(todo)
+    pending_names = {j["step"]["name"] for j in todo}
+    running = {}  # slot -> (job, Popen, log file, start time)
+    failed = []
+    stopping = []
+
+    def forward(signum, frame):
+        stopping.append(signum)
+        for _, proc, _, _ in running.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while pending or running:
+            for slot in [s for s in range(jobs) if s not in running]:
+                if failed or stopping:
+                    break
+                ready = [j for j in pending if not dependencies(j["step"]) & pending_names]
+                if not ready:
+                    break
+                job = ready[0]
+                pending.remove(job)
+                log = open(os.path.join(job["folder"], "run.log"), "a")
+                proc = subprocess.Popen([sys.executable, job["step"]["script"]] + job["argv"],
+                                        stdout=log, stderr=subprocess.STDOUT, env=job_env(slot, jobs),
+                                        cwd=os.path.dirname(os.path.abspath(__file__)))
+                running[slot] = (job, proc, log, time.time())
+                print(f"{job['head']}: {'resuming' if job['state'] == 'resume' else 'running'} in slot {slot} "
+                      f"({(time.time() - t0) / 60:.1f} min so far; log in {log.name})", flush=True)
+            if not running:
+                break
+            time.sleep(0.5)
+            for slot, (job, proc, log, start) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                log.close()
+                del running[slot]
+                name = job["step"]["name"]
+                if code == 0:
+                    pending_names.discard(name)
+                    print(f"{job['head']}: finished in {(time.time() - start) / 60:.1f} min", flush=True)
+                else:
+                    failed.append((name, code, log.name))
+                    print(f"{job['head']}: FAILED (exit {code}); last lines of {log.name}:\n{_tail(log.name)}",
+                          flush=True)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if stopping:
+        raise UserError("stopped by a signal; re-run the same command: finished steps are skipped and "
+                        "interrupted ones resume")
+    if failed:
+        names = ", ".join(f"{n} (exit {c}, see {path})" for n, c, path in failed)
+        raise UserError(f"step(s) failed: {names}; fix the cause and re-run the same command: finished steps "
+                        f"are skipped and interrupted ones resume")
+    if pending:
+        raise UserError("steps left that wait on a teacher that never finished: "
+                        + ", ".join(j["step"]["name"] for j in pending))
+
+
+def _tail(path, lines=5):
+    """The last non-empty lines of a log (progress bars' carriage returns count as line ends)."""
+    with open(path, errors="replace") as f:
+        text = f.read().replace("\r", "\n")
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+
+
 @cli_main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -202,7 +302,11 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--only", default=None, help="run only the steps whose name contains this text")
     parser.add_argument("--dry_run", action="store_true", help="list the steps and their state, run nothing")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="steps run at once, each in its own process (default 1: one after another, in this process)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
     exp_root = args.exp_root or os.path.join(
         "exps", args.preset if not args.dataset else f"{args.preset}_{args.dataset}")
     if not os.path.isdir(args.data_root):
@@ -213,6 +317,7 @@ def main(argv=None):
                       {"preset": args.preset, "steps": [{k: s[k] for k in ("name", "script", "role")} for s in steps]})
     selected = [s for s in steps if not args.only or args.only in s["name"]]
     t0 = time.time()
+    todo = []
     for i, step in enumerate(selected, 1):
         folder = os.path.join(exp_root, step["name"])
         params = _resolve_paths(step, exp_root)
@@ -228,12 +333,17 @@ def main(argv=None):
         argv = ["--save_path", folder, "--data_root", args.data_root, "--device", args.device]
         if state == "resume":
             argv.append("--resume")
-        print(f"{head}: {'resuming' if state == 'resume' else 'running'} "
-              f"({(time.time() - t0) / 60:.1f} min so far)", flush=True)
-        code = run_step(step["script"], argv)
-        if code != 0:
-            raise UserError(f"step {step['name']} failed (exit {code}); fix the cause and re-run the same command: "
-                            f"finished steps are skipped and this one resumes")
+        todo.append({"step": step, "head": head, "argv": argv, "state": state, "folder": folder})
+    if args.jobs == 1:
+        for job in todo:
+            print(f"{job['head']}: {'resuming' if job['state'] == 'resume' else 'running'} "
+                  f"({(time.time() - t0) / 60:.1f} min so far)", flush=True)
+            code = run_step(job["step"]["script"], job["argv"])
+            if code != 0:
+                raise UserError(f"step {job['step']['name']} failed (exit {code}); fix the cause and re-run the same "
+                                f"command: finished steps are skipped and this one resumes")
+    elif todo:
+        run_parallel(todo, args.jobs, t0)
     if args.dry_run:
         return 0
     total = time.time() - t0

@@ -101,3 +101,49 @@ def test_teacher_without_checkpoint_is_retrained(chain, cifar_root, capsys):
         assert "teacher_cnn: new" in out and "rml_cnn: done" in out
     finally:
         os.rename(os.path.join(exp_root, "teacher_cnn", "kept.pth"), os.path.join(exp_root, "teacher_cnn", "last.pth"))
+
+
+def test_parallel_jobs_give_the_same_results(chain, cifar_root, tmp_path):
+    """--jobs 2 runs steps side by side in their own processes, teachers before what loads them, and every
+    step ends with the same accuracy as in the one-process run (same seed, same data, same code)."""
+    exp_root, _ = chain
+    par_root = str(tmp_path / "tiny")
+    out = subprocess.run(_reproduce(par_root, cifar_root) + ["--jobs", "2"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "in slot 1" in out.stdout  # two processes did run at once
+    order = [line.split()[2].rstrip(":") for line in out.stdout.splitlines() if ": running in slot" in line]
+    finished = [line.split()[2].rstrip(":") for line in out.stdout.splitlines() if ": finished in" in line]
+    teacher = os.path.join(par_root, "teacher_cnn")
+    for name in ("rml_cnn", "nasty_cnn"):
+        assert finished.index(teacher) < order.index(os.path.join(par_root, name))
+    for step in reproduce.plan("tiny"):
+        name = step["name"]
+        assert os.path.isfile(os.path.join(par_root, name, "run.log"))
+        one = read_json(os.path.join(exp_root, name, "metrics.json"))
+        two = read_json(os.path.join(par_root, name, "metrics.json"))
+        assert two["final_acc"] == pytest.approx(one["final_acc"], abs=1e-9), name
+    assert os.path.isfile(os.path.join(par_root, "results.md"))
+
+
+def test_parallel_failure_names_the_step_and_skips_dependents(tmp_path, capsys):
+    """A teacher step that fails (here: no dataset under --data_root) stops the steps that load it, and one
+    error line names it and its log."""
+    exp_root = str(tmp_path / "tiny")
+    bad_root = str(tmp_path / "no_cifar_here")
+    os.makedirs(bad_root)
+    code = run_main(reproduce.main, ["--preset", "tiny", "--data_root", bad_root, "--exp_root", exp_root,
+                                     "--jobs", "2"])
+    err = capsys.readouterr()
+    assert code == 2
+    assert "teacher_cnn (exit 2" in err.err
+    assert os.path.join("teacher_cnn", "run.log") in err.err
+    assert not os.path.exists(os.path.join(exp_root, "rml_cnn", "run.log"))
+    assert not os.path.exists(os.path.join(exp_root, "results.md"))
+
+
+def test_jobs_must_be_positive(cifar_root, tmp_path, capsys):
+    code = run_main(reproduce.main, ["--preset", "tiny", "--data_root", cifar_root,
+                                     "--exp_root", str(tmp_path / "x"), "--jobs", "0"])
+    assert code == 2
+    assert "--jobs" in capsys.readouterr().err
