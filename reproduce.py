@@ -146,7 +146,7 @@ def step_state(folder, params, needs_checkpoint=False):
                     continue
             if name == "sweep.json":
                 cfg_path = os.path.join(folder, "config.json")
-                recorded = json.load(open(cfg_path)) if os.path.isfile(cfg_path) else {}
+                recorded = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
             else:
                 recorded = recorded.get("config", {})
             if _same(recorded, params):
@@ -154,9 +154,14 @@ def step_state(folder, params, needs_checkpoint=False):
     if os.path.isfile(os.path.join(folder, "last.pth")) or any(
             os.path.isfile(os.path.join(folder, d, "last.pth")) for d in _subdirs(folder)):
         cfg_path = os.path.join(folder, "config.json")
-        if os.path.isfile(cfg_path) and _same(json.load(open(cfg_path)), params):
+        if os.path.isfile(cfg_path) and _same(_read_json(cfg_path), params):
             return "resume"
     return "new"
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def _subdirs(folder):
