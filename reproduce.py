@@ -49,6 +49,8 @@ PRESETS = {
                   "schedule": "onecycle"},
         "teacher": {"epochs": 12, "lr": 0.2},
         "possessive": {"epochs": 3, "lr": 0.05, "init_from_original": True},
+        # RML's own settings over "possessive": chosen by the sweep in exps/mini/rml_sweep (README).
+        "rml": {"lr": 0.01, "beta": 0.5},
         "student": {"epochs": 6, "lr": 0.05},
         "taus": [1.0, 4.0],
         "dfad": {"epochs": 3, "iters_per_epoch": 50, "k": 5, "batch_size": 128, "lr": 0.1,
@@ -88,8 +90,10 @@ def plan(preset, dataset=None):
     add(f"teacher_{arch}", "train_scratch.py", {"kind": "teacher", "teacher": "original"},
         model=arch, **p["teacher"])
     original = f"teacher_{arch}/last.pth"
+    rml = dict(p["possessive"], tau=tau, alpha=1.0, beta=1.0, gamma=0.0)
+    rml.update(p.get("rml", {}))
     add(f"rml_{arch}", "train_possessive.py", {"kind": "teacher", "teacher": "rml"}, model=arch, method="rml",
-        original=original, tau=tau, alpha=1.0, beta=1.0, gamma=0.0, **p["possessive"])
+        original=original, **rml)
     add(f"nasty_{arch}", "train_possessive.py", {"kind": "teacher", "teacher": "nasty"}, model=arch,
         method="nasty", original=original, tau=tau, omega=DATASET_OMEGA[dataset], **p["possessive"])
     teacher_ckpt = {"original": original, "rml": f"rml_{arch}/last.pth", "nasty": f"nasty_{arch}/last.pth"}
