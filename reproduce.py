@@ -29,6 +29,8 @@ from utils.errors import UserError, cli_main
 NON_RESULT_KEYS = {"data_root", "download", "device", "log_every", "eval_batch_size", "compile", "_comment"}
 
 TEACHERS = ("original", "rml", "nasty")
+# Params that name another step's checkpoint ("<step>/last.pth", relative to the preset folder).
+CHECKPOINT_KEYS = ("original", "teacher")
 ATTACKS = ("vanilla", "rereverse", "dkd", "tckd")
 
 PRESETS = {
@@ -118,7 +120,7 @@ def plan(preset, dataset=None):
 def _resolve_paths(step, exp_root):
     """Checkpoint references inside a preset are relative to the preset folder."""
     params = dict(step["params"])
-    for key in ("original", "teacher"):
+    for key in CHECKPOINT_KEYS:
         if key in params:
             params[key] = os.path.join(exp_root, params[key])
     return params
@@ -208,7 +210,7 @@ def run_step(script, argv):
 
 def dependencies(step):
     """Names of the steps whose checkpoints this step loads (its 'original' / 'teacher' entries)."""
-    return {step["params"][k].split("/")[0] for k in ("original", "teacher") if k in step["params"]}
+    return {step["params"][k].split("/")[0] for k in CHECKPOINT_KEYS if k in step["params"]}
 
 
 def job_env(slot, jobs):
@@ -259,7 +261,7 @@ def run_parallel(todo, jobs, t0):
                                         stdout=log, stderr=subprocess.STDOUT, env=job_env(slot, jobs),
                                         cwd=os.path.dirname(os.path.abspath(__file__)))
                 running[slot] = (job, proc, log, time.time())
-                print(f"{job['head']}: {'resuming' if job['state'] == 'resume' else 'running'} in slot {slot} "
+                print(f"{job['head']}: {job['verb']} in slot {slot} "
                       f"({(time.time() - t0) / 60:.1f} min so far; log in {log.name})", flush=True)
             if not running:
                 break
@@ -342,11 +344,11 @@ def main(argv=None):
         argv = ["--save_path", folder, "--data_root", args.data_root, "--device", args.device]
         if state == "resume":
             argv.append("--resume")
-        todo.append({"step": step, "head": head, "argv": argv, "state": state, "folder": folder})
+        todo.append({"step": step, "head": head, "argv": argv, "folder": folder,
+                     "verb": "resuming" if state == "resume" else "running"})
     if args.jobs == 1:
         for job in todo:
-            print(f"{job['head']}: {'resuming' if job['state'] == 'resume' else 'running'} "
-                  f"({(time.time() - t0) / 60:.1f} min so far)", flush=True)
+            print(f"{job['head']}: {job['verb']} ({(time.time() - t0) / 60:.1f} min so far)", flush=True)
             code = run_step(job["step"]["script"], job["argv"])
             if code != 0:
                 raise UserError(f"step {job['step']['name']} failed (exit {code}); fix the cause and re-run the same "
