@@ -153,6 +153,6 @@ def test_preset_rml_settings_override_the_shared_possessive_ones():
     """A preset's "rml" entry (the swept setting) applies to the RML step alone; Nasty keeps the shared ones."""
     steps = {s["name"]: s["params"] for s in reproduce.plan("mini")}
     rml, nasty = steps["rml_resnet20"], steps["nasty_resnet20"]
-    assert (rml["lr"], rml["beta"], rml["alpha"]) == (0.01, 0.5, 1.0)
+    assert (rml["lr"], rml["beta"], rml["alpha"]) == (0.01, 0.3, 1.0)
     assert nasty["lr"] == reproduce.PRESETS["mini"]["possessive"]["lr"] and "beta" not in nasty
     assert rml["epochs"] == nasty["epochs"] and rml["init_from_original"] is True
