@@ -2,6 +2,7 @@
 
     python reproduce.py --preset mini --data_root ./data            # CPU scale
     python reproduce.py --preset paper --data_root ./data           # GPU scale (paper settings)
+    python reproduce.py --preset mini --download                    # fetch CIFAR-10 into ./data first
 
 Each step is the real script (train_scratch.py, train_possessive.py, train_kd.py, train_dfad.py) run on its
 own folder exps/<preset>/<step>/ (params.json written there). A finished step (metrics.json, or sweep.json
@@ -200,6 +201,14 @@ def write_params(folder, params, comment=None):
     atomic_write_json(path, dict(params, _comment=comment) if comment else params)
 
 
+def fetch_dataset(dataset, root):
+    """Download (if missing) and check both splits here, once, so parallel steps never race on the folder."""
+    from utils.data import load_split
+    os.makedirs(root, exist_ok=True)
+    for train in (True, False):
+        load_split(dataset, root, train, download=True)
+
+
 def run_step(script, argv):
     """Run a script's main() in this process (one torch import for the whole chain); return its exit code."""
     module = importlib.import_module(script[:-3])
@@ -310,6 +319,8 @@ def main(argv=None):
     parser.add_argument("--dataset", choices=sorted(DATASET_TAU), default=None,
                         help="override the preset's dataset (cifar10, cifar100, tinyimagenet)")
     parser.add_argument("--data_root", default="./data")
+    parser.add_argument("--download", action="store_true",
+                        help="fetch the dataset into --data_root first if it is missing (once, before any step)")
     parser.add_argument("--exp_root", default=None, help="default: exps/<preset> (exps/<preset>_<dataset> if --dataset)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--only", default=None, help="run only the steps whose name contains this text")
@@ -321,6 +332,8 @@ def main(argv=None):
         raise UserError(f"--jobs must be at least 1, got {args.jobs}")
     exp_root = args.exp_root or os.path.join(
         "exps", args.preset if not args.dataset else f"{args.preset}_{args.dataset}")
+    if args.download and not args.dry_run:
+        fetch_dataset(args.dataset or PRESETS[args.preset]["dataset"], args.data_root)
     if not os.path.isdir(args.data_root):
         raise UserError(f"data_root '{args.data_root}' does not exist; pass --data_root pointing at your dataset copy")
     steps = plan(args.preset, args.dataset)

@@ -156,3 +156,35 @@ def test_preset_rml_settings_override_the_shared_possessive_ones():
     assert (rml["lr"], rml["beta"], rml["alpha"]) == (0.01, 0.3, 1.0)
     assert nasty["lr"] == reproduce.PRESETS["mini"]["possessive"]["lr"] and "beta" not in nasty
     assert rml["epochs"] == nasty["epochs"] and rml["init_from_original"] is True
+
+
+def test_download_fetches_the_dataset_once_before_any_step(cifar_root, tmp_path, monkeypatch):
+    """--download fills a missing data_root in the parent process (parallel steps must not race on it)."""
+    import shutil
+    import utils.data
+    calls = []
+
+    def fake_download(dataset, root):
+        calls.append(dataset)
+        shutil.copytree(os.path.join(cifar_root, "cifar-10-batches-py"), os.path.join(root, "cifar-10-batches-py"))
+
+    monkeypatch.setattr(utils.data, "_download", fake_download)
+    data_root = str(tmp_path / "fresh_data")
+    code = run_main(reproduce.main, ["--preset", "tiny", "--data_root", data_root, "--exp_root",
+                                     str(tmp_path / "x"), "--download", "--only", "teacher_"])
+    assert code == 0 and calls == ["cifar10"]
+    assert os.path.isfile(os.path.join(str(tmp_path / "x"), "teacher_cnn", "metrics.json"))
+
+
+def test_failed_download_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    code = run_main(reproduce.main, ["--preset", "tiny", "--data_root", str(tmp_path / "d"), "--exp_root",
+                                     str(tmp_path / "x"), "--download"])
+    err = capsys.readouterr().err
+    assert code == 2 and "download of cifar10" in err and "Traceback" not in err
+    assert not os.path.exists(str(tmp_path / "x" / "steps.json"))
