@@ -41,6 +41,15 @@ def _run(exp_root, name):
             "metrics": metrics}
 
 
+def _step_seconds(exp_root, name):
+    """Wall time of a step in seconds (every temperature of a sweep), None if not recorded."""
+    folder = os.path.join(exp_root, name)
+    sweep = _load(os.path.join(folder, "sweep.json"))
+    runs = [os.path.join(folder, sub) for sub in sweep["runs"].values()] if sweep else [folder]
+    times = [(_load(os.path.join(r, "metrics.json")) or {}).get("wall_time_s") for r in runs]
+    return None if any(t is None for t in times) else round(sum(times), 1)
+
+
 def _tau_key(tau, runs):
     for key in runs:
         if float(key) == float(tau):
@@ -52,13 +61,14 @@ def collect(exp_root):
     manifest = _load(os.path.join(exp_root, "steps.json"))
     if manifest is None:
         raise UserError(f"{exp_root}/steps.json not found; run reproduce.py first (it writes the manifest)")
-    res = {"preset": manifest["preset"], "teachers": {}, "students": {}, "dfad": {}, "missing": []}
+    res = {"preset": manifest["preset"], "teachers": {}, "students": {}, "dfad": {}, "missing": [], "compute": {}}
     for step in manifest["steps"]:
         role, run = step["role"], _run(exp_root, step["name"])
         if run is None:
             res["missing"].append(step["name"])
             continue
         m = run["metrics"]
+        res["compute"][step["name"]] = _step_seconds(exp_root, step["name"])
         if role["kind"] == "teacher":
             diag = m.get("final_diagnostics", {})
             res["teachers"][role["teacher"]] = {
@@ -137,12 +147,27 @@ def markdown(res, extra=None):
         lines += ["", "## Which teachers resist which attacks", ""] + resistant
     if res["missing"]:
         lines += ["", f"Steps without results yet: {', '.join(res['missing'])}."]
-    if extra:
-        lines += [""] + [f"{k}: {v}" for k, v in extra.items()]
+    lines += _compute_lines(res, extra or {})
     lines += ["", "Figures: `fig_accuracy.png` (teachers and students), `fig_response.png` (mean softmax "
               "response at τ for one class), `fig_curves.png` (test accuracy per epoch).",
               "Rebuild with `python report.py <this folder>`.", ""]
     return "\n".join(lines)
+
+
+def _compute_lines(res, extra):
+    timed = {k: v for k, v in res.get("compute", {}).items() if v is not None}
+    if not timed:
+        return []
+    lines = ["", "## Compute", "", "| step | wall time (min) |", "|---|---|"]
+    lines += [f"| {name} | {sec / 60:.1f} |" for name, sec in timed.items()]
+    lines += ["", f"Sum of the step times: **{sum(timed.values()) / 60:.1f} min** (what the chain costs one step "
+                  f"at a time, on the hardware each step ran on)."]
+    if extra.get("reproduce_wall_time_s") is not None:
+        jobs = extra.get("jobs", 1)
+        lines.append(f"The last `reproduce.py` run took **{extra['reproduce_wall_time_s'] / 60:.1f} min** of wall "
+                     f"time with `--jobs {jobs}` (steps it found finished were skipped, not timed)."
+                     )
+    return lines
 
 
 def _verdicts(res):

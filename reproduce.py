@@ -373,7 +373,8 @@ def main(argv=None):
         return 0
     total = time.time() - t0
     import report
-    report.build(exp_root, extra={"reproduce_wall_time_s": round(total, 1)} if not args.only else None)
+    report.build(exp_root, extra={"reproduce_wall_time_s": round(total, 1), "jobs": args.jobs}
+                 if not args.only else None)
     print(f"all {len(selected)} steps done in {total / 60:.1f} min; results in {os.path.join(exp_root, 'results.md')}")
     return 0
 

@@ -46,6 +46,18 @@ def test_results_table_has_every_row(chain):
     assert kd["verdict"] in ("distillable", "KD-resistant") and kd["delta_ls"] is not None
 
 
+def test_results_state_the_compute(chain):
+    """Every step's wall time, their sum, and the reproduce.py run's own wall time are in results.md/json."""
+    exp_root, _ = chain
+    res = read_json(os.path.join(exp_root, "results.json"))
+    steps = [s["name"] for s in reproduce.plan("tiny")]
+    assert sorted(res["compute"]) == sorted(steps) and all(v > 0 for v in res["compute"].values())
+    md = open(os.path.join(exp_root, "results.md")).read()
+    assert "## Compute" in md and all(f"| {name} |" in md for name in steps)
+    assert f"Sum of the step times: **{sum(res['compute'].values()) / 60:.1f} min**" in md
+    assert res["extra"]["jobs"] == 1 and "took **" in md and "with `--jobs 1`" in md
+
+
 def test_figures_are_pngs(chain):
     exp_root, _ = chain
     for name in ("fig_accuracy.png", "fig_response.png", "fig_curves.png"):
