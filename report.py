@@ -25,10 +25,20 @@ def _load(path):
         return json.load(f)
 
 
+def _sweep(folder):
+    """The folder's sweep.json if it holds this run's result: its params ask for a tau sweep, or there is no
+    single-run metrics.json (a sweep given on the command line). A sweep.json left over from an earlier
+    config of the same folder is ignored."""
+    params = _load(os.path.join(folder, "params.json")) or {}
+    if params.get("tau_sweep") or not os.path.isfile(os.path.join(folder, "metrics.json")):
+        return _load(os.path.join(folder, "sweep.json"))
+    return None
+
+
 def _run(exp_root, name):
     """The headline of one step: final accuracy (at the thief's best tau for a sweep) and its metrics."""
     folder = os.path.join(exp_root, name)
-    sweep = _load(os.path.join(folder, "sweep.json"))
+    sweep = _sweep(folder)
     if sweep:
         best = sweep["runs"][_tau_key(sweep["best_tau"], sweep["runs"])]
         metrics = _load(os.path.join(folder, best, "metrics.json")) or {}
@@ -44,7 +54,7 @@ def _run(exp_root, name):
 def _step_seconds(exp_root, name):
     """Wall time of a step in seconds (every temperature of a sweep), None if not recorded."""
     folder = os.path.join(exp_root, name)
-    sweep = _load(os.path.join(folder, "sweep.json"))
+    sweep = _sweep(folder)
     runs = [os.path.join(folder, sub) for sub in sweep["runs"].values()] if sweep else [folder]
     times = [(_load(os.path.join(r, "metrics.json")) or {}).get("wall_time_s") for r in runs]
     return None if any(t is None for t in times) else round(sum(times), 1)

@@ -1,5 +1,6 @@
 """The whole chain on the tiny preset: every step runs, results.md has every row, re-runs skip, a killed
 run completes on re-run."""
+import json
 import os
 import signal
 import subprocess
@@ -56,6 +57,22 @@ def test_results_state_the_compute(chain):
     assert "## Compute" in md and all(f"| {name} |" in md for name in steps)
     assert f"Sum of the step times: **{sum(res['compute'].values()) / 60:.1f} min**" in md
     assert res["extra"]["jobs"] == 1 and "took **" in md and "with `--jobs 1`" in md
+
+
+def test_stale_sweep_from_an_earlier_config_is_ignored(chain):
+    """A folder re-run without a tau sweep keeps the old sweep.json around; the table must not read it."""
+    import report
+    exp_root, _ = chain
+    folder = os.path.join(exp_root, "kd_vanilla_rml_cnn_small")
+    acc = read_json(os.path.join(folder, "metrics.json"))["final_acc"]
+    stale = os.path.join(folder, "sweep.json")
+    with open(stale, "w") as f:
+        json.dump({"best_acc": 99.0, "best_tau": 1.0, "final_acc": {"1": 99.0}, "runs": {"1": "tau_1"}}, f)
+    try:
+        res = report.collect(exp_root)
+    finally:
+        os.remove(stale)
+    assert res["students"]["cnn_small"]["kd"]["rml"]["vanilla"]["acc"] == acc != 99.0
 
 
 def test_figures_are_pngs(chain):
