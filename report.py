@@ -36,27 +36,24 @@ def _sweep(folder):
 
 
 def _run(exp_root, name):
-    """The headline of one step: final accuracy (at the thief's best tau for a sweep) and its metrics."""
+    """The headline of one step: final accuracy (at the thief's best tau for a sweep), its metrics, and its
+    wall time in seconds (every temperature of a sweep; None if not recorded)."""
     folder = os.path.join(exp_root, name)
     sweep = _sweep(folder)
     if sweep:
-        best = sweep["runs"][_tau_key(sweep["best_tau"], sweep["runs"])]
-        metrics = _load(os.path.join(folder, best, "metrics.json")) or {}
+        runs = {sub: _load(os.path.join(folder, sub, "metrics.json")) or {} for sub in sweep["runs"].values()}
+        metrics = runs[sweep["runs"][_tau_key(sweep["best_tau"], sweep["runs"])]]
         return {"acc": sweep["best_acc"], "tau": sweep["best_tau"], "per_tau": sweep["final_acc"],
-                "metrics": metrics}
+                "metrics": metrics, "seconds": _total_seconds(runs.values())}
     metrics = _load(os.path.join(folder, "metrics.json"))
     if metrics is None:
         return None
     return {"acc": metrics["final_acc"], "tau": metrics.get("tau", metrics.get("config", {}).get("tau")),
-            "metrics": metrics}
+            "metrics": metrics, "seconds": _total_seconds([metrics])}
 
 
-def _step_seconds(exp_root, name):
-    """Wall time of a step in seconds (every temperature of a sweep), None if not recorded."""
-    folder = os.path.join(exp_root, name)
-    sweep = _sweep(folder)
-    runs = [os.path.join(folder, sub) for sub in sweep["runs"].values()] if sweep else [folder]
-    times = [(_load(os.path.join(r, "metrics.json")) or {}).get("wall_time_s") for r in runs]
+def _total_seconds(metrics_list):
+    times = [m.get("wall_time_s") for m in metrics_list]
     return None if any(t is None for t in times) else round(sum(times), 1)
 
 
@@ -78,7 +75,7 @@ def collect(exp_root):
             res["missing"].append(step["name"])
             continue
         m = run["metrics"]
-        res["compute"][step["name"]] = _step_seconds(exp_root, step["name"])
+        res["compute"][step["name"]] = run["seconds"]
         if role["kind"] == "teacher":
             diag = m.get("final_diagnostics", {})
             res["teachers"][role["teacher"]] = {
@@ -175,8 +172,7 @@ def _compute_lines(res, extra):
     if extra.get("reproduce_wall_time_s") is not None:
         jobs = extra.get("jobs", 1)
         lines.append(f"The last `reproduce.py` run took **{extra['reproduce_wall_time_s'] / 60:.1f} min** of wall "
-                     f"time with `--jobs {jobs}` (steps it found finished were skipped, not timed)."
-                     )
+                     f"time with `--jobs {jobs}` (steps it found finished were skipped, not timed).")
     return lines
 
 
