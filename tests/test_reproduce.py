@@ -52,7 +52,8 @@ def test_results_state_the_compute(chain):
     exp_root, _ = chain
     res = read_json(os.path.join(exp_root, "results.json"))
     steps = [s["name"] for s in reproduce.plan("tiny")]
-    assert sorted(res["compute"]) == sorted(steps) and all(v > 0 for v in res["compute"].values())
+    recorded = {name: read_json(os.path.join(exp_root, name, "metrics.json"))["wall_time_s"] for name in steps}
+    assert res["compute"] == recorded  # a tiny step can round to 0.0 s, so compare with what each step recorded
     md = open(os.path.join(exp_root, "results.md")).read()
     assert "## Compute" in md and all(f"| {name} |" in md for name in steps)
     assert f"Sum of the step times: **{sum(res['compute'].values()) / 60:.1f} min**" in md
