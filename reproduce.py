@@ -23,14 +23,16 @@ import subprocess
 import sys
 import time
 
-from utils.checkpoint import atomic_write_json
+from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, load_checkpoint, weights_sha256
+from utils.config import NON_RESULT_KEYS as _RUN_NON_RESULT_KEYS
 from utils.errors import UserError, cli_main
 
 # Keys that do not change what a step computes; a finished step is not re-run when only these differ.
-NON_RESULT_KEYS = {"data_root", "download", "device", "log_every", "eval_batch_size", "compile", "_comment"}
+NON_RESULT_KEYS = _RUN_NON_RESULT_KEYS | {"_comment"}
 
 TEACHERS = ("original", "rml", "nasty")
-# Params that name another step's checkpoint ("<step>/last.pth", relative to the preset folder).
+# Params that name another step's checkpoint ("<step>/weights.pth", relative to the preset folder): the
+# weights-only file a finished run leaves, which is also what a released teacher ships.
 CHECKPOINT_KEYS = ("original", "teacher")
 ATTACKS = ("vanilla", "rereverse", "dkd", "tckd")
 
@@ -93,14 +95,14 @@ def plan(preset, dataset=None):
     arch = p["teacher_model"]
     add(f"teacher_{arch}", "train_scratch.py", {"kind": "teacher", "teacher": "original"},
         model=arch, **p["teacher"])
-    original = f"teacher_{arch}/last.pth"
+    original = f"teacher_{arch}/{WEIGHTS_FILE}"
     rml = dict(p["possessive"], tau=tau, alpha=1.0, beta=1.0, gamma=0.0)
     rml.update(p.get("rml", {}))
     add(f"rml_{arch}", "train_possessive.py", {"kind": "teacher", "teacher": "rml"}, model=arch, method="rml",
         original=original, **rml)
     add(f"nasty_{arch}", "train_possessive.py", {"kind": "teacher", "teacher": "nasty"}, model=arch,
         method="nasty", original=original, tau=tau, omega=DATASET_OMEGA[dataset], **p["possessive"])
-    teacher_ckpt = {"original": original, "rml": f"rml_{arch}/last.pth", "nasty": f"nasty_{arch}/last.pth"}
+    teacher_ckpt = {"original": original, "rml": f"rml_{arch}/{WEIGHTS_FILE}", "nasty": f"nasty_{arch}/{WEIGHTS_FILE}"}
     for student in p["students"]:
         add(f"scratch_{student}", "train_scratch.py", {"kind": "student", "arch": student, "source": "scratch"},
             model=student, **p["student"])
@@ -133,43 +135,105 @@ def _result_keys(params):
 
 
 def _same(recorded, params):
-    return all(recorded.get(k) == v for k, v in params.items() if k not in NON_RESULT_KEYS)
-
-
-def step_state(folder, params, needs_checkpoint=False):
-    """'done', 'resume' or 'new' for a step folder and the params it should run with.
-
-    needs_checkpoint: later steps load this step's last.pth (a teacher), so results without the
-    checkpoint (e.g. metrics.json from a fresh clone, where checkpoints are not committed) are not done.
-    """
-    if needs_checkpoint and not os.path.isfile(os.path.join(folder, "last.pth")):
-        return "new"
-    for name in ("sweep.json", "metrics.json") if params.get("tau_sweep") else ("metrics.json",):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            with open(path) as f:
-                try:
-                    recorded = json.load(f)
-                except json.JSONDecodeError:
-                    continue
-            if name == "sweep.json":
-                cfg_path = os.path.join(folder, "config.json")
-                recorded = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
-            else:
-                recorded = recorded.get("config", {})
-            if _same(recorded, params):
-                return "done"
-    if os.path.isfile(os.path.join(folder, "last.pth")) or any(
-            os.path.isfile(os.path.join(folder, d, "last.pth")) for d in _subdirs(folder)):
-        cfg_path = os.path.join(folder, "config.json")
-        if os.path.isfile(cfg_path) and _same(_read_json(cfg_path), params):
-            return "resume"
-    return "new"
+    """Same config, checkpoint paths aside: which teacher a run used is checked by its weights digest
+    (step_state), so a preset folder that moved (a clone, another --exp_root) still matches."""
+    return all(recorded.get(k) == v for k, v in params.items()
+               if k not in NON_RESULT_KEYS and k not in CHECKPOINT_KEYS)
 
 
 def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file's content, or None when it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def finished_record(folder, params):
+    """What a finished run of this folder recorded: {config, inputs, weights_sha256}, or None.
+
+    A tau sweep's record is its sweep.json (with the config.json beside it for sweeps written before
+    sweep.json carried its config); a single run's is its metrics.json.
+    """
+    if params.get("tau_sweep"):
+        sweep = _read_json(os.path.join(folder, "sweep.json"))
+        if not isinstance(sweep, dict):
+            return None
+        config = sweep.get("config") or _read_json(os.path.join(folder, "config.json")) or {}
+        return {"config": config, "inputs": sweep.get("inputs"), "weights_sha256": None}
+    metrics = _read_json(os.path.join(folder, "metrics.json"))
+    if not isinstance(metrics, dict):
+        return None
+    return {"config": metrics.get("config", {}), "inputs": metrics.get("inputs"),
+            "weights_sha256": metrics.get("weights_sha256")}
+
+
+def weights_digest(path):
+    """The weights digest of a checkpoint file, or None when there is no readable one."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        return weights_sha256(load_checkpoint(path)["model"])
+    except UserError:
+        return None
+
+
+def _input_mismatch(inputs, deps):
+    """Why a run's recorded inputs do not match its teachers as they are now (None when they all match).
+
+    deps: {key: (teacher step, its weights digest now, or None when that step is to be trained again)}.
+    """
+    for key, (dep, digest) in sorted(deps.items()):
+        if digest is None:
+            return f"its {key} ({dep}) is to be trained again"
+        used = (inputs or {}).get(key, {}).get("weights_sha256")
+        if used is None:
+            return f"it has no record of its {key}'s weights (a run from before provenance was recorded)"
+        if used != digest:
+            return f"it was trained from {key} weights {used[:12]}, {dep} now has {digest[:12]}"
+    return None
+
+
+def step_state(folder, params, deps=None, weights_needed=False):
+    """(state, reason) of a step folder for the params it should run with and the teachers it loads.
+
+    'done': a finished run with this config, trained from these very teachers (and, when later steps load
+    this step, with its weights file present and matching what its metrics.json recorded);
+    'stale': a finished run with this config whose teacher has changed or is to be trained again;
+    'resume': an unfinished run (last.pth) of this config and these teachers; 'new': anything else.
+    Stale and new steps are trained from the start; reason says why a step is not done.
+    """
+    deps = deps or {}
+    rec = finished_record(folder, params)
+    reason = None
+    if rec is not None and _same(rec["config"], params):
+        reason = _input_mismatch(rec["inputs"], deps)
+        if reason is not None:
+            return "stale", reason
+        if not weights_needed:
+            return "done", None
+        weights = os.path.join(folder, WEIGHTS_FILE)
+        digest = weights_digest(weights)
+        if digest is not None and digest == rec["weights_sha256"]:
+            return "done", None
+        reason = (f"{weights} is missing" if digest is None else
+                  f"{weights} ({digest[:12]}) is not the file its metrics.json recorded "
+                  f"({(rec['weights_sha256'] or 'none')[:12]})")
+    lasts = [os.path.join(folder, "last.pth")] + [os.path.join(folder, d, "last.pth") for d in _subdirs(folder)]
+    lasts = [p for p in lasts if os.path.isfile(p)]
+    config = _read_json(os.path.join(folder, "config.json"))
+    if lasts and isinstance(config, dict) and _same(config, params):
+        for last in lasts:
+            try:
+                inputs = load_checkpoint(last).get("inputs")
+            except UserError:
+                continue
+            why = _input_mismatch(inputs, deps)
+            if why is not None:
+                return "new", f"its unfinished run cannot resume: {why}"
+        return "resume", reason
+    return "new", reason
 
 
 def _subdirs(folder):
@@ -218,9 +282,14 @@ def run_step(script, argv):
         return e.code if isinstance(e.code, int) else 1
 
 
+def _dependency_keys(step):
+    """{params key: name of the step whose weights it loads} for the step's 'original' / 'teacher' entries."""
+    return {k: step["params"][k].split("/")[0] for k in CHECKPOINT_KEYS if k in step["params"]}
+
+
 def dependencies(step):
     """Names of the steps whose checkpoints this step loads (its 'original' / 'teacher' entries)."""
-    return {step["params"][k].split("/")[0] for k in CHECKPOINT_KEYS if k in step["params"]}
+    return set(_dependency_keys(step).values())
 
 
 def job_env(slot, jobs):
@@ -343,23 +412,46 @@ def main(argv=None):
     selected = [s for s in steps if not args.only or args.only in s["name"]]
     t0 = time.time()
     todo = []
-    for i, step in enumerate(selected, 1):
-        folder = os.path.join(exp_root, step["name"])
+    counts = {}
+    loaded = {d for s in steps for d in dependencies(s)}  # steps whose weights later steps load
+    digests = {}  # teacher step -> digest of the weights its dependents will load (None: trained in this run)
+    for step in steps:
+        name = step["name"]
+        folder = os.path.join(exp_root, name)
         params = _resolve_paths(step, exp_root)
-        state = step_state(folder, params, needs_checkpoint=step["role"]["kind"] == "teacher")
-        head = f"[{i}/{len(selected)}] {step['script']} {folder}"
+        deps = {key: (dep, digests.get(dep)) for key, dep in _dependency_keys(step).items()}
+        state, reason = step_state(folder, params, deps, weights_needed=name in loaded)
+        chosen = step in selected
+        if name in loaded:
+            if state == "done":
+                digests[name] = finished_record(folder, params)["weights_sha256"]
+            elif not chosen:  # not run now: its dependents load whatever file is there
+                digests[name] = weights_digest(os.path.join(folder, WEIGHTS_FILE))
+            else:
+                digests[name] = None
+        if not chosen:
+            continue
+        counts[state] = counts.get(state, 0) + 1
+        head = f"[{selected.index(step) + 1}/{len(selected)}] {step['script']} {folder}"
+        why = f" ({reason})" if reason else ""
         if args.dry_run:
-            print(f"{head}: {state}")
+            print(f"{head}: {state}{why}")
             continue
         if state == "done":
             print(f"{head}: done, skipped", flush=True)
             continue
+        if state == "stale":
+            print(f"{head}: stale{why}; training it again", flush=True)
+        elif reason:
+            print(f"{head}: {state}{why}", flush=True)
         write_params(folder, params, describe(step, args.preset))
         argv = ["--save_path", folder, "--data_root", args.data_root, "--device", args.device]
         if state == "resume":
             argv.append("--resume")
         todo.append({"step": step, "head": head, "argv": argv, "folder": folder,
                      "verb": "resuming" if state == "resume" else "running"})
+    print(f"{len(selected)} steps: " + ", ".join(f"{counts[k]} {k}" for k in ("done", "stale", "resume", "new")
+                                                 if counts.get(k)), flush=True)
     if args.jobs == 1:
         for job in todo:
             print(f"{job['head']}: {job['verb']} ({(time.time() - t0) / 60:.1f} min so far)", flush=True)

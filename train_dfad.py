@@ -27,7 +27,6 @@ DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", nz=256, ngf=64, iters_per_epoch=50, 
                 batch_size=256)
 
 G_OPTIMIZERS = ("adam", "adamw", "sgd")
-RESUME_KEYS = ("nz", "ngf", "k", "iters_per_epoch", "lr_G", "g_optimizer")
 SAMPLES = 64  # images in each saved grid
 
 
@@ -185,11 +184,12 @@ def main(argv=None):
     args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv)
     cfg = resolve_config(args, DEFAULTS)
     check_dfad_config(cfg, os.path.join(args.save_path, "params.json"))
-    engine = Engine(cfg, args.save_path, "train_dfad.py", resume=args.resume, resume_keys=RESUME_KEYS)
+    engine = Engine(cfg, args.save_path, "train_dfad.py", resume=args.resume)
     if cfg["batch_size"] % engine.world_size:
         raise UserError(f"batch_size {cfg['batch_size']} must be divisible by the {engine.world_size} processes")
     teacher, ckpt = build_from_checkpoint(cfg["teacher"], "teacher", dataset=cfg["dataset"],
                                           num_classes=engine.info.num_classes)
+    engine.add_input("teacher", cfg["teacher"], ckpt)
     teacher = engine.prepare_frozen(teacher)
     engine.load_data(train=False)  # the test split only: DFAD never sees a training image
     if engine.is_main:

@@ -15,8 +15,8 @@ import sys
 import torch
 
 import models
-from utils.checkpoint import atomic_write_json, build_from_checkpoint
-from utils.config import TRAIN_DEFAULTS, parse_config, resolve_config, write_config
+from utils.checkpoint import atomic_write_json, build_from_checkpoint, input_record
+from utils.config import NON_RESULT_KEYS, TRAIN_DEFAULTS, parse_config, resolve_config, write_config
 from utils.constants import DATASETS
 from utils.engine import Engine, Task
 from utils.errors import UserError, cli_main
@@ -28,10 +28,6 @@ REREVERSE_TARGETS = ("argmax", "label")
 DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", tau=4.0, alpha=0.9, attack="vanilla", rereverse_target="argmax",
                 dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup=20, tau_sweep=[])
 
-# A resumed run must keep the loss it started with.
-RESUME_KEYS = ("attack", "tau", "alpha", "rereverse_target", "dkd_alpha", "dkd_beta", "dkd_warmup")
-# Keys that do not change a finished run's result: a sweep reuses a tau folder that differs only in these.
-NON_RESULT_KEYS = ("log_every", "device", "data_root", "download", "eval_batch_size", "compile")
 
 SWEEP_PROTOCOL = ("best_tau is picked on the test split: the thief's most favourable temperature, so "
                   "best_acc is an upper bound on what this attack steals")
@@ -131,8 +127,9 @@ def load_teacher(cfg):
 
 def train(cfg, save_path, resume=False):
     """One attack run into save_path; returns its metrics."""
-    engine = Engine(cfg, save_path, "train_kd.py", resume=resume, resume_keys=RESUME_KEYS)
+    engine = Engine(cfg, save_path, "train_kd.py", resume=resume)
     teacher, ckpt = load_teacher(cfg)
+    engine.add_input("teacher", cfg["teacher"], ckpt)
     teacher = engine.prepare_frozen(teacher)
     engine.load_data()
     if engine.is_main:
@@ -148,8 +145,9 @@ def _tau_name(tau):
     return f"{tau:g}"
 
 
-def _read_done(path, sub_cfg):
-    """(metrics of a finished tau run made with this config or None, why an existing one is not reused)."""
+def _read_done(path, sub_cfg, teacher):
+    """(metrics of a finished tau run made with this config and teacher or None, why an existing one is not
+    reused); teacher: the input record (path, weights digest) of the teacher the sweep loads now."""
     metrics_path = os.path.join(path, "metrics.json")
     if not os.path.isfile(metrics_path):
         return None, None
@@ -166,6 +164,10 @@ def _read_done(path, sub_cfg):
         if key not in NON_RESULT_KEYS and old.get(key) != sub_cfg.get(key):
             return None, (f"{metrics_path} was made with {key}={old.get(key)!r}, "
                           f"this sweep has {key}={sub_cfg.get(key)!r}")
+    used = done.get("inputs", {}).get("teacher", {}).get("weights_sha256")
+    if used != teacher["weights_sha256"]:
+        return None, (f"{metrics_path} was distilled from teacher weights {(used or 'unrecorded')[:12]}, "
+                      f"the teacher now has {teacher['weights_sha256'][:12]}")
     return done, None
 
 
@@ -175,12 +177,13 @@ def sweep(cfg, save_path, resume=False):
     for tau in cfg["tau_sweep"]:
         if float(tau) not in taus:
             taus.append(float(tau))
-    load_teacher(cfg)  # a bad teacher stops the sweep before any folder is made
+    _, ckpt = load_teacher(cfg)  # a bad teacher stops the sweep before any folder is made
+    teacher = input_record(cfg["teacher"], ckpt)
     plan = []
     for tau in taus:
         sub = os.path.join(save_path, f"tau_{_tau_name(tau)}")
         sub_cfg = dict(cfg, tau=tau, tau_sweep=[])
-        plan.append((tau, sub, sub_cfg) + _read_done(sub, sub_cfg))
+        plan.append((tau, sub, sub_cfg) + _read_done(sub, sub_cfg, teacher))
     is_main = int(os.environ.get("RANK", 0)) == 0
     if is_main:
         write_config(save_path, cfg)
@@ -208,6 +211,7 @@ def sweep(cfg, save_path, resume=False):
         "best_tau": best, "best_acc": results[best]["final_acc"],
         "attack": cfg["attack"], "model": cfg["model"], "teacher": cfg["teacher"],
         "teacher_acc": results[best].get("teacher_acc"), "protocol": SWEEP_PROTOCOL,
+        "inputs": {"teacher": teacher}, "config": cfg,
     }
     if is_main:
         atomic_write_json(os.path.join(save_path, "sweep.json"), summary)

@@ -109,6 +109,7 @@ def main(argv=None):
     engine = Engine(cfg, args.save_path, "train_possessive.py", resume=args.resume)
     original, ckpt = build_from_checkpoint(cfg["original"], "original", dataset=cfg["dataset"],
                                            num_classes=engine.info.num_classes)
+    engine.add_input("original", cfg["original"], ckpt)
     model = models.build(cfg["model"], engine.info.num_classes)
     if cfg["init_from_original"]:
         if models.ALIASES.get(cfg["model"], cfg["model"]) != ckpt["arch"]:

@@ -2,6 +2,7 @@
 run completes on re-run."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,17 +121,85 @@ def test_killed_run_completes_on_rerun(tmp_path, cifar_root):
     assert os.path.isfile(os.path.join(exp_root, "results.md"))
 
 
-def test_teacher_without_checkpoint_is_retrained(chain, cifar_root, capsys):
-    """A fresh clone has the committed metrics.json but no checkpoints: teachers must run again."""
-    exp_root, _ = chain
-    os.rename(os.path.join(exp_root, "teacher_cnn", "last.pth"), os.path.join(exp_root, "teacher_cnn", "kept.pth"))
-    try:
-        assert run_main(reproduce.main, ["--preset", "tiny", "--data_root", cifar_root, "--exp_root", exp_root,
-                                         "--dry_run"]) == 0
-        out = capsys.readouterr().out
-        assert "teacher_cnn: new" in out and "rml_cnn: done" in out
-    finally:
-        os.rename(os.path.join(exp_root, "teacher_cnn", "kept.pth"), os.path.join(exp_root, "teacher_cnn", "last.pth"))
+def _as_cloned(src, dst, released=("teacher_cnn", "rml_cnn", "nasty_cnn")):
+    """Copy a preset folder as a fresh clone has it: the small outputs and the released teachers' weights,
+    no training checkpoints, no TensorBoard or run logs."""
+    def ignore(folder, names):
+        step = os.path.basename(folder)
+        return [n for n in names if n in ("tb", "run.log", "last.pth", "best.pth")
+                or (n == "weights.pth" and step not in released)]
+    shutil.copytree(src, dst, ignore=ignore)
+    return dst
+
+
+def _stamps(exp_root):
+    return {step["name"]: os.path.getmtime(os.path.join(exp_root, step["name"], "metrics.json"))
+            for step in reproduce.plan("tiny")}
+
+
+def test_fresh_clone_with_released_teachers_is_all_done(chain, cifar_root, tmp_path, capsys):
+    """Metrics and the released teachers, no checkpoints: nothing is stale and nothing trains."""
+    exp_root = _as_cloned(chain[0], str(tmp_path / "tiny"))
+    before = _stamps(exp_root)
+    assert run_main(reproduce.main, ["--preset", "tiny", "--data_root", cifar_root, "--exp_root", exp_root]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(before)} steps: {len(before)} done\n" in out, out
+    assert _stamps(exp_root) == before
+
+
+def test_removed_released_teacher_retrains_it_and_exactly_its_downstream(chain, cifar_root, tmp_path, capsys):
+    exp_root = _as_cloned(chain[0], str(tmp_path / "tiny"))
+    os.remove(os.path.join(exp_root, "rml_cnn", "weights.pth"))
+    downstream = {s["name"] for s in reproduce.plan("tiny") if "rml_cnn/" in s["params"].get("teacher", "")}
+    assert len(downstream) == 5  # four attacks and DFAD
+    before = _stamps(exp_root)
+    args = ["--preset", "tiny", "--data_root", cifar_root, "--exp_root", exp_root]
+    assert run_main(reproduce.main, args + ["--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert f"19 steps: 13 done, 5 stale, 1 new" in out
+    assert "rml_cnn: new (" in out and "weights.pth is missing" in out
+    assert out.count("(its teacher (rml_cnn) is to be trained again)") == 5
+    assert run_main(reproduce.main, args) == 0
+    after = _stamps(exp_root)
+    rerun = {name for name in before if after[name] != before[name]}
+    assert rerun == downstream | {"rml_cnn"}
+    assert len(before) - len(rerun) == 13
+    new_rml = read_json(os.path.join(exp_root, "rml_cnn", "metrics.json"))["weights_sha256"]
+    for name in downstream:
+        assert read_json(os.path.join(exp_root, name, "metrics.json"))["inputs"]["teacher"]["weights_sha256"] == new_rml
+    capsys.readouterr()
+    assert run_main(reproduce.main, args + ["--dry_run"]) == 0
+    assert "19 steps: 19 done" in capsys.readouterr().out
+
+
+def test_student_of_another_teacher_is_stale(chain, cifar_root, tmp_path, capsys):
+    """A finished student whose recorded teacher weights differ from the teacher's now is stale, and says so."""
+    exp_root = _as_cloned(chain[0], str(tmp_path / "tiny"))
+    path = os.path.join(exp_root, "kd_vanilla_nasty_cnn_small", "metrics.json")
+    metrics = read_json(path)
+    metrics["inputs"]["teacher"]["weights_sha256"] = "0" * 64
+    with open(path, "w") as f:
+        json.dump(metrics, f)
+    assert run_main(reproduce.main, ["--preset", "tiny", "--data_root", cifar_root, "--exp_root", exp_root,
+                                     "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "19 steps: 18 done, 1 stale" in out
+    assert "kd_vanilla_nasty_cnn_small: stale (it was trained from teacher weights 000000000000" in out
+
+
+def test_half_trained_teacher_is_not_done(chain, cifar_root, tmp_path, capsys):
+    """The committed metrics.json matches the config and a last.pth exists, but the run that wrote last.pth
+    has not finished (no weights file yet): the teacher resumes and nothing downstream counts as done."""
+    exp_root = _as_cloned(chain[0], str(tmp_path / "tiny"))
+    teacher = os.path.join(exp_root, "teacher_cnn")
+    os.remove(os.path.join(teacher, "weights.pth"))
+    shutil.copy(os.path.join(chain[0], "teacher_cnn", "last.pth"), os.path.join(teacher, "last.pth"))
+    assert run_main(reproduce.main, ["--preset", "tiny", "--data_root", cifar_root, "--exp_root", exp_root,
+                                     "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher_cnn: resume (" in out
+    assert "rml_cnn: stale" in out and "kd_vanilla_original_cnn_small: stale" in out
+    assert "scratch_cnn_small: done" in out
 
 
 def test_parallel_jobs_give_the_same_results(chain, cifar_root, tmp_path):

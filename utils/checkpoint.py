@@ -122,3 +122,36 @@ def git_commit():
         return commit if out.returncode == 0 and len(commit) == 40 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+# The weights-only file every finished run leaves beside metrics.json: what later steps load and what a
+# release ships (no optimizer state, no history); its weights' digest is recorded in metrics.json.
+WEIGHTS_FILE = "weights.pth"
+
+
+def weights_sha256(state_dict):
+    """sha256 of a state dict's tensors (names, dtypes, shapes, bytes), independent of the file they sit in:
+    a run's last.pth and its weights-only export give the same digest."""
+    import hashlib
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key]
+        if not torch.is_tensor(t):
+            h.update(f"{key}={t!r};".encode())
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def input_record(path, ckpt):
+    """What a run records of a checkpoint it loaded: the path as given and the digest of its weights."""
+    return {"path": path, "weights_sha256": weights_sha256(ckpt["model"])}
+
+
+def export_weights(path, record):
+    """Write a weights-only checkpoint (arch, class count, dataset, normalisation, weights); return its digest."""
+    digest = weights_sha256(record["model"])
+    save_checkpoint(path, dict(record, weights_sha256=digest, format="weights-only"))
+    return digest

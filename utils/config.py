@@ -40,6 +40,10 @@ TRAIN_DEFAULTS = {
     "log_every": 25,         # steps between host syncs for the progress bar
 }
 
+# Keys that do not change what a run computes: where the data lives, which device, how often the bar updates.
+# Every other key does, so a --resume must keep it and a finished run only counts as done when it matches.
+NON_RESULT_KEYS = frozenset({"data_root", "download", "device", "log_every", "eval_batch_size", "compile"})
+
 CHOICES = {
     "dataset": tuple(DATASETS),
     "optimizer": ("sgd", "adam", "adamw"),

@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import (atomic_write_json, atomic_write_text, git_commit, load_checkpoint, model_record,
-                         save_checkpoint, unwrap)
+from .checkpoint import (WEIGHTS_FILE, atomic_write_json, atomic_write_text, export_weights, git_commit,
+                         input_record, load_checkpoint, model_record, save_checkpoint, unwrap)
+from .config import NON_RESULT_KEYS
 from .constants import DATASETS
 from .diagnostics import expected_calibration_error
 from .errors import UserError
@@ -95,10 +96,11 @@ class Task:
 
 
 class Engine:
-    def __init__(self, cfg, save_path, script, resume=False, resume_keys=()):
-        """resume_keys: the script's own settings that a --resume must not change (e.g. the loss weights)."""
+    def __init__(self, cfg, save_path, script, resume=False):
+        """A --resume must keep every key of cfg except NON_RESULT_KEYS (checked here, before anything is
+        written), and the weights of every checkpoint the run loads (checked by add_input)."""
         self.cfg, self.save_path, self.script, self.resume = cfg, save_path, script, resume
-        self.resume_keys = tuple(resume_keys)
+        self.inputs = {}
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -214,6 +216,7 @@ class Engine:
             "config": self.cfg, "history": self.history, "train_time": self.train_time,
             "images_seen": self.images_seen, "rng": {"torch": torch.get_rng_state()},
             "task": self.task.state_dict(), "git_commit": self.commit, "script": self.script,
+            "inputs": self.inputs,
         })
         if self.device.type == "cuda":
             state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -233,11 +236,31 @@ class Engine:
             raise UserError(f"cannot resume: {path} holds no training state (no '{missing[0]}'); it is a weights-only "
                             f"checkpoint, not the last.pth of a training run; start without --resume")
         old = ckpt["config"]
-        for key in ("model", "dataset", "batch_size", "epochs", "schedule") + self.resume_keys:
-            if key in old and old[key] != self.cfg[key]:
-                raise UserError(f"cannot resume: {path} was written with {key}={old[key]!r}, this run has "
-                                f"{key}={self.cfg[key]!r}; use the same config or start without --resume")
+        for key in sorted(set(old) | set(self.cfg)):
+            if key in NON_RESULT_KEYS or old.get(key) == self.cfg.get(key):
+                continue
+            raise UserError(f"cannot resume: {path} was written with {key}={old.get(key)!r}, this run has "
+                            f"{key}={self.cfg.get(key)!r}; use the same config or start without --resume "
+                            f"(in another --save_path, to keep this run)")
+        if ckpt["epoch"] >= old.get("epochs", 0) and os.path.isfile(os.path.join(self.save_path, "metrics.json")):
+            raise UserError(f"cannot resume: the run in {self.save_path} is finished ({ckpt['epoch']} of "
+                            f"{old.get('epochs')} epochs, metrics.json written) and stays as it is; train in "
+                            f"another --save_path, or start without --resume to replace it")
         return ckpt
+
+    def add_input(self, role, path, ckpt):
+        """Record a checkpoint this run loads (original, teacher): metrics.json and every checkpoint carry its
+        path and weights digest. A --resume whose input's weights changed since the run began is refused."""
+        record = input_record(path, ckpt)
+        if self._resume_ckpt is not None:
+            old = self._resume_ckpt.get("inputs", {}).get(role)
+            if old is None or old["weights_sha256"] != record["weights_sha256"]:
+                was = old["weights_sha256"][:12] if old else "unrecorded"
+                raise UserError(f"cannot resume: the {role} {path} now has weights {record['weights_sha256'][:12]}, "
+                                f"the run in {self.save_path} began with {was}; start without --resume to train "
+                                f"against the new {role}")
+        self.inputs[role] = record
+        return record
 
     def _load_resume(self):
         ckpt = self._resume_ckpt
@@ -288,6 +311,10 @@ class Engine:
         self.history, self.train_time, self.images_seen = [], 0.0, 0
         self.commit = git_commit()
         start_epoch, start_step = 0, 0
+        if self.is_main:  # the results of an earlier run in this folder no longer describe it
+            for name in ("metrics.json", WEIGHTS_FILE):
+                if os.path.isfile(os.path.join(self.save_path, name)):
+                    os.unlink(os.path.join(self.save_path, name))
         if self.resume:
             start_epoch, start_step = self._load_resume()
             self.log(f"resumed from {os.path.join(self.save_path, 'last.pth')} at epoch {start_epoch} step {start_step}")
@@ -510,7 +537,11 @@ class Engine:
         self.final_logits, self.final_labels = self.predict(self.model)
         metrics["final_ece"] = float(expected_calibration_error(self.final_logits, self.final_labels))
         metrics.update(self.task.metrics())
-        if self.is_main:
+        metrics["inputs"] = self.inputs
+        metrics["weights_file"] = WEIGHTS_FILE
+        if self.is_main:  # the weights first: a metrics.json on disk always has its weights beside it
+            metrics["weights_sha256"] = export_weights(os.path.join(self.save_path, WEIGHTS_FILE),
+                                                       model_record(self.model, self.cfg["model"], self.cfg["dataset"]))
             atomic_write_json(os.path.join(self.save_path, "metrics.json"), metrics)
             self.tb.close()
             self.log(f"done: final test acc {metrics['final_acc']:.2f} (best {self.best_acc:.2f} at epoch "
