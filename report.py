@@ -1,6 +1,8 @@
 """Rebuild a reproduction's results table and figures from its run folders alone.
 
     python report.py exps/mini
+    python report.py runs/mini --compare exps/mini      # a re-run beside the committed figures
+
 
 Reads exps/<preset>/steps.json (written by reproduce.py) and each step's metrics.json / sweep.json; writes
 results.md (the table of docs/METHOD.md section 5), results.json and PNG figures beside them.
@@ -44,12 +46,18 @@ def _run(exp_root, name):
         runs = {sub: _load(os.path.join(folder, sub, "metrics.json")) or {} for sub in sweep["runs"].values()}
         metrics = runs[sweep["runs"][_tau_key(sweep["best_tau"], sweep["runs"])]]
         return {"acc": sweep["best_acc"], "tau": sweep["best_tau"], "per_tau": sweep["final_acc"],
-                "metrics": metrics, "seconds": _total_seconds(runs.values())}
+                "metrics": metrics, "seconds": _total_seconds(runs.values()), "inputs": _sweep_inputs(runs.values())}
     metrics = _load(os.path.join(folder, "metrics.json"))
     if metrics is None:
         return None
     return {"acc": metrics["final_acc"], "tau": metrics.get("tau", metrics.get("config", {}).get("tau")),
             "metrics": metrics, "seconds": _total_seconds([metrics])}
+
+
+def _sweep_inputs(metrics_list):
+    """The teacher a sweep's runs were distilled from, when every temperature used the same one (else None)."""
+    digests = {json.dumps(m.get("inputs"), sort_keys=True) for m in metrics_list}
+    return json.loads(digests.pop()) if len(digests) == 1 else None
 
 
 def _total_seconds(metrics_list):
@@ -68,7 +76,8 @@ def collect(exp_root):
     manifest = _load(os.path.join(exp_root, "steps.json"))
     if manifest is None:
         raise UserError(f"{exp_root}/steps.json not found; run reproduce.py first (it writes the manifest)")
-    res = {"preset": manifest["preset"], "teachers": {}, "students": {}, "dfad": {}, "missing": [], "compute": {}}
+    res = {"preset": manifest["preset"], "teachers": {}, "students": {}, "dfad": {}, "missing": [], "compute": {},
+           "runs": {}}
     for step in manifest["steps"]:
         role, run = step["role"], _run(exp_root, step["name"])
         if run is None:
@@ -76,6 +85,8 @@ def collect(exp_root):
             continue
         m = run["metrics"]
         res["compute"][step["name"]] = run["seconds"]
+        res["runs"][step["name"]] = {"role": role, "weights_sha256": m.get("weights_sha256"),
+                                     "inputs": run.get("inputs", m.get("inputs")), "git_commit": m.get("git_commit")}
         if role["kind"] == "teacher":
             diag = m.get("final_diagnostics", {})
             res["teachers"][role["teacher"]] = {
@@ -97,6 +108,13 @@ def collect(exp_root):
         elif role["kind"] == "dfad":
             res["dfad"][role["teacher"]] = {"arch": role["arch"], "acc": run["acc"], "folder": step["name"],
                                            "wall_time_s": m.get("wall_time_s"), "history": m.get("history", [])}
+    res["provenance"] = provenance(res, manifest)
+    for s in res["students"].values():
+        for teacher, attacks in s["kd"].items():
+            for a in attacks.values():
+                a["provenance"] = res["provenance"].get(a["folder"], {}).get("status")
+    for d in res["dfad"].values():
+        d["provenance"] = res["provenance"].get(d["folder"], {}).get("status")
     orig = res["teachers"].get("original")
     if orig is not None and orig["ece"] is None:  # a defended teacher's run scores its original too
         orig["ece"] = next((t["original_ece"] for t in res["teachers"].values() if t.get("original_ece")), None)
@@ -112,6 +130,42 @@ def collect(exp_root):
                 a["delta_ls"] = None if ls is None else a["acc"] - ls
                 a["verdict"] = None if ls is None else ("distillable" if a["acc"] > ls else "KD-resistant")
     return res
+
+
+def provenance(res, manifest):
+    """{step: {status, why}} for every step that loads another step's weights: 'ok' when the digest it
+    recorded is that of the weights the loaded step's run produced, 'mismatch' when it differs (a student
+    beside a teacher it was not distilled from), 'unrecorded' when either side has no digest (a run from
+    before digests were recorded)."""
+    out = {}
+    teachers = {s["role"]["teacher"]: s["name"] for s in manifest["steps"] if s["role"]["kind"] == "teacher"}
+    for step in manifest["steps"]:
+        run = res["runs"].get(step["name"])
+        if run is None:
+            continue
+        for key, dep in _loads(step, teachers).items():
+            made = res["runs"].get(dep, {}).get("weights_sha256")
+            used = ((run["inputs"] or {}).get(key) or {}).get("weights_sha256")
+            if made is None or used is None:
+                entry = {"status": "unrecorded", "why": f"no weights digest recorded for {key} {dep}"}
+            elif made != used:
+                entry = {"status": "mismatch", "why": f"trained from {key} weights {used[:12]}, but {dep} in this "
+                                                      f"folder produced {made[:12]}"}
+            else:
+                entry = {"status": "ok", "why": None}
+            if out.get(step["name"], {}).get("status") in (None, "ok"):
+                out[step["name"]] = entry
+    return out
+
+
+def _loads(step, teachers):
+    """{key: step name} of the steps whose weights a step loads; teachers: {teacher name: its step}."""
+    role = step["role"]
+    if role["kind"] == "teacher" and role.get("teacher") != "original":
+        return {"original": teachers.get("original")}
+    if role["kind"] in ("kd", "dfad"):
+        return {"teacher": teachers.get(role["teacher"])}
+    return {}
 
 
 def _fmt(v, spec="{:.2f}", signed=False):
@@ -131,7 +185,8 @@ def markdown(res, extra=None):
     for key in ("original", "rml", "nasty"):
         t = res["teachers"].get(key)
         if t:
-            lines.append(f"| {TEACHER_NAMES[key]} | {_fmt(t['acc'])} | {_fmt(t['delta'], signed=True) if key != 'original' else '–'} | "
+            mark = _mark(res.get("provenance", {}).get(t["folder"], {}))
+            lines.append(f"| {TEACHER_NAMES[key]} | {_fmt(t['acc'])}{mark} | {_fmt(t['delta'], signed=True) if key != 'original' else '–'} | "
                          f"{_fmt(t['kendall'], '{:.3f}')} | {_fmt(t['reversed_top1'], '{:.3f}')} | "
                          f"{_fmt(t['nt_entropy'], '{:.3f}')} | {_fmt(t['ece'], '{:.3f}')} |")
     for arch, s in res["students"].items():
@@ -142,23 +197,49 @@ def markdown(res, extra=None):
                   "|---|---|---|---|---|---|---|"]
         for teacher in ("original", "rml", "nasty"):
             for attack, a in s["kd"].get(teacher, {}).items():
-                lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {_fmt(a['acc'])} | {_fmt(a['tau'], '{:g}')} | "
+                lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {_fmt(a['acc'])}{_mark(a)} | {_fmt(a['tau'], '{:g}')} | "
                              f"{_fmt(a['delta_scratch'], signed=True)} | {_fmt(a['delta_ls'], signed=True)} | "
                              f"{a['verdict'] or '–'} |")
     if res["dfad"]:
         lines += ["", "## Data-free (DFAD)", "", "| teacher | student | student acc |", "|---|---|---|"]
         for teacher, d in res["dfad"].items():
-            lines.append(f"| {TEACHER_NAMES[teacher]} | {d['arch']} | {_fmt(d['acc'])} |")
+            lines.append(f"| {TEACHER_NAMES[teacher]} | {d['arch']} | {_fmt(d['acc'])}{_mark(d)} |")
     resistant = _verdicts(res)
     if resistant:
         lines += ["", "## Which teachers resist which attacks", ""] + resistant
     if res["missing"]:
         lines += ["", f"Steps without results yet: {', '.join(res['missing'])}."]
+    lines += _provenance_lines(res)
     lines += _compute_lines(res, extra or {})
     lines += ["", "Figures: `fig_accuracy.png` (teachers and students), `fig_response.png` (mean softmax "
               "response at τ for one class), `fig_curves.png` (test accuracy per epoch).",
               "Rebuild with `python report.py <this folder>`.", ""]
     return "\n".join(lines)
+
+
+PROVENANCE_MARKS = {"mismatch": " ✗", "unrecorded": " ?"}
+
+
+def _mark(row):
+    return PROVENANCE_MARKS.get(row.get("provenance", row.get("status")), "")
+
+
+def _provenance_lines(res):
+    prov = res.get("provenance", {})
+    if not prov:
+        return []
+    bad = {name: p for name, p in prov.items() if p["status"] != "ok"}
+    lines = ["", "## Provenance", ""]
+    if not bad:
+        lines.append(f"Every one of the {len(prov)} runs that load a teacher recorded the sha256 of the teacher "
+                     f"weights it loaded, and each is the digest of the weights that teacher's run in this folder "
+                     f"produced: every row sits beside the teacher it was trained from.")
+        return lines
+    lines.append("Rows marked ✗ were trained from *other* weights than the teacher shown beside them; rows marked ? "
+                 "cannot be checked (no digest recorded). Re-run `reproduce.py` on this folder: it re-trains them.")
+    lines.append("")
+    lines += [f"- `{name}`: {p['status']}: {p['why']}." for name, p in bad.items()]
+    return lines
 
 
 def _compute_lines(res, extra):
@@ -280,8 +361,13 @@ def figures(res, exp_root, response_class=3):
     return written
 
 
-def build(exp_root, extra=None):
+def build(exp_root, extra=None, strict=False):
     res = collect(exp_root)
+    bad = {n: p for n, p in res["provenance"].items() if p["status"] == "mismatch"}
+    if strict and bad:
+        name = next(iter(bad))
+        raise UserError(f"{exp_root}: {len(bad)} row(s) were not trained from the teacher beside them, e.g. {name} "
+                        f"({bad[name]['why']}); re-run reproduce.py on this folder, or drop --strict to mark them")
     old = _load(os.path.join(exp_root, "results.json")) or {}
     extra = dict(old.get("extra", {}), **(extra or {}))
     slim = json.loads(json.dumps(res))
@@ -301,15 +387,72 @@ def build(exp_root, extra=None):
     return res
 
 
+def rows(res):
+    """[(row label, accuracy, verdict or None)] of every result in a collected folder, in table order."""
+    out = [(f"teacher {TEACHER_NAMES.get(k, k)}", t["acc"], None) for k, t in res["teachers"].items()]
+    for arch, s in res["students"].items():
+        out += [(f"{arch} {src}", s[src]["acc"], None) for src in ("scratch", "ls") if src in s]
+        out += [(f"{arch} KD {TEACHER_NAMES.get(t, t)} / {attack}", a["acc"], a.get("verdict"))
+                for t, attacks in s["kd"].items() for attack, a in attacks.items()]
+    out += [(f"DFAD {d['arch']} {TEACHER_NAMES.get(t, t)}", d["acc"], None) for t, d in res["dfad"].items()]
+    return out
+
+
+def comparison(res, ref, run_root, ref_root):
+    """Markdown: every row of this run beside the same row of a reference folder, with the difference."""
+    mine, theirs = rows(res), {label: (acc, verdict) for label, acc, verdict in rows(ref)}
+    lines = [f"# `{run_root}` against `{ref_root}`", "",
+             "Final-epoch test accuracy (%) of each row in both folders; Δ = this run − reference. A verdict that "
+             "differs is marked **≠**.", "",
+             "| row | this run | reference | Δ | verdict here | verdict there |", "|---|---|---|---|---|---|"]
+    deltas, flips = [], []
+    for label, acc, verdict in mine:
+        other, other_verdict = theirs.get(label, (None, None))
+        delta = None if acc is None or other is None else acc - other
+        if delta is not None:
+            deltas.append((abs(delta), label))
+        flip = verdict and other_verdict and verdict != other_verdict
+        if flip:
+            flips.append(label)
+        lines.append(f"| {label} | {_fmt(acc)} | {_fmt(other)} | {_fmt(delta, signed=True)} | {verdict or '–'} | "
+                     f"{other_verdict or '–'}{' **≠**' if flip else ''} |")
+    only_ref = [label for label in theirs if label not in {m[0] for m in mine}]
+    lines.append("")
+    if deltas:
+        worst = max(deltas)
+        lines.append(f"{len(deltas)} rows in both: mean |Δ| {sum(d for d, _ in deltas) / len(deltas):.2f}, largest "
+                     f"{worst[0]:.2f} ({worst[1]}); {len(flips)} verdict(s) differ"
+                     f"{': ' + ', '.join(flips) if flips else ''}.")
+    if only_ref:
+        lines.append(f"Rows only in the reference: {', '.join(only_ref)}.")
+    for name, r in (("this run", res), ("the reference", ref)):
+        commits = sorted({v["git_commit"][:7] for v in r["runs"].values() if v.get("git_commit")})
+        lines.append(f"Commits of {name}'s runs: {', '.join(commits) or 'not recorded'}.")
+    return "\n".join(lines) + "\n"
+
+
 @cli_main
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        raise UserError("usage: python report.py exps/<preset>")
-    if not os.path.isdir(argv[0]):
-        raise UserError(f"{argv[0]} is not a folder; pass the preset folder, e.g. exps/mini")
-    build(argv[0])
-    print(f"wrote {os.path.join(argv[0], 'results.md')}, results.json and figures")
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("exp_root", help="a preset folder written by reproduce.py, e.g. exps/mini")
+    parser.add_argument("--compare", metavar="REF", default=None,
+                        help="another preset folder (e.g. the committed exps/mini): write EXP_ROOT/comparison.md "
+                             "with every row beside REF's and the difference")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse (exit 2) when a row was trained from other weights than its teacher's")
+    parser.error = lambda message: (_ for _ in ()).throw(UserError(f"{message}; usage: python report.py "
+                                                                   f"exps/<preset> [--compare REF] [--strict]"))
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    for folder in (args.exp_root, args.compare):
+        if folder is not None and not os.path.isdir(folder):
+            raise UserError(f"{folder} is not a folder; pass a preset folder, e.g. exps/mini")
+    res = build(args.exp_root, strict=args.strict)
+    print(f"wrote {os.path.join(args.exp_root, 'results.md')}, results.json and figures")
+    if args.compare:
+        text = comparison(res, collect(args.compare), args.exp_root, args.compare)
+        atomic_write_text(os.path.join(args.exp_root, "comparison.md"), text)
+        print(text, end="")
     return 0
 
 

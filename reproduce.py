@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, load_checkpoint, weights_sha256
+from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, atomic_write_text, load_checkpoint, weights_sha256
 from utils.config import NON_RESULT_KEYS as _RUN_NON_RESULT_KEYS
 from utils.errors import UserError, cli_main
 
@@ -394,11 +394,17 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--only", default=None, help="run only the steps whose name contains this text")
     parser.add_argument("--dry_run", action="store_true", help="list the steps and their state, run nothing")
+    parser.add_argument("--compare", metavar="REF", default=None,
+                        help="at the end, write EXP_ROOT/comparison.md: every row beside the same row of REF (e.g. "
+                             "the committed exps/mini, when --exp_root puts this run elsewhere)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="steps run at once, each in its own process (default 1: one after another, in this process)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.compare and not os.path.isfile(os.path.join(args.compare, "steps.json")):
+        raise UserError(f"--compare {args.compare}: no steps.json there; pass a preset folder written by reproduce.py, "
+                        f"e.g. exps/mini")
     exp_root = args.exp_root or os.path.join(
         "exps", args.preset if not args.dataset else f"{args.preset}_{args.dataset}")
     if args.download and not args.dry_run:
@@ -465,8 +471,12 @@ def main(argv=None):
         return 0
     total = time.time() - t0
     import report
-    report.build(exp_root, extra={"reproduce_wall_time_s": round(total, 1), "jobs": args.jobs}
-                 if not args.only else None)
+    res = report.build(exp_root, extra={"reproduce_wall_time_s": round(total, 1), "jobs": args.jobs}
+                       if not args.only else None)
+    if args.compare:
+        text = report.comparison(res, report.collect(args.compare), exp_root, args.compare)
+        atomic_write_text(os.path.join(exp_root, "comparison.md"), text)
+        print(text, end="")
     print(f"all {len(selected)} steps done in {total / 60:.1f} min; results in {os.path.join(exp_root, 'results.md')}")
     return 0
 

@@ -29,7 +29,7 @@ def _exp(tmp_path, cifar_root, teacher, name="run", **over):
 
 def _error_lines(capsys):
     err = [line.split("\r")[-1] for line in capsys.readouterr().err.splitlines()]
-    return [line for line in err if line.strip() and "it/s" not in line]  # progress-bar lines aside
+    return [line for line in err if line.strip() and "it/s" not in line and "s/it" not in line]  # progress-bar lines aside
 
 
 def _tree(path):

@@ -101,6 +101,7 @@ class Engine:
         written), and the weights of every checkpoint the run loads (checked by add_input)."""
         self.cfg, self.save_path, self.script, self.resume = cfg, save_path, script, resume
         self.inputs = {}
+        self._resume_ckpt = self._read_resume() if resume else None  # first: a refused resume touches nothing
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -119,7 +120,6 @@ class Engine:
         self.progress = 0.0
         if self.is_main:
             self._check_writable()
-        self._resume_ckpt = self._read_resume() if resume else None
 
     # --- set-up -----------------------------------------------------------------------------------
     def _pick_device(self, name):
