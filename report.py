@@ -16,7 +16,30 @@ import sys
 from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.errors import UserError, cli_main
 
-TEACHER_NAMES = {"original": "original", "rml": "possessive (RML)", "nasty": "Nasty"}
+PALETTE = ["#55a868", "#c44e52", "#dd8452", "#8172b3", "#937860", "#da8bc3", "#64b5cd", "#ccb974"]
+
+
+class _Names(dict):
+    """Report names of teachers: the original, then each defence's label from the registry."""
+
+    def __missing__(self, key):
+        from utils.defences import DEFENCES
+        return DEFENCES[key].label if key in DEFENCES else key
+
+    def get(self, key, default=None):
+        return self[key]
+
+
+TEACHER_NAMES = _Names(original="original")
+
+
+def _teacher_order(res):
+    """Teachers in the manifest's order, then any a student names that has no teacher row."""
+    order = list(res["teachers"])
+    for s in res["students"].values():
+        order += [t for t in s["kd"] if t not in order]
+    order += [t for t in res["dfad"] if t not in order]
+    return order
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -182,7 +205,7 @@ def markdown(res, extra=None):
     lines += ["## Teachers", "",
               "| teacher | test acc | Δ vs original | Kendall τ vs original (non-target order) | reversed top-1 | "
               "non-target entropy | ECE |", "|---|---|---|---|---|---|---|"]
-    for key in ("original", "rml", "nasty"):
+    for key in _teacher_order(res):
         t = res["teachers"].get(key)
         if t:
             mark = _mark(res.get("provenance", {}).get(t["folder"], {}))
@@ -195,7 +218,7 @@ def markdown(res, extra=None):
                   f"**{_fmt(s.get('ls', {}).get('acc'))}**.", "",
                   "| teacher | attack | student acc | best τ | Δ vs scratch | Δ vs label smoothing | verdict |",
                   "|---|---|---|---|---|---|---|"]
-        for teacher in ("original", "rml", "nasty"):
+        for teacher in _teacher_order(res):
             for attack, a in s["kd"].get(teacher, {}).items():
                 lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {_fmt(a['acc'])}{_mark(a)} | {_fmt(a['tau'], '{:g}')} | "
                              f"{_fmt(a['delta_scratch'], signed=True)} | {_fmt(a['delta_ls'], signed=True)} | "
@@ -260,7 +283,7 @@ def _compute_lines(res, extra):
 def _verdicts(res):
     out = []
     for arch, s in res["students"].items():
-        for teacher in ("original", "rml", "nasty"):
+        for teacher in _teacher_order(res):
             attacks = s["kd"].get(teacher, {})
             if not attacks or any(a["verdict"] is None for a in attacks.values()):
                 continue
@@ -280,7 +303,9 @@ def figures(res, exp_root, response_class=3):
     written = []
     # 1. accuracy bars
     labels, values, colours = [], [], []
-    for key in ("original", "rml", "nasty"):
+    order = _teacher_order(res)
+    colour = {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(order)}
+    for key in order:
         if key in res["teachers"]:
             labels.append(f"teacher\n{TEACHER_NAMES[key]}")
             values.append(res["teachers"][key]["acc"])
@@ -295,7 +320,7 @@ def figures(res, exp_root, response_class=3):
             for attack, a in attacks.items():
                 labels.append(f"{arch} KD\n{teacher}/{attack}")
                 values.append(a["acc"])
-                colours.append({"original": "#55a868", "rml": "#c44e52", "nasty": "#dd8452"}[teacher])
+                colours.append(colour[teacher])
     if values:
         fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(values)), 4.5))
         ax.bar(range(len(values)), values, color=colours)
@@ -315,7 +340,7 @@ def figures(res, exp_root, response_class=3):
         written.append("fig_accuracy.png")
     # 2. softmax response for one class
     responses = {}
-    for key in ("rml", "nasty"):
+    for key in [k for k in order if k != "original"]:
         t = res["teachers"].get(key)
         if t and t.get("class_response"):
             responses[TEACHER_NAMES[key]] = t["class_response"]

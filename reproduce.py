@@ -23,18 +23,29 @@ import subprocess
 import sys
 import time
 
-from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, atomic_write_text, load_checkpoint, weights_sha256
+from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, atomic_write_text, checkpoint_digest, load_checkpoint
 from utils.config import NON_RESULT_KEYS as _RUN_NON_RESULT_KEYS
+from utils.attacks import ATTACKS
+from utils.defences import DATASET_TAU, DEFENCES
 from utils.errors import UserError, cli_main
 
 # Keys that do not change what a step computes; a finished step is not re-run when only these differ.
 NON_RESULT_KEYS = _RUN_NON_RESULT_KEYS | {"_comment"}
 
-TEACHERS = ("original", "rml", "nasty")
 # Params that name another step's checkpoint ("<step>/weights.pth", relative to the preset folder): the
 # weights-only file a finished run leaves, which is also what a released teacher ships.
 CHECKPOINT_KEYS = ("original", "teacher")
-ATTACKS = ("vanilla", "rereverse", "dkd", "tckd")
+
+
+def battery_teachers():
+    """The teachers every attack is run against: the original, then each defence of the registry."""
+    return ["original"] + [name for name, d in DEFENCES.items() if d.battery]
+
+
+def battery_attacks():
+    """The attacks of the registry that the battery runs against every teacher."""
+    return [name for name, a in ATTACKS.items() if a.battery]
+
 
 PRESETS = {
     # Seconds per step on generated data: the test suite runs the whole chain with it.
@@ -77,15 +88,12 @@ PRESETS = {
     },
 }
 
-DATASET_TAU = {"cifar10": 4.0, "cifar100": 20.0, "tinyimagenet": 20.0}
-DATASET_OMEGA = {"cifar10": 0.04, "cifar100": 0.005, "tinyimagenet": 0.01}
 
 
 def plan(preset, dataset=None):
     """The steps of a preset: a list of dicts {name, script, params, role}."""
     p = PRESETS[preset]
     dataset = dataset or p["dataset"]
-    tau = DATASET_TAU[dataset]
     base = dict(p["train"], dataset=dataset, seed=0)
     steps = []
 
@@ -95,26 +103,24 @@ def plan(preset, dataset=None):
     arch = p["teacher_model"]
     add(f"teacher_{arch}", "train_scratch.py", {"kind": "teacher", "teacher": "original"},
         model=arch, **p["teacher"])
-    original = f"teacher_{arch}/{WEIGHTS_FILE}"
-    rml = dict(p["possessive"], tau=tau, alpha=1.0, beta=1.0, gamma=0.0)
-    rml.update(p.get("rml", {}))
-    add(f"rml_{arch}", "train_possessive.py", {"kind": "teacher", "teacher": "rml"}, model=arch, method="rml",
-        original=original, **rml)
-    add(f"nasty_{arch}", "train_possessive.py", {"kind": "teacher", "teacher": "nasty"}, model=arch,
-        method="nasty", original=original, tau=tau, omega=DATASET_OMEGA[dataset], **p["possessive"])
-    teacher_ckpt = {"original": original, "rml": f"rml_{arch}/{WEIGHTS_FILE}", "nasty": f"nasty_{arch}/{WEIGHTS_FILE}"}
+    teacher_ckpt = {"original": f"teacher_{arch}/{WEIGHTS_FILE}"}
+    for name in battery_teachers()[1:]:
+        add(f"{name}_{arch}", "train_possessive.py", {"kind": "teacher", "teacher": name}, model=arch, method=name,
+            original=teacher_ckpt["original"], **DEFENCES[name].battery_params(p, dataset))
+        teacher_ckpt[name] = f"{name}_{arch}/{WEIGHTS_FILE}"
     for student in p["students"]:
         add(f"scratch_{student}", "train_scratch.py", {"kind": "student", "arch": student, "source": "scratch"},
             model=student, **p["student"])
         add(f"ls_{student}", "train_scratch.py", {"kind": "student", "arch": student, "source": "ls"},
             model=student, label_smoothing=0.1, **p["student"])
-        for teacher in TEACHERS:
-            for attack in ATTACKS:
+        for teacher in battery_teachers():
+            for attack in battery_attacks():
                 sweep = {"tau_sweep": p["taus"]} if len(p["taus"]) > 1 else {"tau": p["taus"][0]}
                 add(f"kd_{attack}_{teacher}_{student}", "train_kd.py",
                     {"kind": "kd", "arch": student, "teacher": teacher, "attack": attack},
-                    model=student, teacher=teacher_ckpt[teacher], attack=attack, **sweep, **p["student"])
-    for teacher in ("original", "rml"):
+                    model=student, teacher=teacher_ckpt[teacher], attack=attack, **sweep, **p["student"],
+                    **p.get("attacks", {}).get(attack, {}))
+    for teacher in ["original"] + [n for n in battery_teachers()[1:] if DEFENCES[n].dfad]:
         student = p["dfad_student"]
         add(f"dfad_{teacher}_{student}", "train_dfad.py", {"kind": "dfad", "arch": student, "teacher": teacher},
             model=student, teacher=teacher_ckpt[teacher], **p["dfad"])
@@ -131,7 +137,7 @@ def _resolve_paths(step, exp_root):
 
 
 def _result_keys(params):
-    return {k: v for k, v in params.items() if k not in NON_RESULT_KEYS}
+    return {k: v for k, v in params.items() if k not in NON_RESULT_KEYS and not k.startswith("_")}
 
 
 def _same(recorded, params):
@@ -174,7 +180,7 @@ def weights_digest(path):
     if not os.path.isfile(path):
         return None
     try:
-        return weights_sha256(load_checkpoint(path)["model"])
+        return checkpoint_digest(load_checkpoint(path))
     except UserError:
         return None
 
@@ -243,6 +249,9 @@ def _subdirs(folder):
 def describe(step, preset):
     """The _comment written at the top of a step's params.json."""
     role, p = step["role"], step["params"]
+    if role["kind"] == "teacher" and role.get("teacher") in DEFENCES and not DEFENCES[role["teacher"]].trained:
+        return (f"Step of reproduce.py --preset {preset}: the original {p['model']} answering through the "
+                f"training-free {role['teacher']} defence (nothing is trained).")
     what = {"teacher": f"{role.get('teacher')} teacher {p['model']}",
             "student": f"{p['model']} student, {role.get('source')}",
             "kd": f"{role.get('attack')} KD of {p['model']} from the {role.get('teacher')} teacher",
@@ -250,8 +259,9 @@ def describe(step, preset):
     return f"Step of reproduce.py --preset {preset}: {what}, {p['epochs']} epochs."
 
 
-def write_params(folder, params, comment=None):
-    """Write params.json unless it already holds these params (comments and data paths aside)."""
+def write_params(folder, params, comment=None, script=None):
+    """Write params.json unless it already holds these params (comments and data paths aside); _script
+    names the script the folder belongs to."""
     path = os.path.join(folder, "params.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -262,7 +272,8 @@ def write_params(folder, params, comment=None):
         if isinstance(old, dict) and _result_keys(old) == _result_keys(params):
             return
     os.makedirs(folder, exist_ok=True)
-    atomic_write_json(path, dict(params, _comment=comment) if comment else params)
+    extra = {k: v for k, v in (("_comment", comment), ("_script", script)) if v}
+    atomic_write_json(path, dict(params, **extra))
 
 
 def fetch_dataset(dataset, root):
@@ -450,7 +461,7 @@ def main(argv=None):
             print(f"{head}: stale{why}; training it again", flush=True)
         elif reason:
             print(f"{head}: {state}{why}", flush=True)
-        write_params(folder, params, describe(step, args.preset))
+        write_params(folder, params, describe(step, args.preset), step["script"])
         argv = ["--save_path", folder, "--data_root", args.data_root, "--device", args.device]
         if state == "resume":
             argv.append("--resume")

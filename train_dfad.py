@@ -15,7 +15,7 @@ import torch
 import models
 from utils.checkpoint import build_from_checkpoint
 from utils.config import TRAIN_DEFAULTS, parse_config, resolve_config, write_config
-from utils.engine import Engine, Task, lr_factor
+from utils.engine import Engine, Task
 from utils.errors import UserError, cli_main
 from utils.generator import Generator
 from utils.losses import dfad_discrepancy
@@ -63,9 +63,6 @@ class DFADTask(Task):
         self.local_batch = cfg["batch_size"] // engine.world_size
         self.teacher = engine.prepare_frozen(self.teacher)
         self.generator = self.generator.to(engine.device).train()  # always train mode, as in DFAD
-        g_cfg = {"optimizer": cfg["g_optimizer"], "lr": cfg["lr_G"], "weight_decay": 0.0, "momentum": 0.9,
-                 "nesterov": False}
-        self.g_optimizer = engine.build_optimizer(list(self.generator.parameters()), g_cfg)
         if engine.scaler is not None:  # fp16 on CUDA: the generator needs its own loss scale
             self.g_scaler = torch.amp.GradScaler("cuda")
         self.noise_gen = torch.Generator(device=engine.device)
@@ -73,6 +70,18 @@ class DFADTask(Task):
         self.sample_z = torch.randn(SAMPLES, self.nz, generator=fixed).to(engine.device)
         self.gen_sum = torch.zeros((), device=engine.device)
         self.gen_count = 0
+
+    def parts(self):
+        """The generator, trained beside the student: its own optimizer at peak lr_G on the student's lr
+        schedule, checkpointed and resumed by the engine; stepped here (after_step), not from the student's loss."""
+        from utils.attacks import Part
+        g_cfg = {"optimizer": self.cfg["g_optimizer"], "lr": self.cfg["lr_G"], "weight_decay": 0.0, "momentum": 0.9,
+                 "nesterov": False}
+        return {"generator": Part(self.generator, g_cfg, joint=False)}
+
+    @property
+    def g_optimizer(self):
+        return self.engine.parts["generator"].optimizer
 
     def steps_per_epoch(self, engine):
         return self.iters * self.k
@@ -103,10 +112,7 @@ class DFADTask(Task):
 
     def after_step(self, engine, step):
         if (step + 1) % self.k:
-            return
-        lr = self.cfg["lr_G"] * lr_factor(self.cfg, self.epoch + step / self.steps_per_epoch(engine))
-        for group in self.g_optimizer.param_groups:
-            group["lr"] = lr
+            return  # the engine set the generator's lr for this step: lr_G x the schedule's factor
         self.gen_sum += self.generator_step(self.noise(step, 1))
         self.gen_count += 1
 
@@ -160,16 +166,10 @@ class DFADTask(Task):
         save_image(x, path, nrow=8)
         shutil.copyfile(path, os.path.join(folder, "latest.png"))
 
-    def state_dict(self):
-        return {"generator": self.generator.state_dict(), "g_optimizer": self.g_optimizer.state_dict(),
-                "g_scaler": self.g_scaler.state_dict() if self.g_scaler is not None else None}
+    def state_dict(self):  # the generator and its optimizer are saved by the engine (parts)
+        return {"g_scaler": self.g_scaler.state_dict() if self.g_scaler is not None else None}
 
     def load_state_dict(self, state):
-        if "generator" not in state:
-            raise UserError(f"cannot resume: {self.engine.save_path}/last.pth holds no generator state "
-                            f"(was it written by train_dfad.py?)")
-        self.generator.load_state_dict(state["generator"])
-        self.g_optimizer.load_state_dict(state["g_optimizer"])
         if self.g_scaler is not None and state.get("g_scaler"):
             self.g_scaler.load_state_dict(state["g_scaler"])
 

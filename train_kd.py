@@ -3,9 +3,10 @@
     python train_kd.py --save_path exps/mini/kd_cnn_original [--attack rereverse --tau 1 ...]
     python train_kd.py --save_path exps/mini/kd_cnn_rml_tau_sweep --tau_sweep 1,4,10,20
 
-Attacks (METHOD.md section 4): vanilla (Hinton KD); rereverse (the teacher's non-target logits are reversed
-again, around its own argmax or the label, before KD); dkd (decoupled KD, non-target part weighted by
-dkd_beta); tckd (dkd with dkd_beta = 0: only the target-vs-rest binary part is distilled).
+Attacks (utils/attacks.py, METHOD.md sections 4 and 7): vanilla (Hinton KD); rereverse (the teacher's
+non-target logits are reversed again, around its own argmax or the label, before KD); dkd (decoupled KD,
+non-target part weighted by dkd_beta); tckd (dkd with dkd_beta = 0: only the target-vs-rest binary part);
+hardlabel (CE on the teacher's argmax alone); markov (Markov KD: per-class Markov matrices learnt jointly).
 With tau_sweep the attack runs once per tau into SAVE_PATH/tau_<tau>/ and SAVE_PATH/sweep.json names the best.
 """
 import json
@@ -20,14 +21,9 @@ from utils.config import NON_RESULT_KEYS, TRAIN_DEFAULTS, parse_config, resolve_
 from utils.constants import DATASETS
 from utils.engine import Engine, Task
 from utils.errors import UserError, cli_main
-from utils.losses import dkd_loss, kd_loss, reverse_logits
+from utils.attacks import ATTACKS, attack_keys, dkd_warmup_epochs, warmup_factor  # noqa: F401 (re-exported)
 
-ATTACKS = ("vanilla", "rereverse", "dkd", "tckd")
-REREVERSE_TARGETS = ("argmax", "label")
-
-DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", tau=4.0, alpha=0.9, attack="vanilla", rereverse_target="argmax",
-                dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup=20, tau_sweep=[])
-
+DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", tau=4.0, attack="vanilla", **attack_keys(), tau_sweep=[])
 
 SWEEP_PROTOCOL = ("best_tau is picked on the test split: the thief's most favourable temperature, so "
                   "best_acc is an upper bound on what this attack steals")
@@ -37,16 +33,10 @@ def check_kd_config(cfg, source):
     """The KD keys train_scratch's checks do not cover; raised before anything is written."""
     if cfg["attack"] not in ATTACKS:
         raise UserError(f"{source}: 'attack' must be one of {', '.join(ATTACKS)}, got '{cfg['attack']}'")
-    if cfg["rereverse_target"] not in REREVERSE_TARGETS:
-        raise UserError(f"{source}: 'rereverse_target' must be one of {', '.join(REREVERSE_TARGETS)}, "
-                        f"got '{cfg['rereverse_target']}'")
     if not cfg["tau"] > 0:
         raise UserError(f"{source}: 'tau' must be > 0, got {cfg['tau']}")
-    if not 0 <= cfg["alpha"] <= 1:
-        raise UserError(f"{source}: 'alpha' must be in [0, 1], got {cfg['alpha']}")
-    for key in ("dkd_alpha", "dkd_beta", "dkd_warmup"):
-        if cfg[key] < 0:
-            raise UserError(f"{source}: '{key}' must be >= 0, got {cfg[key]}")
+    for attack in ATTACKS.values():  # every key is checked, also those the chosen attack does not read
+        attack.check(cfg, source)
     if cfg["label_smoothing"]:
         raise UserError(f"{source}: 'label_smoothing' is not used by train_kd.py; remove it (the label-smoothing "
                         f"student is trained by train_scratch.py)")
@@ -56,66 +46,44 @@ def check_kd_config(cfg, source):
                             f"got {json.dumps(cfg['tau_sweep'])}")
 
 
-def dkd_warmup_epochs(cfg):
-    """Epochs over which DKD's KD weights ramp linearly from 0 to 1.
-
-    DKD warms up over 20 of its 240 epochs; a short run caps the ramp at a quarter of its epochs, so a
-    10-epoch CPU run ramps over 2.5 epochs instead of never reaching full weight.
-    """
-    return min(float(cfg["dkd_warmup"]), cfg["epochs"] / 4)
-
-
-def warmup_factor(progress, warmup_epochs):
-    """min(1, progress / warmup_epochs), progress in epochs (a float that grows every step)."""
-    return 1.0 if warmup_epochs <= 0 else min(1.0, progress / warmup_epochs)
-
-
 class KDTask(Task):
-    """Student trained on the teacher's logits for the same augmented batch; the teacher never changes."""
+    """Student trained on the thief's view of the teacher's logits for the same augmented batch; the
+    teacher never changes. What is read and how it is distilled is the attack's (utils/attacks.py)."""
 
-    def __init__(self, student, teacher, cfg, teacher_arch=None, teacher_acc=None):
-        self.model, self.teacher = student, teacher
-        self.attack, self.tau, self.alpha = cfg["attack"], cfg["tau"], cfg["alpha"]
-        self.rereverse_target = cfg["rereverse_target"]
-        self.dkd_alpha = cfg["dkd_alpha"]
-        self.dkd_beta = 0.0 if self.attack == "tckd" else cfg["dkd_beta"]
-        self.warmup_epochs = dkd_warmup_epochs(cfg)
+    def __init__(self, student, teacher, cfg, teacher_arch=None, teacher_acc=None, num_classes=None):
+        self.model, self.teacher, self.cfg = student, teacher, cfg
+        num_classes = num_classes or DATASETS[cfg["dataset"]].num_classes
+        self.attack = ATTACKS[cfg["attack"]](cfg, num_classes)
+        self.tau = cfg["tau"]
         self.teacher_path, self.teacher_arch, self.teacher_acc = cfg["teacher"], teacher_arch, teacher_acc
         self.engine = None
+        self._parts = None
 
     def setup(self, engine):
         self.engine = engine
         self.teacher = engine.prepare_frozen(self.teacher)
 
+    def parts(self):
+        if self._parts is None:
+            self._parts = self.attack.parts()
+        return self._parts
+
     @torch.no_grad()
     def teacher_logits(self, x, y):
-        t = self.teacher(x)
-        if self.attack == "rereverse":
-            t = reverse_logits(t, t.argmax(1) if self.rereverse_target == "argmax" else y)
-        return t
+        """The thief's view of the teacher's answer for this batch (the attack's query)."""
+        return self.attack.query(self.teacher(x), y)
 
     def loss(self, batch):
         x, y = batch
-        t = self.teacher_logits(x, y)
+        view = self.teacher_logits(x, y)
         s = self.train_model(x)
-        if self.attack in ("dkd", "tckd"):
-            w = warmup_factor(self.engine.progress, self.warmup_epochs)  # (epoch, step): exact after --resume
-            terms = dkd_loss(s, t, y, self.tau, self.dkd_alpha, self.dkd_beta, warmup=w)
-            if self.attack == "tckd":
-                del terms["nckd"]  # always 0: not worth a log column
-        else:
-            terms = kd_loss(s, t, y, self.tau, self.alpha)
-        return terms, s, y
+        modules = {name: part.module for name, part in self.parts().items()}
+        return self.attack.loss(s, view, y, self.engine.progress, modules), s, y
 
     def metrics(self):
-        m = {"attack": self.attack, "tau": self.tau, "teacher": self.teacher_path,
+        m = {"attack": self.attack.name, "tau": self.tau, "teacher": self.teacher_path,
              "teacher_arch": self.teacher_arch, "teacher_acc": self.teacher_acc}
-        if self.attack in ("dkd", "tckd"):
-            m.update(dkd_alpha=self.dkd_alpha, dkd_beta=self.dkd_beta, dkd_warmup_epochs=self.warmup_epochs)
-        else:
-            m["alpha"] = self.alpha
-        if self.attack == "rereverse":
-            m["rereverse_target"] = self.rereverse_target
+        m.update(self.attack.metrics())
         return m
 
 
@@ -198,7 +166,8 @@ def sweep(cfg, save_path, resume=False):
                     print(f"tau {_tau_name(tau)}: {stale}; running it again", flush=True)
                 os.makedirs(sub, exist_ok=True)
                 atomic_write_json(os.path.join(sub, "params.json"),
-                                  dict(sub_cfg, _comment=f"tau {_tau_name(tau)} of the sweep in {save_path}"))
+                                  dict(sub_cfg, _comment=f"tau {_tau_name(tau)} of the sweep in {save_path}",
+                                       _script="train_kd.py"))
             done = train(sub_cfg, sub, resume=resume and os.path.isfile(os.path.join(sub, "last.pth")))
         elif is_main:
             print(f"tau {_tau_name(tau)}: {sub}/metrics.json exists, skipped", flush=True)

@@ -1,43 +1,44 @@
-"""Train an anti-distillation teacher against a frozen original: RML (the possessive teacher) or Nasty Teacher.
+"""Make an anti-distillation teacher from a frozen original: any defence of utils/defences.py (method).
 
     python train_possessive.py --save_path exps/mini/rml_resnet20 [--method nasty --omega 0.04 ...]
 
+Trained defences fine-tune (or train) a teacher against the original:
 RML (docs/METHOD.md section 2):
     CE + alpha tau^2 KL(b(z_o)||b(z_p)) + beta tau^2 KL(q(reverse(z_o))||q(z_p)) - gamma tau^2 KL(q(z_o)||q(z_p))
 Nasty (section 3): CE - omega tau^2 KL(softmax(z_n/tau) || softmax(z_o/tau)).
+Training-free defences (stingy, posthoc; section 7) train nothing: the run scores the original answering
+through the defence and writes weights.pth as the original's weights plus the defence's name and settings.
 """
+import os
 import sys
 
 import torch
 
 import models
-from utils.checkpoint import build_from_checkpoint
+from utils.checkpoint import build_from_checkpoint, model_record
 from utils.config import TRAIN_DEFAULTS, parse_config, resolve_config, write_config
 from utils.diagnostics import (class_response, expected_calibration_error, mean_kl, non_target_entropy,
                                non_target_kendall, reversed_top1_match)
 from utils.engine import Engine, Task
 from utils.errors import UserError, cli_main
-from utils.losses import REVERSE_SCOPES, nasty_loss, rml_loss
+from utils.defences import DEFENCES, DefendedModel, defence_keys
 
+# RML: alpha (binary term), beta (reversed non-target term), gamma (Nasty-style maximisation over non-targets),
+# beta_warmup (epochs of linear ramp), reverse_scope; Nasty: omega; Stingy: stingy_ratio (utils/defences.py).
 DEFAULTS = dict(
     TRAIN_DEFAULTS,
-    method="rml",            # rml | nasty
+    method="rml",            # a name in utils.defences.DEFENCES
     original="",             # checkpoint of the original model (from train_scratch.py)
-    tau=4.0,
-    alpha=1.0,               # RML: binary (target vs rest) term
-    beta=1.0,                # RML: reversed non-target term
-    gamma=0.0,               # RML: Nasty-style maximisation restricted to non-target classes
-    beta_warmup=0.0,         # RML: epochs over which beta rises linearly from 0 (0 = constant)
-    reverse_scope="non_target",
-    omega=0.04,              # Nasty: weight of the maximised KL
+    **defence_keys(),
     init_from_original=False,
 )
-METHODS = ("rml", "nasty")
+METHODS = tuple(DEFENCES)
 
 
 class PossessiveTask(Task):
     def __init__(self, model, original, cfg):
         self.model, self.original, self.cfg = model, original, cfg
+        self.defence = DEFENCES[cfg["method"]](cfg)
         self.engine = None
 
     def setup(self, engine):
@@ -52,14 +53,8 @@ class PossessiveTask(Task):
         with torch.no_grad():
             original_logits = self.original(x)
         logits = self.train_model(x)
-        if cfg["method"] == "nasty":
-            return nasty_loss(logits, original_logits, y, cfg["tau"], cfg["omega"]), logits, y
-        beta = cfg["beta"]
-        if cfg["beta_warmup"] > 0:
-            beta *= min(1.0, self.engine.progress / cfg["beta_warmup"])
-        terms = rml_loss(logits, original_logits, y, cfg["tau"], cfg["alpha"], beta, cfg["gamma"],
-                         cfg["reverse_scope"])
-        return terms, logits, y
+        progress = self.engine.progress if self.engine is not None else 0.0
+        return self.defence.loss(logits, original_logits, y, progress), logits, y
 
     @torch.no_grad()
     def eval_batch(self, x, logits, y):
@@ -82,30 +77,28 @@ class PossessiveTask(Task):
         tau = self.cfg["tau"]
         logits, labels = self.engine.final_logits, self.engine.final_labels
         original_logits, _ = self.engine.predict(self.original)
-        return {"method": self.cfg["method"], "original": self.cfg["original"], "original_acc": self.original_acc,
+        return {"method": self.cfg["method"], "trained": self.defence.trained, "original": self.cfg["original"],
+                "original_acc": self.original_acc,
                 "original_ece": float(expected_calibration_error(original_logits, labels)),
                 "response_tau": tau,
                 "class_response": class_response(logits, labels, tau).tolist(),
                 "original_class_response": class_response(original_logits, labels, tau).tolist()}
 
 
-def check(cfg):
-    if cfg["method"] not in METHODS:
-        raise UserError(f"'method' must be one of {', '.join(METHODS)}, got '{cfg['method']}'")
-    if cfg["reverse_scope"] not in REVERSE_SCOPES:
-        raise UserError(f"'reverse_scope' must be one of {', '.join(REVERSE_SCOPES)}, got '{cfg['reverse_scope']}'")
+def check(cfg, source="config"):
+    if cfg["method"] not in DEFENCES:
+        raise UserError(f"'method' must be one of {', '.join(DEFENCES)}, got '{cfg['method']}'")
     if not cfg["tau"] > 0:
         raise UserError(f"'tau' must be > 0, got {cfg['tau']}")
-    for key in ("alpha", "beta", "gamma", "omega", "beta_warmup"):
-        if cfg[key] < 0:
-            raise UserError(f"'{key}' must be >= 0, got {cfg[key]}")
+    for defence in DEFENCES.values():  # every key is checked, also those the chosen defence does not read
+        defence.check(cfg, source)
 
 
 @cli_main
 def main(argv=None):
     args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv)
     cfg = resolve_config(args, DEFAULTS)
-    check(cfg)
+    check(cfg, os.path.join(args.save_path, "params.json"))
     engine = Engine(cfg, args.save_path, "train_possessive.py", resume=args.resume)
     original, ckpt = build_from_checkpoint(cfg["original"], "original", dataset=cfg["dataset"],
                                            num_classes=engine.info.num_classes)
@@ -122,7 +115,20 @@ def main(argv=None):
     task.setup(engine)
     task.original_acc, _ = engine.evaluate(task.original, diagnostics=False)
     engine.log(f"original {ckpt['arch']} from {cfg['original']}: test acc {task.original_acc:.2f}")
-    engine.fit(task)
+    defence = DEFENCES[cfg["method"]]
+    if defence.trained:
+        engine.fit(task)
+        return 0
+    if models.ALIASES.get(cfg["model"], cfg["model"]) != ckpt["arch"]:
+        raise UserError(f"method {cfg['method']} trains nothing and answers with the original: set model to "
+                        f"'{ckpt['arch']}' (the original's), got '{cfg['model']}'")
+    settings = defence.settings(cfg)
+    unwrapped, _ = build_from_checkpoint(cfg["original"], "original")
+    if isinstance(unwrapped, DefendedModel):
+        raise UserError(f"original {cfg['original']} is itself a training-free defence; give the plain original")
+    task.model = DefendedModel(unwrapped, cfg["method"], settings)
+    record = dict(model_record(unwrapped, ckpt["arch"], cfg["dataset"]), defence=dict(settings, name=cfg["method"]))
+    engine.publish(task, task.model, record)
     return 0
 
 

@@ -1,5 +1,6 @@
 """Every shipped params.json parses against its script's keys and values (catches config drift)."""
 import glob
+import json
 import os
 
 import pytest
@@ -11,17 +12,16 @@ import train_scratch
 from conftest import ROOT
 from utils.config import read_params, validate
 
+SCRIPTS = {"train_scratch.py": train_scratch, "train_possessive.py": train_possessive, "train_kd.py": train_kd,
+           "train_dfad.py": train_dfad}
+
+
 def _defaults_for(path):
-    """The script a params.json belongs to, from its folder names (a tau sweep's tau_<t>/ sits inside)."""
-    parts = os.path.relpath(path, ROOT).split(os.sep)[:-1]
-    for part in reversed(parts):
-        if part in ("possessive", "nasty", "rml") or part.startswith(("rml_", "nasty_")):
-            return train_possessive.DEFAULTS
-        if part == "kd" or part.startswith("kd_"):
-            return train_kd.DEFAULTS
-        if part == "dfad" or part.startswith("dfad_"):
-            return train_dfad.DEFAULTS
-    return train_scratch.DEFAULTS
+    """The script a params.json belongs to: its own `_script` entry (never guessed from a folder name)."""
+    with open(path) as f:
+        script = json.load(f).get("_script")
+    assert script in SCRIPTS, f"{path}: '_script' must name one of {', '.join(SCRIPTS)}, got {script!r}"
+    return SCRIPTS[script].DEFAULTS
 
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "exps", "**", "params.json"), recursive=True))
@@ -34,7 +34,7 @@ def test_shipped_params_are_valid(path):
     cfg.update(read_params(os.path.dirname(path), defaults))
     validate(cfg, path)
     if defaults is train_possessive.DEFAULTS:
-        train_possessive.check(cfg)
+        train_possessive.check(cfg, path)
     elif defaults is train_kd.DEFAULTS:
         train_kd.check_kd_config(cfg, path)
         assert cfg["teacher"].endswith(".pth")

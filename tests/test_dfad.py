@@ -80,6 +80,7 @@ def _task(tmp_path, root, teacher, **over):
     student = engine.to_device(models.build("cnn_small", 10))
     task = train_dfad.DFADTask(student, teacher_model, Generator(cfg["nz"], cfg["ngf"]), cfg)
     task.setup(engine)
+    engine.prepare_parts(task)
     task.train_model = student
     task.train_batches(engine, 0, 0)
     return engine, task
@@ -131,6 +132,8 @@ def test_generator_step_raises_the_discrepancy_through_the_frozen_teacher(tmp_pa
 def test_generator_lr_follows_the_student_schedule(tmp_path, test_only_root, teacher_ckpt):
     engine, task = _task(tmp_path, test_only_root, teacher_ckpt)  # step schedule, x0.1 at epoch 1
     task.train_batches(engine, 1, 0)
+    engine.optimizer = torch.optim.SGD(task.model.parameters(), lr=1.0)
+    engine.set_lr(1 + 1 / task.steps_per_epoch(engine))  # what the loop does before step 1 of epoch 1
     task.after_step(engine, 1)  # k = 2: the second student step triggers a generator step
     assert task.g_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * task.cfg["lr_G"])
     assert task.gen_count == 1
@@ -154,7 +157,8 @@ def test_runs_without_ever_reading_training_data(tmp_path, test_only_root, teach
     with Image.open(os.path.join(d, "samples", "latest.png")) as im:
         assert im.size == (8 * 32 + 9 * 2,) * 2  # 8 x 8 grid, 2-pixel padding
     ckpt = torch.load(os.path.join(d, "last.pth"), weights_only=True)
-    assert ckpt["arch"] == "cnn_small" and set(ckpt["task"]) >= {"generator", "g_optimizer"}
+    assert ckpt["arch"] == "cnn_small" and set(ckpt["parts"]["generator"]) == {"module", "optimizer"}
+    assert ckpt["parts"]["generator"]["optimizer"]["param_groups"][0]["lr"] > 0
 
 
 class _StopAt(train_dfad.DFADTask):
@@ -185,8 +189,8 @@ def test_interrupt_then_resume_matches_uninterrupted(tmp_path, test_only_root, t
     cb = torch.load(os.path.join(part, "last.pth"), weights_only=True)
     for k in ca["model"]:
         torch.testing.assert_close(ca["model"][k], cb["model"][k], rtol=1e-5, atol=1e-6)
-    for k in ca["task"]["generator"]:
-        torch.testing.assert_close(ca["task"]["generator"][k], cb["task"]["generator"][k], rtol=1e-5, atol=1e-6)
+    for k in ca["parts"]["generator"]["module"]:
+        torch.testing.assert_close(ca["parts"]["generator"]["module"][k], cb["parts"]["generator"]["module"][k], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ bad input

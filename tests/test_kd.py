@@ -8,6 +8,7 @@ import torch
 import models
 import train_kd
 import train_scratch
+import utils.attacks
 from conftest import TINY, make_exp, read_json, run_main
 from utils.checkpoint import model_record, save_checkpoint
 from utils.engine import Engine
@@ -107,7 +108,7 @@ def test_rereverse_distils_the_reversed_teacher(tmp_path, cifar_root, teacher_ck
         seen["t"] = t
         return {"kd": s.float().sum() * 0}
 
-    monkeypatch.setattr(train_kd, "kd_loss", spy)
+    monkeypatch.setattr(utils.attacks, "kd_loss", spy)
     task.loss((x, y))
     with torch.no_grad():
         raw = task.teacher(x)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import report
 import reproduce
 from conftest import ROOT, read_json, run_main
 
@@ -37,9 +38,12 @@ def test_every_step_has_metrics(chain):
 def test_results_table_has_every_row(chain):
     exp_root, _ = chain
     md = open(os.path.join(exp_root, "results.md")).read()
-    for teacher in ("original", "possessive (RML)", "Nasty"):
+    teachers = ("original", "possessive (RML)", "Nasty", "Stingy (top-k)", "post-hoc reversal")
+    assert [report.TEACHER_NAMES[t] for t in reproduce.battery_teachers()] == list(teachers)
+    assert reproduce.battery_attacks() == ["vanilla", "rereverse", "dkd", "tckd", "hardlabel", "markov"]
+    for teacher in teachers:
         assert f"| {teacher} |" in md
-        for attack in reproduce.ATTACKS:
+        for attack in reproduce.battery_attacks():
             assert f"| {teacher} | {attack} |" in md
     assert "Scratch: **" in md and "label smoothing 0.1: **" in md and "## Data-free (DFAD)" in md
     assert "Steps without results yet" not in md
@@ -121,7 +125,7 @@ def test_killed_run_completes_on_rerun(tmp_path, cifar_root):
     assert os.path.isfile(os.path.join(exp_root, "results.md"))
 
 
-def _as_cloned(src, dst, released=("teacher_cnn", "rml_cnn", "nasty_cnn")):
+def _as_cloned(src, dst, released=("teacher_cnn", "rml_cnn", "nasty_cnn", "stingy_cnn", "posthoc_cnn")):
     """Copy a preset folder as a fresh clone has it: the small outputs and the released teachers' weights,
     no training checkpoints, no TensorBoard or run logs."""
     def ignore(folder, names):
@@ -151,25 +155,27 @@ def test_removed_released_teacher_retrains_it_and_exactly_its_downstream(chain, 
     exp_root = _as_cloned(chain[0], str(tmp_path / "tiny"))
     os.remove(os.path.join(exp_root, "rml_cnn", "weights.pth"))
     downstream = {s["name"] for s in reproduce.plan("tiny") if "rml_cnn/" in s["params"].get("teacher", "")}
-    assert len(downstream) == 5  # four attacks and DFAD
+    attacks = len(reproduce.battery_attacks())
+    assert len(downstream) == attacks + 1  # every attack and DFAD
     before = _stamps(exp_root)
+    n, skipped = len(before), len(before) - attacks - 2
     args = ["--preset", "tiny", "--data_root", cifar_root, "--exp_root", exp_root]
     assert run_main(reproduce.main, args + ["--dry_run"]) == 0
     out = capsys.readouterr().out
-    assert f"19 steps: 13 done, 5 stale, 1 new" in out
+    assert f"{n} steps: {skipped} done, {attacks + 1} stale, 1 new" in out
     assert "rml_cnn: new (" in out and "weights.pth is missing" in out
-    assert out.count("(its teacher (rml_cnn) is to be trained again)") == 5
+    assert out.count("(its teacher (rml_cnn) is to be trained again)") == attacks + 1
     assert run_main(reproduce.main, args) == 0
     after = _stamps(exp_root)
     rerun = {name for name in before if after[name] != before[name]}
     assert rerun == downstream | {"rml_cnn"}
-    assert len(before) - len(rerun) == 13
+    assert len(before) - len(rerun) == skipped
     new_rml = read_json(os.path.join(exp_root, "rml_cnn", "metrics.json"))["weights_sha256"]
     for name in downstream:
         assert read_json(os.path.join(exp_root, name, "metrics.json"))["inputs"]["teacher"]["weights_sha256"] == new_rml
     capsys.readouterr()
     assert run_main(reproduce.main, args + ["--dry_run"]) == 0
-    assert "19 steps: 19 done" in capsys.readouterr().out
+    assert f"{n} steps: {n} done\n" in capsys.readouterr().out
 
 
 def test_student_of_another_teacher_is_stale(chain, cifar_root, tmp_path, capsys):
@@ -183,7 +189,8 @@ def test_student_of_another_teacher_is_stale(chain, cifar_root, tmp_path, capsys
     assert run_main(reproduce.main, ["--preset", "tiny", "--data_root", cifar_root, "--exp_root", exp_root,
                                      "--dry_run"]) == 0
     out = capsys.readouterr().out
-    assert "19 steps: 18 done, 1 stale" in out
+    n = len(reproduce.plan("tiny"))
+    assert f"{n} steps: {n - 1} done, 1 stale" in out
     assert "kd_vanilla_nasty_cnn_small: stale (it was trained from teacher weights 000000000000" in out
 
 

@@ -104,6 +104,15 @@ def build_from_checkpoint(path, what, dataset=None, num_classes=None):
     except RuntimeError as e:
         raise UserError(f"{what} {path}: its weights do not fit architecture '{ckpt['arch']}' "
                         f"({str(e).splitlines()[0][:160]})") from None
+    spec = ckpt.get("defence")
+    if spec:  # a training-free defence: the original's weights answering through the defence
+        from .defences import DEFENCES, DefendedModel
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        if name not in DEFENCES or DEFENCES[name].trained:
+            raise UserError(f"{what} {path} names defence '{name}', which is not a training-free defence of this "
+                            f"version ({', '.join(n for n, d in DEFENCES.items() if not d.trained)})")
+        model = DefendedModel(model, name, spec)
     return model, ckpt
 
 
@@ -145,13 +154,25 @@ def weights_sha256(state_dict):
     return h.hexdigest()
 
 
+def checkpoint_digest(ckpt):
+    """The digest that identifies a teacher: its weights' sha256, combined with the defence's name and
+    settings when the file is a training-free defence of those weights (two defences of one original differ)."""
+    digest = weights_sha256(ckpt["model"])
+    if ckpt.get("defence"):
+        import hashlib
+        spec = json.dumps(ckpt["defence"], sort_keys=True)
+        digest = hashlib.sha256(f"{digest}:{spec}".encode()).hexdigest()
+    return digest
+
+
 def input_record(path, ckpt):
     """What a run records of a checkpoint it loaded: the path as given and the digest of its weights."""
-    return {"path": path, "weights_sha256": weights_sha256(ckpt["model"])}
+    return {"path": path, "weights_sha256": checkpoint_digest(ckpt)}
 
 
 def export_weights(path, record):
-    """Write a weights-only checkpoint (arch, class count, dataset, normalisation, weights); return its digest."""
-    digest = weights_sha256(record["model"])
+    """Write a weights-only checkpoint (arch, class count, dataset, normalisation, weights, and a training-free
+    defence's name and settings); return its digest."""
+    digest = checkpoint_digest(record)
     save_checkpoint(path, dict(record, weights_sha256=digest, format="weights-only"))
     return digest

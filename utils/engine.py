@@ -74,6 +74,12 @@ class Task:
         """Return (terms: dict name -> scalar tensor, logits, targets); logits/targets may be None."""
         raise NotImplementedError
 
+    def parts(self):
+        """{name: utils.attacks.Part}: modules trained beside the model (Markov KD's matrices, DFAD's
+        generator); the engine moves them to the device, builds their optimizers, follows the lr schedule,
+        checkpoints and resumes them. Called once, after setup()."""
+        return {}
+
     def after_step(self, engine, step):
         """Called after the optimizer step (DFAD's generator step lives here)."""
 
@@ -101,6 +107,8 @@ class Engine:
         written), and the weights of every checkpoint the run loads (checked by add_input)."""
         self.cfg, self.save_path, self.script, self.resume = cfg, save_path, script, resume
         self.inputs = {}
+        self.parts = {}
+        self.export_record = None  # what weights.pth holds, when not the trained model (see publish)
         self._resume_ckpt = self._read_resume() if resume else None  # first: a refused resume touches nothing
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -205,6 +213,24 @@ class Engine:
             return torch.optim.Adam(params, lr=lr, weight_decay=wd)
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
 
+    def prepare_parts(self, task):
+        """The task's extra trainable modules on the device, each with its optimizer (see Task.parts)."""
+        self.parts = dict(task.parts())
+        for part in self.parts.values():
+            part.module.to(self.device)
+            part.optimizer = self.build_optimizer(list(part.module.parameters()), part.optimizer_cfg)
+        return self.parts
+
+    def set_lr(self, progress):
+        """Set the lr of the model's optimizer and of every part for `progress` epochs; return the model's."""
+        factor = lr_factor(self.cfg, progress)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.cfg["lr"] * factor
+        for part in self.parts.values():
+            for g in part.optimizer.param_groups:
+                g["lr"] = part.optimizer_cfg["lr"] * factor
+        return self.cfg["lr"] * factor
+
     # --- checkpoints -----------------------------------------------------------------------------
     def _state(self, epoch, step):
         state = model_record(self.model, self.cfg["model"], self.cfg["dataset"])
@@ -217,6 +243,8 @@ class Engine:
             "images_seen": self.images_seen, "rng": {"torch": torch.get_rng_state()},
             "task": self.task.state_dict(), "git_commit": self.commit, "script": self.script,
             "inputs": self.inputs,
+            "parts": {name: {"module": part.module.state_dict(), "optimizer": part.optimizer.state_dict()}
+                      for name, part in self.parts.items()},
         })
         if self.device.type == "cuda":
             state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -269,6 +297,13 @@ class Engine:
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.task.load_state_dict(ckpt.get("task", {}))
+        for name, part in self.parts.items():
+            saved = ckpt.get("parts", {}).get(name)
+            if saved is None:
+                raise UserError(f"cannot resume: {self.save_path}/last.pth holds no state for '{name}' (it was written "
+                                f"by another script or an older version); start without --resume")
+            part.module.load_state_dict(saved["module"])
+            part.optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
@@ -307,6 +342,7 @@ class Engine:
         self.model = model
         self.num_params = sum(p.numel() for p in model.parameters())
         self.optimizer = self.build_optimizer([p for p in model.parameters() if p.requires_grad])
+        self.prepare_parts(task)
         self.global_step, self.best_acc, self.best_epoch = 0, -1.0, -1
         self.history, self.train_time, self.images_seen = [], 0.0, 0
         self.commit = git_commit()
@@ -343,6 +379,30 @@ class Engine:
         wall = time.time() - wall0
         return self._finish(wall)
 
+    def publish(self, task, model, record):
+        """Finish a run that trains nothing (a training-free defence): score `model` once, write metrics.json
+        (history: that one evaluation, as epoch 0) and weights.pth holding `record`."""
+        self.task = task
+        task.setup(self)
+        self.model = self.to_device(model)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.history, self.train_time, self.images_seen = [], 0.0, 0
+        self.commit = git_commit()
+        self.export_record = record
+        if self.is_main:
+            for name in ("metrics.json", WEIGHTS_FILE):
+                if os.path.isfile(os.path.join(self.save_path, name)):
+                    os.unlink(os.path.join(self.save_path, name))
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(self.save_path, "tb"))
+        wall0 = time.time()
+        acc, diag = self.evaluate()
+        self.history = [dict({"epoch": 0, "test_acc": acc}, **{f"test_{k}": v for k, v in diag.items()})]
+        self.best_acc, self.best_epoch = acc, 0
+        self.log(f"{self.script}: {self.cfg['model']} answering through a training-free defence, nothing trained; "
+                 f"test acc {acc:.2f} " + " ".join(f"{k}={v:.3f}" for k, v in diag.items()))
+        return self._finish(time.time() - wall0)
+
     def _train_epoch(self, epoch, start_step, steps):
         cfg, task = self.cfg, self.task
         self.model.train()
@@ -361,20 +421,25 @@ class Engine:
             step = start_step
             for step, batch in enumerate(task.train_batches(self, epoch, start_step), start=start_step):
                 self.progress = epoch + step / steps  # in epochs; tasks read it for warm-ups
-                lr = base_lr * lr_factor(cfg, self.progress)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
+                lr = self.set_lr(self.progress)
                 with self.autocast():
                     terms, logits, targets = task.loss(batch)
                 loss = sum(terms.values())
-                self.optimizer.zero_grad(set_to_none=True)
+                optimizers = [self.optimizer] + [p.optimizer for p in self.parts.values() if p.joint]
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
                 if self.scaler:
                     self.scaler.scale(loss).backward()
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
                 else:
                     loss.backward()
-                    self.optimizer.step()
+                self._reduce_part_grads()
+                for opt in optimizers:
+                    if self.scaler:
+                        self.scaler.step(opt)
+                    else:
+                        opt.step()
+                if self.scaler:
+                    self.scaler.update()
                 task.after_step(self, step)
                 self.global_step += 1
                 with torch.no_grad():  # accumulate on the device: no host sync per step
@@ -418,6 +483,16 @@ class Engine:
         self._epoch_row.update({f"train_{k}": v for k, v in zip(sums, vals[:len(sums)])})
         if vals[-1]:
             self._epoch_row["train_acc"] = 100.0 * vals[-2] / vals[-1]
+
+    def _reduce_part_grads(self):
+        """DDP averages the model's gradients; a joint part's are averaged here, so every rank steps alike."""
+        if self.world_size == 1:
+            return
+        for part in self.parts.values():
+            if part.joint:
+                for p in part.module.parameters():
+                    if p.grad is not None:
+                        self.all_reduce(p.grad).div_(self.world_size)
 
     def _check_finite(self, first_bad, epoch):
         bad = int(self.all_reduce(first_bad.clone().clamp(min=-1) + 1).item())
@@ -540,8 +615,8 @@ class Engine:
         metrics["inputs"] = self.inputs
         metrics["weights_file"] = WEIGHTS_FILE
         if self.is_main:  # the weights first: a metrics.json on disk always has its weights beside it
-            metrics["weights_sha256"] = export_weights(os.path.join(self.save_path, WEIGHTS_FILE),
-                                                       model_record(self.model, self.cfg["model"], self.cfg["dataset"]))
+            record = self.export_record or model_record(self.model, self.cfg["model"], self.cfg["dataset"])
+            metrics["weights_sha256"] = export_weights(os.path.join(self.save_path, WEIGHTS_FILE), record)
             atomic_write_json(os.path.join(self.save_path, "metrics.json"), metrics)
             self.tb.close()
             self.log(f"done: final test acc {metrics['final_acc']:.2f} (best {self.best_acc:.2f} at epoch "
