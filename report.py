@@ -296,12 +296,9 @@ def _verdicts(res):
     return out
 
 
-def figures(res, exp_root, response_class=3):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    written = []
-    # 1. accuracy bars
+def accuracy_bars(res):
+    """(labels, values, colours) of the accuracy figure: teachers, then per student architecture scratch,
+    label smoothing and every attack x teacher, coloured by teacher."""
     labels, values, colours = [], [], []
     order = _teacher_order(res)
     colour = {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(order)}
@@ -321,6 +318,17 @@ def figures(res, exp_root, response_class=3):
                 labels.append(f"{arch} KD\n{teacher}/{attack}")
                 values.append(a["acc"])
                 colours.append(colour[teacher])
+    return labels, values, colours
+
+
+def figures(res, exp_root, response_class=3):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    # 1. accuracy bars
+    labels, values, colours = accuracy_bars(res)
+    order = _teacher_order(res)
     if values:
         fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(values)), 4.5))
         ax.bar(range(len(values)), values, color=colours)

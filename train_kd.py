@@ -21,7 +21,7 @@ from utils.config import NON_RESULT_KEYS, TRAIN_DEFAULTS, parse_config, resolve_
 from utils.constants import DATASETS
 from utils.engine import Engine, Task
 from utils.errors import UserError, cli_main
-from utils.attacks import ATTACKS, attack_keys, dkd_warmup_epochs, warmup_factor  # noqa: F401 (re-exported)
+from utils.attacks import ATTACKS, attack_keys
 
 DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", tau=4.0, attack="vanilla", **attack_keys(), tau_sweep=[])
 

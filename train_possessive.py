@@ -49,7 +49,6 @@ class PossessiveTask(Task):
 
     def loss(self, batch):
         x, y = batch
-        cfg = self.cfg
         with torch.no_grad():
             original_logits = self.original(x)
         logits = self.train_model(x)

@@ -21,6 +21,18 @@ def cifar_root(tmp_path_factory):
     return fakedata.make_cifar10(str(tmp_path_factory.mktemp("cifar")), train_per_class=10, test_per_class=5)
 
 
+@pytest.fixture(scope="session")
+def tiny_chain(tmp_path_factory, cifar_root):
+    """The tiny preset run once end to end by reproduce.py in its own process: (exp_root, CompletedProcess).
+    Shared by the test files that read or copy it; a test that changes it works on a copy."""
+    import subprocess
+    exp_root = str(tmp_path_factory.mktemp("repro") / "tiny")
+    out = subprocess.run([sys.executable, "reproduce.py", "--preset", "tiny", "--data_root", cifar_root,
+                          "--exp_root", exp_root], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return exp_root, out
+
+
 def make_exp(path, **params):
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "params.json"), "w") as f:

@@ -118,11 +118,11 @@ def test_rereverse_distils_the_reversed_teacher(tmp_path, cifar_root, teacher_ck
 
 
 def test_dkd_warmup_rule_and_progress(tmp_path, cifar_root, teacher_ckpt):
-    assert train_kd.dkd_warmup_epochs({"dkd_warmup": 20, "epochs": 240}) == 20  # DKD's own setting
-    assert train_kd.dkd_warmup_epochs({"dkd_warmup": 20, "epochs": 10}) == 2.5  # short run: a quarter
-    assert train_kd.dkd_warmup_epochs({"dkd_warmup": 0, "epochs": 10}) == 0
-    assert train_kd.warmup_factor(0.0, 2.5) == 0 and train_kd.warmup_factor(1.25, 2.5) == 0.5
-    assert train_kd.warmup_factor(7.0, 2.5) == 1 and train_kd.warmup_factor(0.0, 0) == 1
+    assert utils.attacks.dkd_warmup_epochs({"dkd_warmup": 20, "epochs": 240}) == 20  # DKD's own setting
+    assert utils.attacks.dkd_warmup_epochs({"dkd_warmup": 20, "epochs": 10}) == 2.5  # short run: a quarter
+    assert utils.attacks.dkd_warmup_epochs({"dkd_warmup": 0, "epochs": 10}) == 0
+    assert utils.attacks.warmup_factor(0.0, 2.5) == 0 and utils.attacks.warmup_factor(1.25, 2.5) == 0.5
+    assert utils.attacks.warmup_factor(7.0, 2.5) == 1 and utils.attacks.warmup_factor(0.0, 0) == 1
     engine, task, batch = _task(tmp_path, cifar_root, teacher_ckpt, attack="dkd")
     engine.progress = 0.0  # the engine's position in epochs drives the ramp
     start, _, _ = task.loss(batch)

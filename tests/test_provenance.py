@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import report
-import reproduce
 import train_dfad
 import train_kd
 import train_possessive
@@ -167,10 +166,8 @@ def test_every_result_key_of_every_script_is_kept_on_resume(runs, script):
 
 # ------------------------------------------------------------------------------------------ report
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory, cifar_root):
-    exp_root = str(tmp_path_factory.mktemp("repro") / "tiny")
-    assert run_main(reproduce.main, ["--preset", "tiny", "--data_root", cifar_root, "--exp_root", exp_root]) == 0
-    return exp_root
+def chain(tiny_chain):
+    return tiny_chain[0]
 
 
 def test_report_says_every_row_sits_beside_its_teacher(chain):
