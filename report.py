@@ -15,6 +15,7 @@ import sys
 
 from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.errors import UserError, cli_main
+from utils.stats import RULE, mean_std, verdict
 
 PALETTE = ["#55a868", "#c44e52", "#dd8452", "#8172b3", "#937860", "#da8bc3", "#64b5cd", "#ccb974"]
 
@@ -121,23 +122,21 @@ def collect(exp_root):
                 "history": m.get("history", []), "folder": step["name"]}
         elif role["kind"] == "student":
             s = res["students"].setdefault(role["arch"], {"kd": {}})
-            s[role["source"]] = {"acc": run["acc"], "wall_time_s": m.get("wall_time_s"),
-                                 "history": m.get("history", []), "folder": step["name"]}
+            _add_seed(s, role["source"], role, run, step["name"], {"wall_time_s": m.get("wall_time_s")})
         elif role["kind"] == "kd":
             s = res["students"].setdefault(role["arch"], {"kd": {}})
-            s["kd"].setdefault(role["teacher"], {})[role["attack"]] = {
-                "acc": run["acc"], "tau": run["tau"], "per_tau": run.get("per_tau"), "folder": step["name"],
-                "history": m.get("history", [])}
+            _add_seed(s["kd"].setdefault(role["teacher"], {}), role["attack"], role, run, step["name"],
+                      {"tau": run["tau"], "per_tau": run.get("per_tau")})
         elif role["kind"] == "dfad":
-            res["dfad"][role["teacher"]] = {"arch": role["arch"], "acc": run["acc"], "folder": step["name"],
-                                           "wall_time_s": m.get("wall_time_s"), "history": m.get("history", [])}
+            _add_seed(res["dfad"], role["teacher"], role, run, step["name"],
+                      {"arch": role["arch"], "wall_time_s": m.get("wall_time_s")})
     res["provenance"] = provenance(res, manifest)
     for s in res["students"].values():
         for teacher, attacks in s["kd"].items():
             for a in attacks.values():
-                a["provenance"] = res["provenance"].get(a["folder"], {}).get("status")
+                a["provenance"] = _worst(res["provenance"], a["folders"])
     for d in res["dfad"].values():
-        d["provenance"] = res["provenance"].get(d["folder"], {}).get("status")
+        d["provenance"] = _worst(res["provenance"], d["folders"])
     orig = res["teachers"].get("original")
     if orig is not None and orig["ece"] is None:  # a defended teacher's run scores its original too
         orig["ece"] = next((t["original_ece"] for t in res["teachers"].values() if t.get("original_ece")), None)
@@ -146,13 +145,38 @@ def collect(exp_root):
         t["delta"] = None if original is None else t["acc"] - original
     for s in res["students"].values():
         scratch = s.get("scratch", {}).get("acc")
-        ls = s.get("ls", {}).get("acc")
+        ls = s.get("ls", {})
         for attacks in s["kd"].values():
             for a in attacks.values():
                 a["delta_scratch"] = None if scratch is None else a["acc"] - scratch
-                a["delta_ls"] = None if ls is None else a["acc"] - ls
-                a["verdict"] = None if ls is None else ("distillable" if a["acc"] > ls else "KD-resistant")
+                a["delta_ls"] = None if not ls else a["acc"] - ls["acc"]
+                test = verdict(a["accs"], ls.get("accs", {}))
+                a["verdict"], a["harmful"], a["p"], a["t"], a["n_paired"] = (
+                    test["verdict"], test["harmful"], test["p"], test["t"], test["n"])
+    res["seeds"] = sorted({seed for run in res["runs"].values() for seed in [run["role"].get("seed", 0)]})
     return res
+
+
+def _add_seed(group, key, role, run, folder, extra):
+    """Add one seed's run of a student arm (or DFAD) to group[key]: accs {seed: acc}, then mean ± std and n.
+    The first seed's folder and curve stand for the arm in the curves figure."""
+    entry = group.setdefault(key, dict(extra, accs={}, folders=[], folder=folder, history=run["metrics"].get("history", [])))
+    seed = role.get("seed", run["metrics"].get("seed", 0))
+    if entry["accs"] and seed < min(entry["accs"]):
+        entry["folder"], entry["history"] = folder, run["metrics"].get("history", [])
+    entry["accs"][seed] = run["acc"]
+    entry["folders"].append(folder)
+    entry["acc"], entry["std"] = mean_std([entry["accs"][k] for k in sorted(entry["accs"])])
+    entry["n"] = len(entry["accs"])
+
+
+def _worst(prov, folders):
+    """The provenance status of an arm over its seeds' runs: mismatch before unrecorded before ok."""
+    statuses = [prov.get(f, {}).get("status") for f in folders]
+    for status in ("mismatch", "unrecorded", "ok"):
+        if status in statuses:
+            return status
+    return None
 
 
 def provenance(res, manifest):
@@ -199,9 +223,10 @@ def _fmt(v, spec="{:.2f}", signed=False):
 
 def markdown(res, extra=None):
     lines = [f"# Results: preset `{res['preset']}`", ""]
-    lines += ["Final-epoch top-1 test accuracy (%). KD rows: the thief's best temperature, picked on the test "
-              "split (an upper bound for the attack). *Distillable*: the stolen student beats the "
-              "label-smoothing student of the same architecture; *KD-resistant*: it does not.", ""]
+    seeds = res.get("seeds", [0])
+    lines += ["Final-epoch top-1 test accuracy (%); student rows are mean ± std (n seeds) over seeds "
+              f"{', '.join(map(str, seeds))}. KD rows: the thief's best temperature, picked on the test split (an "
+              "upper bound for the attack).", "", RULE, ""]
     lines += ["## Teachers", "",
               "| teacher | test acc | Δ vs original | Kendall τ vs original (non-target order) | reversed top-1 | "
               "non-target entropy | ECE |", "|---|---|---|---|---|---|---|"]
@@ -214,19 +239,19 @@ def markdown(res, extra=None):
                          f"{_fmt(t['nt_entropy'], '{:.3f}')} | {_fmt(t['ece'], '{:.3f}')} |")
     for arch, s in res["students"].items():
         lines += ["", f"## Student `{arch}`", "",
-                  f"Scratch: **{_fmt(s.get('scratch', {}).get('acc'))}**, label smoothing 0.1: "
-                  f"**{_fmt(s.get('ls', {}).get('acc'))}**.", "",
-                  "| teacher | attack | student acc | best τ | Δ vs scratch | Δ vs label smoothing | verdict |",
+                  f"Scratch: **{_seeded(s.get('scratch'))}**, label smoothing 0.1 (the bar): "
+                  f"**{_seeded(s.get('ls'))}**.", "",
+                  "| teacher | attack | student acc | best τ | Δ vs scratch | Δ vs label smoothing | verdict (p) |",
                   "|---|---|---|---|---|---|---|"]
         for teacher in _teacher_order(res):
             for attack, a in s["kd"].get(teacher, {}).items():
-                lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {_fmt(a['acc'])}{_mark(a)} | {_fmt(a['tau'], '{:g}')} | "
+                lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {_seeded(a)}{_mark(a)} | {_fmt(a['tau'], '{:g}')} | "
                              f"{_fmt(a['delta_scratch'], signed=True)} | {_fmt(a['delta_ls'], signed=True)} | "
-                             f"{a['verdict'] or '–'} |")
+                             f"{_verdict_cell(a)} |")
     if res["dfad"]:
         lines += ["", "## Data-free (DFAD)", "", "| teacher | student | student acc |", "|---|---|---|"]
         for teacher, d in res["dfad"].items():
-            lines.append(f"| {TEACHER_NAMES[teacher]} | {d['arch']} | {_fmt(d['acc'])}{_mark(d)} |")
+            lines.append(f"| {TEACHER_NAMES[teacher]} | {d['arch']} | {_seeded(d)}{_mark(d)} |")
     resistant = _verdicts(res)
     if resistant:
         lines += ["", "## Which teachers resist which attacks", ""] + resistant
@@ -238,6 +263,23 @@ def markdown(res, extra=None):
               "response at τ for one class), `fig_curves.png` (test accuracy per epoch).",
               "Rebuild with `python report.py <this folder>`.", ""]
     return "\n".join(lines)
+
+
+def _seeded(entry):
+    """'mean ± std (n)' of an arm over its seeds; 'acc (1)' with one seed."""
+    if not entry or entry.get("acc") is None:
+        return "–"
+    if entry.get("std") is None:
+        return f"{entry['acc']:.2f} ({entry.get('n', 1)})"
+    return f"{entry['acc']:.2f} ± {entry['std']:.2f} ({entry['n']})"
+
+
+def _verdict_cell(a):
+    if not a.get("verdict"):
+        return "–"
+    word = a["verdict"] + (", harmful" if a.get("harmful") else "")
+    test = f"n={a.get('n_paired', 1)}" if a.get("p") is None else f"p={a['p']:.3g}"
+    return f"{word} ({test})"
 
 
 PROVENANCE_MARKS = {"mismatch": " ✗", "unrecorded": " ?"}
@@ -287,12 +329,20 @@ def _verdicts(res):
             attacks = s["kd"].get(teacher, {})
             if not attacks or any(a["verdict"] is None for a in attacks.values()):
                 continue
-            beaten = [k for k, a in attacks.items() if a["verdict"] == "distillable"]
-            if beaten:
-                out.append(f"- {TEACHER_NAMES[teacher]} → `{arch}`: **distillable** by {', '.join(beaten)}.")
-            else:
+            by = {word: [k for k, a in attacks.items() if a["verdict"] == word]
+                  for word in ("distillable", "inconclusive", "KD-resistant")}
+            if not by["distillable"] and not by["inconclusive"]:
                 out.append(f"- {TEACHER_NAMES[teacher]} → `{arch}`: **KD-resistant** against all "
                            f"{len(attacks)} attacks ({', '.join(attacks)}).")
+                continue
+            parts = []
+            if by["distillable"]:
+                parts.append(f"**distillable** by {', '.join(by['distillable'])}")
+            if by["inconclusive"]:
+                parts.append(f"above the bar but not significantly (inconclusive) with {', '.join(by['inconclusive'])}")
+            if by["KD-resistant"]:
+                parts.append(f"resists {', '.join(by['KD-resistant'])}")
+            out.append(f"- {TEACHER_NAMES[teacher]} → `{arch}`: " + "; ".join(parts) + ".")
     return out
 
 

@@ -90,8 +90,14 @@ PRESETS = {
 
 
 
-def plan(preset, dataset=None):
-    """The steps of a preset: a list of dicts {name, script, params, role}."""
+def seeded(name, seed):
+    """A student step's folder for a seed: seed 0 keeps the plain name, seed s the suffix _seed<s>."""
+    return name if seed == 0 else f"{name}_seed{seed}"
+
+
+def plan(preset, dataset=None, seeds=(0,)):
+    """The steps of a preset: a list of dicts {name, script, params, role}. Teachers are trained once (seed
+    0); every student arm (scratch, label smoothing, each attack x teacher) and DFAD once per seed."""
     p = PRESETS[preset]
     dataset = dataset or p["dataset"]
     base = dict(p["train"], dataset=dataset, seed=0)
@@ -99,6 +105,7 @@ def plan(preset, dataset=None):
 
     def add(name, script, role, **params):
         steps.append({"name": name, "script": script, "role": role, "params": dict(base, **params)})
+
 
     arch = p["teacher_model"]
     add(f"teacher_{arch}", "train_scratch.py", {"kind": "teacher", "teacher": "original"},
@@ -108,22 +115,27 @@ def plan(preset, dataset=None):
         add(f"{name}_{arch}", "train_possessive.py", {"kind": "teacher", "teacher": name}, model=arch, method=name,
             original=teacher_ckpt["original"], **DEFENCES[name].battery_params(p, dataset))
         teacher_ckpt[name] = f"{name}_{arch}/{WEIGHTS_FILE}"
-    for student in p["students"]:
-        add(f"scratch_{student}", "train_scratch.py", {"kind": "student", "arch": student, "source": "scratch"},
-            model=student, **p["student"])
-        add(f"ls_{student}", "train_scratch.py", {"kind": "student", "arch": student, "source": "ls"},
-            model=student, label_smoothing=0.1, **p["student"])
-        for teacher in battery_teachers():
-            for attack in battery_attacks():
-                sweep = {"tau_sweep": p["taus"]} if len(p["taus"]) > 1 else {"tau": p["taus"][0]}
-                add(f"kd_{attack}_{teacher}_{student}", "train_kd.py",
-                    {"kind": "kd", "arch": student, "teacher": teacher, "attack": attack},
-                    model=student, teacher=teacher_ckpt[teacher], attack=attack, **sweep, **p["student"],
-                    **p.get("attacks", {}).get(attack, {}))
-    for teacher in ["original"] + [n for n in battery_teachers()[1:] if DEFENCES[n].dfad]:
-        student = p["dfad_student"]
-        add(f"dfad_{teacher}_{student}", "train_dfad.py", {"kind": "dfad", "arch": student, "teacher": teacher},
-            model=student, teacher=teacher_ckpt[teacher], **p["dfad"])
+    for seed in seeds:
+        def arm(name, role, **params):
+            add(seeded(name, seed), script_of[role["kind"]], dict(role, seed=seed), **params, seed=seed)
+
+        script_of = {"student": "train_scratch.py", "kd": "train_kd.py", "dfad": "train_dfad.py"}
+        for student in p["students"]:
+            arm(f"scratch_{student}", {"kind": "student", "arch": student, "source": "scratch"},
+                model=student, **p["student"])
+            arm(f"ls_{student}", {"kind": "student", "arch": student, "source": "ls"},
+                model=student, label_smoothing=0.1, **p["student"])
+            for teacher in battery_teachers():
+                for attack in battery_attacks():
+                    sweep = {"tau_sweep": p["taus"]} if len(p["taus"]) > 1 else {"tau": p["taus"][0]}
+                    arm(f"kd_{attack}_{teacher}_{student}",
+                        {"kind": "kd", "arch": student, "teacher": teacher, "attack": attack},
+                        model=student, teacher=teacher_ckpt[teacher], attack=attack, **sweep, **p["student"],
+                        **p.get("attacks", {}).get(attack, {}))
+        for teacher in ["original"] + [n for n in battery_teachers()[1:] if DEFENCES[n].dfad]:
+            student = p["dfad_student"]
+            arm(f"dfad_{teacher}_{student}", {"kind": "dfad", "arch": student, "teacher": teacher},
+                model=student, teacher=teacher_ckpt[teacher], **p["dfad"])
     return steps
 
 
@@ -256,7 +268,8 @@ def describe(step, preset):
             "student": f"{p['model']} student, {role.get('source')}",
             "kd": f"{role.get('attack')} KD of {p['model']} from the {role.get('teacher')} teacher",
             "dfad": f"DFAD of {p['model']} from the {role.get('teacher')} teacher"}[role["kind"]]
-    return f"Step of reproduce.py --preset {preset}: {what}, {p['epochs']} epochs."
+    seed = f", seed {p['seed']}" if role.get("seed") else ""
+    return f"Step of reproduce.py --preset {preset}: {what}, {p['epochs']} epochs{seed}."
 
 
 def write_params(folder, params, comment=None, script=None):
@@ -301,6 +314,18 @@ def _dependency_keys(step):
 def dependencies(step):
     """Names of the steps whose checkpoints this step loads (its 'original' / 'teacher' entries)."""
     return set(_dependency_keys(step).values())
+
+
+def _parse_seeds(text):
+    if text is None:
+        return [0]
+    try:
+        seeds = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        seeds = []
+    if not seeds or any(seed < 0 for seed in seeds):
+        raise UserError(f"--seeds must be a comma-separated list of seeds >= 0, e.g. 0,1,2; got '{text}'")
+    return seeds
 
 
 def job_env(slot, jobs):
@@ -408,6 +433,10 @@ def main(argv=None):
     parser.add_argument("--compare", metavar="REF", default=None,
                         help="at the end, write EXP_ROOT/comparison.md: every row beside the same row of REF (e.g. "
                              "the committed exps/mini, when --exp_root puts this run elsewhere)")
+    parser.add_argument("--seeds", default=None,
+                        help="student seeds, e.g. 0,1,2: every student arm and DFAD is trained once per seed (teachers "
+                             "once); seeds already in EXP_ROOT/steps.json are kept in the report (default: 0, "
+                             "plus those)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="steps run at once, each in its own process (default 1: one after another, in this process)")
     args = parser.parse_args(argv)
@@ -422,11 +451,17 @@ def main(argv=None):
         fetch_dataset(args.dataset or PRESETS[args.preset]["dataset"], args.data_root)
     if not os.path.isdir(args.data_root):
         raise UserError(f"data_root '{args.data_root}' does not exist; pass --data_root pointing at your dataset copy")
-    steps = plan(args.preset, args.dataset)
+    seeds = _parse_seeds(args.seeds)
+    old = _read_json(os.path.join(exp_root, "steps.json"))
+    known = sorted({s["role"].get("seed", 0) for s in old["steps"]} if isinstance(old, dict) and "steps" in old
+                   else set())
+    steps = plan(args.preset, args.dataset, sorted(set(seeds) | set(known)))
+    run_seeds = set(seeds) if args.seeds is not None else set(seeds) | set(known)
     os.makedirs(exp_root, exist_ok=True)
     atomic_write_json(os.path.join(exp_root, "steps.json"),
                       {"preset": args.preset, "steps": [{k: s[k] for k in ("name", "script", "role")} for s in steps]})
-    selected = [s for s in steps if not args.only or args.only in s["name"]]
+    selected = [s for s in steps if (not args.only or args.only in s["name"])
+                and (s["role"]["kind"] == "teacher" or s["role"].get("seed", 0) in run_seeds)]
     t0 = time.time()
     todo = []
     counts = {}
