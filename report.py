@@ -483,21 +483,21 @@ def rows(res):
 
 def comparison(res, ref, run_root, ref_root):
     """Markdown: every row of this run beside the same row of a reference folder, with the difference."""
-    mine, theirs = rows(res), {label: (acc, verdict) for label, acc, verdict in rows(ref)}
+    mine, theirs = rows(res), {label: (acc, word) for label, acc, word in rows(ref)}
     lines = [f"# `{run_root}` against `{ref_root}`", "",
              "Final-epoch test accuracy (%) of each row in both folders; Δ = this run − reference. A verdict that "
              "differs is marked **≠**.", "",
              "| row | this run | reference | Δ | verdict here | verdict there |", "|---|---|---|---|---|---|"]
     deltas, flips = [], []
-    for label, acc, verdict in mine:
+    for label, acc, word in mine:
         other, other_verdict = theirs.get(label, (None, None))
         delta = None if acc is None or other is None else acc - other
         if delta is not None:
             deltas.append((abs(delta), label))
-        flip = verdict and other_verdict and verdict != other_verdict
+        flip = word and other_verdict and word != other_verdict
         if flip:
             flips.append(label)
-        lines.append(f"| {label} | {_fmt(acc)} | {_fmt(other)} | {_fmt(delta, signed=True)} | {verdict or '–'} | "
+        lines.append(f"| {label} | {_fmt(acc)} | {_fmt(other)} | {_fmt(delta, signed=True)} | {word or '–'} | "
                      f"{other_verdict or '–'}{' **≠**' if flip else ''} |")
     only_ref = [label for label in theirs if label not in {m[0] for m in mine}]
     lines.append("")
