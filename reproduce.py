@@ -517,8 +517,11 @@ def main(argv=None):
         return 0
     total = time.time() - t0
     import report
-    res = report.build(exp_root, extra={"reproduce_wall_time_s": round(total, 1), "jobs": args.jobs}
-                       if not args.only else None)
+    if not args.only:
+        extra = {"reproduce_wall_time_s": round(total, 1), "jobs": args.jobs}
+    else:  # a partial run: the last full run's wall time no longer describes the folder (kept if nothing ran)
+        extra = {"reproduce_wall_time_s": None, "jobs": None} if todo else None
+    res = report.build(exp_root, extra=extra)
     if args.compare:
         text = report.comparison(res, report.collect(args.compare), exp_root, args.compare)
         atomic_write_text(os.path.join(exp_root, "comparison.md"), text)

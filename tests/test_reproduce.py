@@ -348,8 +348,11 @@ def test_seeds_flag_trains_only_the_new_seed_and_keeps_the_old(chain, cifar_root
     exp_root = str(tmp_path / "tiny")
     shutil.copytree(chain[0], exp_root)
     args = ["--preset", "tiny", "--data_root", cifar_root, "--exp_root", exp_root]
+    assert "The last `reproduce.py` run took" in open(os.path.join(exp_root, "results.md")).read()
     assert run_main(reproduce.main, args + ["--seeds", "1", "--only", "ls_"]) == 0
     assert read_json(os.path.join(exp_root, "ls_cnn_small_seed1", "metrics.json"))["seed"] == 1
+    # a partial run that trained something: the full run's wall time no longer describes the folder
+    assert "The last `reproduce.py` run took" not in open(os.path.join(exp_root, "results.md")).read()
     assert not os.path.exists(os.path.join(exp_root, "scratch_cnn_small_seed1"))
     seeds = {s["role"].get("seed", 0) for s in read_json(os.path.join(exp_root, "steps.json"))["steps"]}
     assert seeds == {0, 1}
