@@ -154,6 +154,8 @@ def main():
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="precision of the engine's path (default auto: what the engine picks on this device)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the rows to FILE")
+    p.add_argument("--peak_size", type=int, default=2048,
+                   help="side of the square matmuls timed for the peak (a big GPU needs ~8192 to reach it)")
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -172,8 +174,8 @@ def main():
     torch.manual_seed(0)
     n = args.batch_size * (args.steps + args.warmup)
     images, labels = fake_split(n)
-    peak32 = matmul_peak(device, torch.float32)
-    peak_amp = matmul_peak(device, amp) if amp is not None else peak32
+    peak32 = matmul_peak(device, torch.float32, args.peak_size)
+    peak_amp = matmul_peak(device, amp, args.peak_size) if amp is not None else peak32
     precision = str(amp).replace("torch.", "") if amp else "fp32"
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"engine precision {precision if amp or args.amp == 'off' else 'fp32 (no fast bf16 on this CPU)'}")
@@ -189,6 +191,7 @@ def main():
             if kind != "scratch":
                 flops += forward_flops(models.build(teacher, 10), 32, cpu)  # the frozen model's forward
             label = name if kind == "scratch" else f"{name} <- {teacher}"
+            t0 = time.perf_counter()
             plain = plain_loop(kind, name, teacher, images, labels, args.batch_size, args.steps, args.warmup, device)
             fast = engine_loop(kind, name, teacher, images, labels, args.batch_size, args.steps, args.warmup, device, amp)
             print(f"{kind:<11} {label:<22} {flops / 1e9:>9.3f} {plain:>12.0f} {fast:>13.0f} {fast / plain:>8.2f}x "
@@ -196,7 +199,8 @@ def main():
             rows.append({"step": kind, "model": name, "teacher": teacher if kind != "scratch" else None,
                          "gflop_per_img": flops / 1e9, "plain_img_s": plain, "engine_img_s": fast,
                          "speedup": fast / plain, "plain_pct_peak": 100 * plain * flops / peak32,
-                         "engine_pct_peak": 100 * fast * flops / peak_amp})
+                         "engine_pct_peak": 100 * fast * flops / peak_amp,
+                         "seconds": time.perf_counter() - t0})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "torch": torch.__version__, "engine_precision": precision,
