@@ -439,7 +439,14 @@ def main(argv=None):
                              "plus those)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="steps run at once, each in its own process (default 1: one after another, in this process)")
+    parser.add_argument("--cost", metavar="FILE", default=None,
+                        help="with --dry_run: projected device-hours per step and in all, from the epoch times in FILE "
+                             "(the epoch_times.json of bench/cuda_check.py; see utils/cost.py)")
     args = parser.parse_args(argv)
+    from utils.cost import load_epoch_times, projection_text
+    if args.cost and not args.dry_run:
+        raise UserError("--cost projects the device time of the steps and runs nothing: add --dry_run")
+    epoch_times = load_epoch_times(args.cost) if args.cost else None
     if args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {args.jobs}")
     if args.compare and not os.path.isfile(os.path.join(args.compare, "steps.json")):
@@ -514,6 +521,8 @@ def main(argv=None):
     elif todo:
         run_parallel(todo, args.jobs, t0)
     if args.dry_run:
+        if epoch_times is not None:
+            print(projection_text(selected, epoch_times, args.cost), end="")
         return 0
     total = time.time() - t0
     import report

@@ -1,12 +1,14 @@
 """Training throughput per script step: a plain fp32/NCHW loop fed by a per-sample PIL DataLoader, against
 the engine's path (uint8 batch in memory, batched crop/flip, channels_last, autocast where the device has it).
 
-    python bench/bench_train.py [--step scratch kd possessive] [--models resnet20 cnn] [--steps 15]
+    python bench/bench_train.py [--step scratch kd possessive] [--models resnet20 cnn] [--steps 15] [--amp off]
 
 Prints images/s for both paths, the speed-up, and the share of the measured matmul peak
-(training FLOPs = 3 x forward FLOPs, counted with torch.utils.flop_counter).
+(training FLOPs = 3 x forward FLOPs, counted with torch.utils.flop_counter). --amp off times the engine's
+path in fp32 (default: the precision the engine picks on this device); --json FILE also writes the rows.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -149,24 +151,39 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="precision of the engine's path (default auto: what the engine picks on this device)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the rows to FILE")
+    p.add_argument("--peak_size", type=int, default=2048,
+                   help="side of the square matmuls timed for the peak (a big GPU needs ~8192 to reach it)")
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda":
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda asked for but no CUDA GPU is visible")
+    if args.amp == "fp16" and device.type != "cuda":
+        p.error("--amp fp16 is for CUDA only")
+    if args.amp == "off":
+        amp = None
+    elif args.amp != "auto":
+        amp = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    elif device.type == "cuda":
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         amp = torch.bfloat16 if cpu_supports_bf16() else None
     torch.manual_seed(0)
     n = args.batch_size * (args.steps + args.warmup)
     images, labels = fake_split(n)
-    peak32 = matmul_peak(device, torch.float32)
-    peak_amp = matmul_peak(device, amp) if amp is not None else peak32
+    peak32 = matmul_peak(device, torch.float32, args.peak_size)
+    peak_amp = matmul_peak(device, amp, args.peak_size) if amp is not None else peak32
+    precision = str(amp).replace("torch.", "") if amp else "fp32"
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"engine precision {str(amp).replace('torch.', '') if amp else 'fp32 (no fast bf16 on this CPU)'}")
+          f"engine precision {precision if amp or args.amp == 'off' else 'fp32 (no fast bf16 on this CPU)'}")
     print(f"measured matmul peak: fp32 {peak32 / 1e9:.0f} GFLOP/s, engine precision {peak_amp / 1e9:.0f} GFLOP/s")
     print(f"{'step':<11} {'model':<22} {'GFLOP/img':>9} {'plain img/s':>12} {'engine img/s':>13} {'speed-up':>9} "
           f"{'plain %peak':>11} {'engine %peak':>12}")
     cpu = torch.device("cpu")
+    rows = []
     for kind in args.step:
         for name in args.models:
             teacher = args.teacher if kind == "kd" else name
@@ -174,10 +191,21 @@ def main():
             if kind != "scratch":
                 flops += forward_flops(models.build(teacher, 10), 32, cpu)  # the frozen model's forward
             label = name if kind == "scratch" else f"{name} <- {teacher}"
+            t0 = time.perf_counter()
             plain = plain_loop(kind, name, teacher, images, labels, args.batch_size, args.steps, args.warmup, device)
             fast = engine_loop(kind, name, teacher, images, labels, args.batch_size, args.steps, args.warmup, device, amp)
             print(f"{kind:<11} {label:<22} {flops / 1e9:>9.3f} {plain:>12.0f} {fast:>13.0f} {fast / plain:>8.2f}x "
                   f"{100 * plain * flops / peak32:>10.1f}% {100 * fast * flops / peak_amp:>11.1f}%", flush=True)
+            rows.append({"step": kind, "model": name, "teacher": teacher if kind != "scratch" else None,
+                         "gflop_per_img": flops / 1e9, "plain_img_s": plain, "engine_img_s": fast,
+                         "speedup": fast / plain, "plain_pct_peak": 100 * plain * flops / peak32,
+                         "engine_pct_peak": 100 * fast * flops / peak_amp,
+                         "seconds": time.perf_counter() - t0})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "torch": torch.__version__, "engine_precision": precision,
+                       "batch_size": args.batch_size, "steps": args.steps, "peak_fp32_gflops": peak32 / 1e9,
+                       "peak_engine_gflops": peak_amp / 1e9, "rows": rows}, f, indent=2)
 
 if __name__ == "__main__":
     np.random.seed(0)

@@ -1,9 +1,21 @@
-"""Shared fixtures: a tiny generated CIFAR-10 copy and a way to run a script's main() in-process."""
+"""Shared fixtures: a tiny generated CIFAR-10 copy, a way to run a script's main() in-process, and the device
+the device-dependent tests run on.
+
+TEST_DEVICE (cpu, cuda or cuda:N; default cpu) is the device of every training run the tests start and of
+the `device` fixture. Tests marked `device` (and every test that takes the `device` fixture) exercise device
+code: tensor placement, autocast, the training loop. On a GPU machine
+
+    TEST_DEVICE=cuda python -m pytest -q -m device tests
+
+runs them there (bench/cuda_check.py does). Tests that only make sense on a GPU are marked with cuda_only
+and skipped, with the reason, where none is visible.
+"""
 import json
 import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -11,9 +23,40 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fakedata  # noqa: E402
 
+TEST_DEVICE = os.environ.get("TEST_DEVICE", "cpu")
+HAS_CUDA = torch.cuda.is_available()
+CUDA_SKIP_REASON = "needs a CUDA GPU and none is visible (on a GPU machine: TEST_DEVICE=cuda python -m pytest -m device)"
+# The device of the CUDA-only tests: TEST_DEVICE when it names a GPU, else the first one.
+CUDA_DEVICE = TEST_DEVICE if TEST_DEVICE.startswith("cuda") else "cuda"
+
 # Small, fast settings every end-to-end test starts from.
 TINY = {"model": "cnn_small", "epochs": 2, "batch_size": 20, "eval_batch_size": 50, "lr": 0.05,
-        "log_every": 2, "amp": "off"}
+        "log_every": 2, "amp": "off", "device": TEST_DEVICE}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: exercises device code; runs on TEST_DEVICE (default cpu)")
+    if not (TEST_DEVICE in ("cpu", "cuda") or TEST_DEVICE.startswith("cuda:")):
+        raise pytest.UsageError(f"TEST_DEVICE must be cpu, cuda or cuda:N, got '{TEST_DEVICE}'")
+    if TEST_DEVICE != "cpu" and not HAS_CUDA:
+        raise pytest.UsageError(f"TEST_DEVICE={TEST_DEVICE} but no CUDA GPU is visible; unset it to test on the CPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:  # a test that takes the device fixture is a device test
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+def cuda_only(test):
+    """Mark a test that runs on a CUDA GPU only: selected by -m device, skipped with the reason elsewhere."""
+    return pytest.mark.device(pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON)(test))
+
+
+@pytest.fixture
+def device():
+    """The device under test (TEST_DEVICE)."""
+    return torch.device(TEST_DEVICE)
 
 
 @pytest.fixture(scope="session")

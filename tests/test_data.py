@@ -75,18 +75,19 @@ def test_class_balanced_subset_is_fixed_and_balanced():
         class_balanced_subset(labels, 5, 10)
 
 
-def _loader(n=64, batch=16, **kw):
+def _loader(n=64, batch=16, device="cpu", **kw):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.arange(n) % 10
-    return DeviceLoader(x, y, batch, "cpu", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True, seed=3, **kw)
+    return DeviceLoader(x, y, batch, device, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True, seed=3, **kw)
 
 
-def test_train_batches_deterministic_per_epoch_and_resumable():
-    dl = _loader()
+def test_train_batches_deterministic_per_epoch_and_resumable(device):
+    dl = _loader(device=device)
     dl.set_epoch(0)
     a = list(dl)
     assert len(a) == 4 and a[0][0].shape == (16, 3, 32, 32) and a[0][0].dtype == torch.float32
+    assert a[0][0].device.type == device.type and a[0][1].device.type == device.type
     b = list(dl.iterate(start_step=2))
     assert all(torch.equal(u[0], v[0]) and torch.equal(u[1], v[1]) for u, v in zip(a[2:], b))
     dl.set_epoch(1)
@@ -94,6 +95,13 @@ def test_train_batches_deterministic_per_epoch_and_resumable():
     assert not torch.equal(a[0][1], c[0][1])
     # every image seen exactly once per epoch
     assert sorted(torch.cat([y for _, y in a]).tolist()) == sorted((torch.arange(64) % 10).tolist())
+
+
+def test_batches_on_the_device_match_the_cpu(device):
+    """The epoch's plan is drawn on the CPU, so every device sees the same crops, flips and order."""
+    for (x, y), (xc, yc) in zip(_loader(device=device), _loader()):
+        assert torch.equal(y.cpu(), yc)
+        torch.testing.assert_close(x.cpu(), xc, rtol=0, atol=1e-6)
 
 
 def test_ranks_split_the_global_batch():
@@ -104,13 +112,14 @@ def test_ranks_split_the_global_batch():
         assert torch.equal(torch.cat([a[0], b[0]]), f[0])
 
 
-def test_crop_and_flip():
-    dl = _loader()
-    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    centre = torch.full((4, 2), 4)
-    assert torch.equal(dl._augment(x, centre, torch.zeros(4, dtype=torch.bool), 32), x)
-    assert torch.equal(dl._augment(x, centre, torch.ones(4, dtype=torch.bool), 32), x.flip(3))
-    shifted = dl._augment(x, torch.zeros(4, 2, dtype=torch.long), torch.zeros(4, dtype=torch.bool), 32)
+def test_crop_and_flip(device):
+    dl = _loader(device=device)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8).to(device)
+    centre = torch.full((4, 2), 4, device=device)
+    no, yes = torch.zeros(4, dtype=torch.bool, device=device), torch.ones(4, dtype=torch.bool, device=device)
+    assert torch.equal(dl._augment(x, centre, no, 32), x)
+    assert torch.equal(dl._augment(x, centre, yes, 32), x.flip(3))
+    shifted = dl._augment(x, torch.zeros(4, 2, dtype=torch.long, device=device), no, 32)
     assert torch.equal(shifted[:, :, 4:, 4:], x[:, :, :28, :28]) and shifted[:, :, :4].eq(0).all()
 
 

@@ -1,4 +1,6 @@
-"""Two CPU processes under torchrun (gloo) against one process with the same global batch."""
+"""Two CPU processes under torchrun (gloo) against one process with the same global batch.
+
+On the CPU whatever TEST_DEVICE is: two NCCL ranks cannot share one GPU, and gloo is what this tests."""
 import os
 import socket
 import subprocess
@@ -10,7 +12,7 @@ from conftest import ROOT, TINY, make_exp, read_json
 
 
 def test_two_process_gloo_matches_single_process(tmp_path, cifar_root):
-    params = dict(TINY, data_root=cifar_root, epochs=2)
+    params = dict(TINY, data_root=cifar_root, epochs=2, device="cpu")
     single = make_exp(tmp_path / "single", **params)
     multi = make_exp(tmp_path / "multi", **params)
     env = dict(os.environ, OMP_NUM_THREADS="1")

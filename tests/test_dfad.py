@@ -10,7 +10,7 @@ import fakedata
 import models
 import train_dfad
 import utils.data
-from conftest import ROOT, make_exp, read_json, run_main
+from conftest import ROOT, TEST_DEVICE, make_exp, read_json, run_main
 from utils.checkpoint import model_record, save_checkpoint
 from utils.config import read_params
 from utils.engine import Engine
@@ -18,7 +18,8 @@ from utils.generator import Generator
 from utils.losses import dfad_discrepancy
 
 DFAD_TINY = {"model": "cnn_small", "epochs": 2, "batch_size": 16, "eval_batch_size": 50, "iters_per_epoch": 2,
-             "k": 2, "nz": 32, "ngf": 16, "lr": 0.05, "milestones": [1], "amp": "off", "log_every": 1}
+             "k": 2, "nz": 32, "ngf": 16, "lr": 0.05, "milestones": [1], "amp": "off", "log_every": 1,
+             "device": TEST_DEVICE}
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,7 @@ def _discrepancy(task, z):
         return dfad_discrepancy(task.model(x), task.teacher(x)).item()
 
 
+@pytest.mark.device
 def test_student_step_lowers_the_discrepancy(tmp_path, test_only_root, teacher_ckpt):
     engine, task = _task(tmp_path, test_only_root, teacher_ckpt)
     opt = engine.build_optimizer(task.model.parameters())
@@ -108,6 +110,7 @@ def test_student_step_lowers_the_discrepancy(tmp_path, test_only_root, teacher_c
     assert all(p.grad is None for p in task.generator.parameters())  # G is sampled under no_grad
 
 
+@pytest.mark.device
 def test_generator_step_raises_the_discrepancy_through_the_frozen_teacher(tmp_path, test_only_root, teacher_ckpt):
     engine, task = _task(tmp_path, test_only_root, teacher_ckpt)
     teacher_state = {k: v.clone() for k, v in task.teacher.state_dict().items()}
@@ -142,6 +145,7 @@ def test_generator_lr_follows_the_student_schedule(tmp_path, test_only_root, tea
 
 
 # ------------------------------------------------------------------------------------------ end to end
+@pytest.mark.device
 def test_runs_without_ever_reading_training_data(tmp_path, test_only_root, teacher_ckpt, no_training_split):
     d = _exp(tmp_path, test_only_root, teacher_ckpt)
     assert run_main(train_dfad.main, ["--save_path", d]) == 0

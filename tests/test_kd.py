@@ -44,6 +44,7 @@ def _tree(path):
 
 
 # ------------------------------------------------------------------------------------------ end to end
+@pytest.mark.device
 @pytest.mark.parametrize("attack,columns", [
     ("vanilla", ("train_ce", "train_kd")),
     ("rereverse", ("train_ce", "train_kd")),
@@ -80,6 +81,7 @@ def _task(tmp_path, cifar_root, teacher_ckpt, **over):
     return engine, task, next(iter(engine.loaders["train"]))
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("attack", train_kd.ATTACKS)
 def test_kd_step_leaves_teacher_unchanged(tmp_path, cifar_root, teacher_ckpt, attack):
     engine, task, batch = _task(tmp_path, cifar_root, teacher_ckpt, attack=attack)

@@ -114,11 +114,11 @@ def test_describe_covers_every_model() -> None:
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)
-def test_forward_backward(name: str) -> None:
+def test_forward_backward(name: str, device: torch.device) -> None:
     model = build(name, 10)
     assert type(model).__module__.startswith("models.")
-    model.train()
-    logits = model(torch.randn(2, 3, 32, 32))
+    model.to(device).train()
+    logits = model(torch.randn(2, 3, 32, 32, device=device))
     assert isinstance(logits, torch.Tensor)
     assert logits.shape == (2, 10)
     assert torch.isfinite(logits).all()
@@ -213,12 +213,12 @@ def test_64x64_train_backward(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["resnet20", "cnn", "shufflenetv2", "wrn16_2"])
-def test_channels_last_bf16_autocast(name: str) -> None:
-    model = build(name, 10).to(memory_format=torch.channels_last).train()
-    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def test_channels_last_bf16_autocast(name: str, device: torch.device) -> None:
+    model = build(name, 10).to(device, memory_format=torch.channels_last).train()
+    x = torch.randn(2, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         logits = model(x)
-    assert logits.shape == (2, 10)
+    assert logits.shape == (2, 10) and logits.dtype == torch.bfloat16
     assert torch.isfinite(logits.float()).all()
     logits.float().sum().backward()
     assert all(p.grad is not None for p in model.parameters())

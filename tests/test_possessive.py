@@ -24,6 +24,7 @@ def _exp(tmp_path, cifar_root, original, name="pt", **over):
     return make_exp(tmp_path / name, **params)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("method", ["rml", "nasty"])
 def test_end_to_end_writes_checkpoint_and_diagnostics(tmp_path, cifar_root, original, method):
     before = torch.load(original, weights_only=True)["model"]

@@ -45,11 +45,12 @@ import train_possessive
 import train_scratch
 import utils.checkpoint as checkpoint
 import utils.engine as engine_mod
-from conftest import ROOT, TINY, make_exp, read_json, run_main
+from conftest import ROOT, TEST_DEVICE, TINY, make_exp, read_json, run_main
 from utils.checkpoint import load_checkpoint, model_record, save_checkpoint
 
 DFAD_TINY = {"model": "cnn_small", "epochs": 1, "batch_size": 16, "eval_batch_size": 50, "iters_per_epoch": 2,
-             "k": 2, "nz": 32, "ngf": 16, "lr": 0.05, "milestones": [1], "amp": "off", "log_every": 1}
+             "k": 2, "nz": 32, "ngf": 16, "lr": 0.05, "milestones": [1], "amp": "off", "log_every": 1,
+             "device": TEST_DEVICE}
 SCRIPTS = {"scratch": train_scratch, "possessive": train_possessive, "kd": train_kd, "dfad": train_dfad}
 TEACHER_KEY = {"possessive": "original", "kd": "teacher", "dfad": "teacher"}
 STEPS_PER_EPOCH = 5  # the 100 generated training images in batches of 20

@@ -12,11 +12,12 @@ import pytest
 
 import report
 import reproduce
-from conftest import ROOT, read_json, run_main
+from conftest import ROOT, TEST_DEVICE, read_json, run_main
 
 
 def _reproduce(exp_root, data_root):
-    return [sys.executable, "reproduce.py", "--preset", "tiny", "--data_root", data_root, "--exp_root", exp_root]
+    return [sys.executable, "reproduce.py", "--preset", "tiny", "--data_root", data_root, "--exp_root", exp_root,
+            "--device", TEST_DEVICE]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_scratch
-from conftest import ROOT, TINY, make_exp, read_json, run_main
+from conftest import ROOT, TEST_DEVICE, TINY, make_exp, read_json, run_main
 from utils.engine import lr_factor
 
 
@@ -18,6 +18,7 @@ def _exp(tmp_path, cifar_root, name="run", **over):
     return make_exp(tmp_path / name, **params)
 
 
+@pytest.mark.device
 def test_trains_and_writes_outputs(tmp_path, cifar_root):
     d = _exp(tmp_path, cifar_root)
     assert run_main(train_scratch.main, ["--save_path", d, "--epochs", "3", "--model", "cnn"]) == 0
@@ -28,6 +29,7 @@ def test_trains_and_writes_outputs(tmp_path, cifar_root):
     assert m["epochs"] == 3 and m["model"] == "cnn" and len(m["history"]) == 3
     assert m["final_acc"] > 30  # 10 colour-coded classes: far above chance after 3 epochs
     assert m["images_per_s"] > 0 and m["seed"] == 0 and "torch" in m
+    assert m["device"].split(":")[0] == TEST_DEVICE.split(":")[0]
     assert read_json(os.path.join(d, "config.json"))["epochs"] == 3  # CLI override resolved
     ckpt = torch.load(os.path.join(d, "last.pth"), weights_only=True)
     assert ckpt["arch"] == "cnn" and ckpt["num_classes"] == 10 and ckpt["epoch"] == 3

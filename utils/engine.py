@@ -139,6 +139,11 @@ class Engine:
             if self.world_size > 1:
                 name = f"cuda:{self.local_rank}"
             device = torch.device(name)
+            if device.index is None:  # torch.cuda.set_device refuses a device without an index
+                device = torch.device("cuda", 0)
+            if device.index >= torch.cuda.device_count():
+                raise UserError(f"device {device} asked for but {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                                f"(one per process under torchrun); use fewer processes or another --device")
             torch.cuda.set_device(device)
             return device
         return torch.device("cpu")
