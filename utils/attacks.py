@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import registry
 from .errors import UserError
 from .losses import _kl, dkd_loss, kd_loss, reverse_logits
 
@@ -21,23 +22,13 @@ ATTACKS = {}
 
 
 def register(cls):
-    """Class decorator: add an attack to ATTACKS under cls.name (a name may be registered once)."""
-    if not cls.name or cls.name in ATTACKS:
-        raise ValueError(f"attack name {cls.name!r} is empty or already registered")
-    ATTACKS[cls.name] = cls
-    return cls
+    """Class decorator: add a attack to ATTACKS under cls.name (a name may be registered once)."""
+    return registry.add(ATTACKS, cls, "attack")
 
 
 def attack_keys():
     """The config keys of every registered attack with their defaults (one default per key)."""
-    keys = {}
-    for cls in ATTACKS.values():
-        for key, default in cls.keys.items():
-            if key in keys and keys[key] != default:
-                raise ValueError(f"attack {cls.name} declares '{key}' with default {default!r}, another attack "
-                                 f"with {keys[key]!r}; a shared key needs one default")
-            keys[key] = default
-    return keys
+    return registry.merged_keys(ATTACKS, "attack")
 
 
 class Part:

@@ -13,6 +13,7 @@ pick it up from DEFENCES.
 """
 import torch
 
+from . import registry
 from .errors import UserError
 from .losses import REVERSE_SCOPES, nasty_loss, reverse_logits, rml_loss
 
@@ -25,22 +26,12 @@ DATASET_OMEGA = {"cifar10": 0.04, "cifar100": 0.005, "tinyimagenet": 0.01}
 
 def register(cls):
     """Class decorator: add a defence to DEFENCES under cls.name (a name may be registered once)."""
-    if not cls.name or cls.name in DEFENCES or cls.name == "original":
-        raise ValueError(f"defence name {cls.name!r} is empty, reserved or already registered")
-    DEFENCES[cls.name] = cls
-    return cls
+    return registry.add(DEFENCES, cls, "defence", reserved=("original",))
 
 
 def defence_keys():
     """The config keys of every registered defence with their defaults (one default per key)."""
-    keys = {}
-    for cls in DEFENCES.values():
-        for key, default in cls.keys.items():
-            if key in keys and keys[key] != default:
-                raise ValueError(f"defence {cls.name} declares '{key}' with default {default!r}, another with "
-                                 f"{keys[key]!r}; a shared key needs one default")
-            keys[key] = default
-    return keys
+    return registry.merged_keys(DEFENCES, "defence")
 
 
 class Defence:
