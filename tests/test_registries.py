@@ -46,6 +46,15 @@ def test_posthoc_reversal_keeps_the_top1_and_reverses_the_others():
     out = PostHocReversal.transform(z, {})
     torch.testing.assert_close(out, torch.tensor([[3.0, 1.0, 9.0, 2.0, 0.0]]))
     assert torch.equal(out.argmax(1), z.argmax(1))
+    # a tie at the top: the reversal hands class 0 the tied value; the kept top-1 (class 2) must still win
+    z = torch.tensor([[0.0, 1.0, 2.0, 2.0]])
+    out = PostHocReversal.transform(z, {})
+    assert out.argmax(1).item() == 2 and out[0, 2] > 2.0 and out[0, 0] == 2.0
+    torch.testing.assert_close(out[0, [0, 1, 3]], torch.tensor([2.0, 1.0, 0.0]))
+    zb = torch.tensor([[0.6171875, 2.015625, 1.4453125, -0.4296875, -1.6484375, -2.75, 2.3125, -2.15625, -1.734375,
+                        2.3125]], dtype=torch.bfloat16)  # a real bf16 row of the mini teacher that tied
+    assert PostHocReversal.transform(zb, {}).argmax(1).item() == zb.float().argmax(1).item() == 6
+    assert PostHocReversal.settings({}) == {"version": 2}  # part of the teacher file's digest
 
 
 def test_hard_label_thief_reads_the_argmax_alone():

@@ -67,10 +67,16 @@ class Defence:
         """The defended answer to a batch of the original's logits; settings: the defence's keys."""
         raise NotImplementedError
 
+    version = 1  # of a training-free transform: recorded in the teacher file, so a changed transform is a new teacher
+
     @classmethod
     def settings(cls, cfg):
-        """What a training-free teacher file records of the config: the defence's own keys."""
-        return {key: cfg[key] for key in cls.keys}
+        """What a training-free teacher file records: the defence's own keys, and its transform's version when
+        above 1 (so its weights digest changes with it and reproduce.py re-runs what was made with the old one)."""
+        settings = {key: cfg[key] for key in cls.keys}
+        if cls.version > 1:
+            settings["version"] = cls.version
+        return settings
 
 
 def _non_negative(cfg, keys, source):
@@ -164,9 +170,20 @@ class PostHocReversal(Defence):
     keys = {}
     trained = False
 
+    version = 2  # 1 could tie the kept top-1 with a reversed value (bf16 logits), changing the argmax
+
     @staticmethod
     def transform(logits, settings):
-        return reverse_logits(logits, logits.argmax(1))
+        """Reverse around the argmax; where the top non-target value of the reversed row equals the kept top-1
+        (a tie at the top of the original, common with bf16 logits), the top-1 is raised to the next float, so
+        the defended argmax is always the original's."""
+        z = logits.float()
+        top = z.argmax(1, keepdim=True)
+        out = reverse_logits(z, top.squeeze(1))
+        kept = out.gather(1, top)
+        rest = out.scatter(1, top, float("-inf")).max(dim=1, keepdim=True).values
+        bumped = torch.where(rest >= kept, torch.nextafter(rest, torch.full_like(rest, float("inf"))), kept)
+        return out.scatter(1, top, bumped)
 
 
 class DefendedModel(torch.nn.Module):
