@@ -102,6 +102,13 @@ def main(argv=None):
     original, ckpt = build_from_checkpoint(cfg["original"], "original", dataset=cfg["dataset"],
                                            num_classes=engine.info.num_classes)
     engine.add_input("original", cfg["original"], ckpt)
+    defence = DEFENCES[cfg["method"]]
+    if not defence.trained:  # checked before anything is written
+        if models.ALIASES.get(cfg["model"], cfg["model"]) != ckpt["arch"]:
+            raise UserError(f"method {cfg['method']} trains nothing and answers with the original: set model to "
+                            f"'{ckpt['arch']}' (the original's), got '{cfg['model']}'")
+        if isinstance(original, DefendedModel):
+            raise UserError(f"original {cfg['original']} is itself a training-free defence; give the plain original")
     model = models.build(cfg["model"], engine.info.num_classes)
     if cfg["init_from_original"]:
         if models.ALIASES.get(cfg["model"], cfg["model"]) != ckpt["arch"]:
@@ -114,19 +121,12 @@ def main(argv=None):
     task.setup(engine)
     task.original_acc, _ = engine.evaluate(task.original, diagnostics=False)
     engine.log(f"original {ckpt['arch']} from {cfg['original']}: test acc {task.original_acc:.2f}")
-    defence = DEFENCES[cfg["method"]]
     if defence.trained:
         engine.fit(task)
         return 0
-    if models.ALIASES.get(cfg["model"], cfg["model"]) != ckpt["arch"]:
-        raise UserError(f"method {cfg['method']} trains nothing and answers with the original: set model to "
-                        f"'{ckpt['arch']}' (the original's), got '{cfg['model']}'")
     settings = defence.settings(cfg)
-    unwrapped, _ = build_from_checkpoint(cfg["original"], "original")
-    if isinstance(unwrapped, DefendedModel):
-        raise UserError(f"original {cfg['original']} is itself a training-free defence; give the plain original")
-    task.model = DefendedModel(unwrapped, cfg["method"], settings)
-    record = dict(model_record(unwrapped, ckpt["arch"], cfg["dataset"]), defence=dict(settings, name=cfg["method"]))
+    task.model = DefendedModel(task.original, cfg["method"], settings)
+    record = dict(model_record(ckpt["model"], ckpt["arch"], cfg["dataset"]), defence=dict(settings, name=cfg["method"]))
     engine.publish(task, task.model, record)
     return 0
 

@@ -213,3 +213,12 @@ def test_a_new_attack_and_defence_reach_the_battery_table_and_figures(toys, tmp_
     kd = read_json(os.path.join(exp_root, "kd_toyhalf_toyflip_cnn_small", "metrics.json"))
     assert kd["attack"] == "toyhalf" and kd["inputs"]["teacher"]["weights_sha256"] == \
         read_json(os.path.join(exp_root, "toyflip_cnn", "metrics.json"))["weights_sha256"]
+
+
+def test_training_free_defence_with_another_model_is_refused_before_writing(tmp_path, cifar_root, teacher, capsys):
+    d = make_exp(tmp_path / "stingy", **dict(TINY, data_root=cifar_root, model="resnet8", method="stingy",
+                                              original=teacher))
+    assert run_main(train_possessive.main, ["--save_path", d]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and "trains nothing and answers with the original: set model to 'cnn_small'" in err[0]
+    assert sorted(os.listdir(d)) == ["params.json"]  # nothing written beside it

@@ -81,8 +81,10 @@ def unwrap(model):
 
 
 def model_record(model, arch, dataset):
+    """A weights-only record of a model (or of a state dict already in hand)."""
     info = DATASETS[dataset]
-    return {"model": unwrap(model).state_dict(), "arch": arch, "num_classes": info.num_classes,
+    state = model if isinstance(model, dict) else unwrap(model).state_dict()
+    return {"model": state, "arch": arch, "num_classes": info.num_classes,
             "dataset": dataset, "mean": list(info.mean), "std": list(info.std)}
 
 
