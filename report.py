@@ -153,7 +153,7 @@ def collect(exp_root):
                 test = verdict(a["accs"], ls.get("accs", {}))
                 a["verdict"], a["harmful"], a["p"], a["t"], a["n_paired"] = (
                     test["verdict"], test["harmful"], test["p"], test["t"], test["n"])
-    res["seeds"] = sorted({seed for run in res["runs"].values() for seed in [run["role"].get("seed", 0)]})
+    res["seeds"] = sorted({run["role"].get("seed", 0) for run in res["runs"].values()})
     return res
 
 

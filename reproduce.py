@@ -115,11 +115,11 @@ def plan(preset, dataset=None, seeds=(0,)):
         add(f"{name}_{arch}", "train_possessive.py", {"kind": "teacher", "teacher": name}, model=arch, method=name,
             original=teacher_ckpt["original"], **DEFENCES[name].battery_params(p, dataset))
         teacher_ckpt[name] = f"{name}_{arch}/{WEIGHTS_FILE}"
+    script_of = {"student": "train_scratch.py", "kd": "train_kd.py", "dfad": "train_dfad.py"}
     for seed in seeds:
         def arm(name, role, **params):
             add(seeded(name, seed), script_of[role["kind"]], dict(role, seed=seed), **params, seed=seed)
 
-        script_of = {"student": "train_scratch.py", "kd": "train_kd.py", "dfad": "train_dfad.py"}
         for student in p["students"]:
             arm(f"scratch_{student}", {"kind": "student", "arch": student, "source": "scratch"},
                 model=student, **p["student"])

@@ -76,6 +76,17 @@ def tiny_chain(tmp_path_factory, cifar_root):
     return exp_root, out
 
 
+def file_bytes(path):
+    """Names and bytes of every file under path: 'nothing changed' means this is equal."""
+    out = {}
+    for folder, _, files in os.walk(path):
+        for f in files:
+            full = os.path.join(folder, f)
+            with open(full, "rb") as fh:
+                out[os.path.relpath(full, path)] = fh.read()
+    return out
+
+
 def make_exp(path, **params):
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "params.json"), "w") as f:

@@ -93,17 +93,7 @@ def test_cuda_checkpoints_load_on_cpu_with_weights_only(tmp_path, cifar_root):
         assert torch.isfinite(model.eval()(torch.randn(2, 3, 32, 32))).all()
 
 
-class _StopAt(train_scratch.ScratchTask):
-    """Raise the engine's stop flag at a given global step, as SIGTERM would."""
-
-    def __init__(self, model, stop_at):
-        super().__init__(model, 0.0)
-        self.stop_at, self.count = stop_at, 0
-
-    def after_step(self, engine, step):
-        self.count += 1
-        if self.count == self.stop_at:
-            engine._stop_signal = signal.SIGTERM
+from test_scratch import _StopAt  # noqa: E402 (the interrupting task the CPU resume test uses)
 
 
 @cuda_only

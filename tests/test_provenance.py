@@ -1,6 +1,5 @@
 """Provenance: runs record the weights they loaded and produced, a --resume never changes what a run
 computes, and report.py never shows a student beside a teacher it was not distilled from."""
-import hashlib
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ import train_dfad
 import train_kd
 import train_possessive
 import train_scratch
-from conftest import TINY, make_exp, read_json, run_main
+from conftest import TINY, file_bytes, make_exp, read_json, run_main
 from utils.checkpoint import WEIGHTS_FILE, load_checkpoint, weights_sha256
 from utils.config import NON_RESULT_KEYS
 from utils.engine import Engine
@@ -23,17 +22,6 @@ SCRIPTS = {"train_scratch.py": train_scratch, "train_possessive.py": train_posse
            "train_dfad.py": train_dfad}
 DFAD = {"model": "cnn_small", "epochs": 1, "batch_size": 8, "eval_batch_size": 50, "iters_per_epoch": 2, "k": 2,
         "nz": 16, "ngf": 8, "lr": 0.05, "amp": "off", "milestones": [], "log_every": 2}
-
-
-def _snapshot(folder):
-    """{relative path: sha256 of the bytes} of every file under a run folder."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +87,7 @@ CHANGES = {
 def test_resume_that_changes_the_result_is_refused_and_changes_nothing(runs, tmp_path, capsys, script, key, value):
     folder = str(tmp_path / "run")
     shutil.copytree(runs[script], folder)
-    before = _snapshot(folder)
+    before = file_bytes(folder)
     if value == "ORIGINAL":  # another teacher: the original the RML teacher was trained from
         value = os.path.join(runs["train_scratch.py"], WEIGHTS_FILE)
     code = run_main(SCRIPTS[script].main, ["--save_path", folder, "--resume", f"--{key}", value])
@@ -107,17 +95,17 @@ def test_resume_that_changes_the_result_is_refused_and_changes_nothing(runs, tmp
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and f"{key}=" in lines[0] and "cannot resume" in lines[0], err
-    assert _snapshot(folder) == before
+    assert file_bytes(folder) == before
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_resume_of_a_finished_run_leaves_it_as_it_was(runs, tmp_path, capsys, script):
     folder = str(tmp_path / "run")
     shutil.copytree(runs[script], folder)
-    before = _snapshot(folder)
+    before = file_bytes(folder)
     assert run_main(SCRIPTS[script].main, ["--save_path", folder, "--resume"]) == 2
     assert "is finished" in capsys.readouterr().err
-    assert _snapshot(folder) == before
+    assert file_bytes(folder) == before
 
 
 def test_resume_against_a_retrained_teacher_is_refused(runs, tmp_path, capsys):
@@ -131,7 +119,7 @@ def test_resume_against_a_retrained_teacher_is_refused(runs, tmp_path, capsys):
     torch.save(ckpt, teacher)
     with open(os.path.join(folder, "params.json")) as f:
         params = json.load(f)
-    before = _snapshot(folder)
+    before = file_bytes(folder)
     # the path is the one the run was made with: copy the changed teacher over it, then restore it
     original_path = params["teacher"]
     kept = original_path + ".kept"
@@ -143,7 +131,7 @@ def test_resume_against_a_retrained_teacher_is_refused(runs, tmp_path, capsys):
         shutil.move(kept, original_path)
     err = capsys.readouterr().err
     assert "cannot resume: the teacher" in err and "now has weights" in err
-    assert _snapshot(folder) == before
+    assert file_bytes(folder) == before
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
@@ -192,12 +180,12 @@ def test_report_marks_a_student_of_another_teacher_and_strict_refuses(chain, tmp
     assert "`kd_tckd_rml_cnn_small`: mismatch: trained from teacher weights ffffffffffff" in text
     others = [line for line in text.splitlines() if line.startswith("| ") and "| tckd |" not in line]
     assert not any("✗" in line for line in others)
-    before = _snapshot(exp_root)
+    before = file_bytes(exp_root)
     capsys.readouterr()
     assert run_main(report.main, [exp_root, "--strict"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "kd_tckd_rml_cnn_small" in err[0]
-    assert _snapshot(exp_root) == before
+    assert file_bytes(exp_root) == before
 
 
 def test_report_compares_a_rerun_with_a_reference(chain, tmp_path, capsys):

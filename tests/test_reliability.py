@@ -45,7 +45,7 @@ import train_possessive
 import train_scratch
 import utils.checkpoint as checkpoint
 import utils.engine as engine_mod
-from conftest import ROOT, TEST_DEVICE, TINY, make_exp, read_json, run_main
+from conftest import ROOT, TEST_DEVICE, TINY, file_bytes, make_exp, read_json, run_main
 from utils.checkpoint import load_checkpoint, model_record, save_checkpoint
 
 DFAD_TINY = {"model": "cnn_small", "epochs": 1, "batch_size": 16, "eval_batch_size": 50, "iters_per_epoch": 2,
@@ -57,15 +57,7 @@ STEPS_PER_EPOCH = 5  # the 100 generated training images in batches of 20
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _snapshot(path):
-    """Names and bytes of every file under path."""
-    out = {}
-    for folder, _, files in os.walk(path):
-        for f in files:
-            full = os.path.join(folder, f)
-            with open(full, "rb") as fh:
-                out[os.path.relpath(full, path)] = fh.read()
-    return out
+_snapshot = file_bytes
 
 
 def _error_lines(text):

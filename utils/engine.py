@@ -352,10 +352,7 @@ class Engine:
         self.history, self.train_time, self.images_seen = [], 0.0, 0
         self.commit = git_commit()
         start_epoch, start_step = 0, 0
-        if self.is_main:  # the results of an earlier run in this folder no longer describe it
-            for name in ("metrics.json", WEIGHTS_FILE):
-                if os.path.isfile(os.path.join(self.save_path, name)):
-                    os.unlink(os.path.join(self.save_path, name))
+        self._clear_results()
         if self.resume:
             start_epoch, start_step = self._load_resume()
             self.log(f"resumed from {os.path.join(self.save_path, 'last.pth')} at epoch {start_epoch} step {start_step}")
@@ -384,6 +381,13 @@ class Engine:
         wall = time.time() - wall0
         return self._finish(wall)
 
+    def _clear_results(self):
+        """The results of an earlier run in this folder no longer describe it once this one starts."""
+        if self.is_main:
+            for name in ("metrics.json", WEIGHTS_FILE):
+                if os.path.isfile(os.path.join(self.save_path, name)):
+                    os.unlink(os.path.join(self.save_path, name))
+
     def publish(self, task, model, record):
         """Finish a run that trains nothing (a training-free defence): score `model` once, write metrics.json
         (history: that one evaluation, as epoch 0) and weights.pth holding `record`."""
@@ -394,10 +398,8 @@ class Engine:
         self.history, self.train_time, self.images_seen = [], 0.0, 0
         self.commit = git_commit()
         self.export_record = record
+        self._clear_results()
         if self.is_main:
-            for name in ("metrics.json", WEIGHTS_FILE):
-                if os.path.isfile(os.path.join(self.save_path, name)):
-                    os.unlink(os.path.join(self.save_path, name))
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(self.save_path, "tb"))
         wall0 = time.time()
