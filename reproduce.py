@@ -11,8 +11,13 @@ after a crash the same command loses at most the current epoch. At the end repor
 exps/<preset>/results.md, results.json and the figures.
 
 --jobs N runs up to N steps at once, each as its own process, as soon as the teachers it loads are done
-(on CPU the cores are shared out with OMP_NUM_THREADS; with several GPUs each job slot gets its own GPU).
-A step's output then goes to <step>/run.log.
+(on CPU the cores are shared out with OMP_NUM_THREADS, and a step that starts while fewer can run gets the
+idle slots' cores too; with several GPUs each job slot gets its own GPU). A step's output then goes to
+<step>/run.log (a battery's to its first student's folder).
+
+The KD students of one teacher and seed are trained as one battery (train_kd.py --battery): one pass over
+the data, one teacher forward per batch for all of them, each student still in its own folder with the result
+its lone run gives. --no_battery trains each in its own process.
 """
 import argparse
 import importlib
@@ -328,17 +333,57 @@ def _parse_seeds(text):
     return seeds
 
 
-def job_env(slot, jobs):
-    """Environment of the process in job slot `slot` of `jobs`: its share of the CPU cores, its own GPU."""
+def job_env(slot, jobs, share=None):
+    """Environment of the process in job slot `slot` of `jobs`: its share of the CPU cores, its own GPU.
+
+    share: how many steps the cores are split between (default jobs); a step that starts while fewer steps
+    can run (the original teacher, which every other step waits for) gets the cores of the idle slots too.
+    """
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if not os.environ.get("OMP_NUM_THREADS"):
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (share or jobs)))
     if not os.environ.get("CUDA_VISIBLE_DEVICES"):
         import torch
         gpus = torch.cuda.device_count()
         if gpus > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
     return env
+
+
+def job_names(job):
+    """The steps a job trains: one, or every student of a battery."""
+    return [s["name"] for s in job.get("steps", [job["step"]])]
+
+
+def batteries(todo):
+    """Merge the KD jobs that can share their teacher's forward (utils/battery.py: same teacher, seed and data
+    keys, all new or all resuming, no tau sweep) into one `train_kd.py --battery` job each; the rest as they are."""
+    from utils.battery import SHARED_KEYS
+    out, groups = [], {}
+    for job in todo:
+        step = job["step"]
+        if step["script"] != "train_kd.py" or step["params"].get("tau_sweep"):
+            out.append(job)
+            continue
+        key = (job["verb"],) + tuple(json.dumps(step["params"].get(k), sort_keys=True) for k in SHARED_KEYS)
+        if key not in groups:
+            groups[key] = []
+            out.append(groups[key])
+        groups[key].append(job)
+    merged = []
+    for item in out:
+        if isinstance(item, dict):
+            merged.append(item)
+        elif len(item) == 1:
+            merged.append(item[0])
+        else:
+            first = item[0]
+            folders = [j["folder"] for j in item]
+            argv = ["--battery", ",".join(folders)] + first["argv"][2:]  # first argv: --save_path FOLDER ...
+            heads = ", ".join(j["head"].split("]")[0] + "]" for j in item)
+            merged.append(dict(first, steps=[j["step"] for j in item], argv=argv, folders=folders,
+                               head=f"{heads} train_kd.py battery of {len(item)} ({', '.join(folders)})"))
+    return merged
 
 
 def run_parallel(todo, jobs, t0):
@@ -349,7 +394,7 @@ def run_parallel(todo, jobs, t0):
     which save a checkpoint and stop, so the same command resumes them.
     """
     pending = list(todo)
-    pending_names = {j["step"]["name"] for j in todo}
+    pending_names = {n for j in todo for n in job_names(j)}
     running = {}  # slot -> (job, Popen, log file, start time)
     failed = []
     stopping = []
@@ -371,12 +416,17 @@ def run_parallel(todo, jobs, t0):
                     break
                 job = ready[0]
                 pending.remove(job)
+                share = min(jobs, len(running) + len(ready))
                 log = open(os.path.join(job["folder"], "run.log"), "a")
+                for other in job.get("folders", [])[1:]:  # a battery's output is in its first student's folder
+                    with open(os.path.join(other, "run.log"), "a") as f:
+                        f.write(f"trained in a battery with {', '.join(job['folders'])}; its output: {log.name}\n")
                 proc = subprocess.Popen([sys.executable, job["step"]["script"]] + job["argv"],
-                                        stdout=log, stderr=subprocess.STDOUT, env=job_env(slot, jobs),
+                                        stdout=log, stderr=subprocess.STDOUT, env=job_env(slot, jobs, share),
                                         cwd=os.path.dirname(os.path.abspath(__file__)))
                 running[slot] = (job, proc, log, time.time())
-                print(f"{job['head']}: {job['verb']} in slot {slot} "
+                threads = job_env(slot, jobs, share).get("OMP_NUM_THREADS", "?")
+                print(f"{job['head']}: {job['verb']} in slot {slot}, {threads} thread(s) "
                       f"({(time.time() - t0) / 60:.1f} min so far; log in {log.name})", flush=True)
             if not running:
                 break
@@ -387,9 +437,9 @@ def run_parallel(todo, jobs, t0):
                     continue
                 log.close()
                 del running[slot]
-                name = job["step"]["name"]
+                name = " + ".join(job_names(job))
                 if code == 0:
-                    pending_names.discard(name)
+                    pending_names.difference_update(job_names(job))
                     print(f"{job['head']}: finished in {(time.time() - start) / 60:.1f} min", flush=True)
                 else:
                     failed.append((name, code, log.name))
@@ -407,7 +457,7 @@ def run_parallel(todo, jobs, t0):
                         f"are skipped and interrupted ones resume")
     if pending:
         raise UserError("steps left that wait on a teacher that never finished: "
-                        + ", ".join(j["step"]["name"] for j in pending))
+                        + ", ".join(n for j in pending for n in job_names(j)))
 
 
 def _tail(path, lines=5):
@@ -439,6 +489,9 @@ def main(argv=None):
                              "plus those)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="steps run at once, each in its own process (default 1: one after another, in this process)")
+    parser.add_argument("--no_battery", action="store_true",
+                        help="train every KD student in its own process; by default the students of one teacher and "
+                             "seed are trained together, one teacher forward per batch for all (train_kd.py --battery)")
     parser.add_argument("--cost", metavar="FILE", default=None,
                         help="with --dry_run: projected device-hours per step and in all, from the epoch times in FILE "
                              "(the epoch_times.json of bench/cuda_check.py; see utils/cost.py)")
@@ -511,12 +564,14 @@ def main(argv=None):
                      "verb": "resuming" if state == "resume" else "running"})
     print(f"{len(selected)} steps: " + ", ".join(f"{counts[k]} {k}" for k in ("done", "stale", "resume", "new")
                                                  if counts.get(k)), flush=True)
+    if not args.no_battery:
+        todo = batteries(todo)
     if args.jobs == 1:
         for job in todo:
             print(f"{job['head']}: {job['verb']} ({(time.time() - t0) / 60:.1f} min so far)", flush=True)
             code = run_step(job["step"]["script"], job["argv"])
             if code != 0:
-                raise UserError(f"step {job['step']['name']} failed (exit {code}); fix the cause and re-run the same "
+                raise UserError(f"step {' + '.join(job_names(job))} failed (exit {code}); fix the cause and re-run the same "
                                 f"command: finished steps are skipped and this one resumes")
     elif todo:
         run_parallel(todo, args.jobs, t0)

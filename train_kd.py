@@ -8,6 +8,11 @@ non-target logits are reversed again, around its own argmax or the label, before
 non-target part weighted by dkd_beta); tckd (dkd with dkd_beta = 0: only the target-vs-rest binary part);
 hardlabel (CE on the teacher's argmax alone); markov (Markov KD: per-class Markov matrices learnt jointly).
 With tau_sweep the attack runs once per tau into SAVE_PATH/tau_<tau>/ and SAVE_PATH/sweep.json names the best.
+
+    python train_kd.py --battery exps/mini/kd_vanilla_rml_cnn,exps/mini/kd_tckd_rml_cnn,...
+
+trains several runs of one teacher (same data keys and seed) in one pass: one teacher forward per batch
+serves every student, each still writing its own folder (utils/battery.py). reproduce.py does this by default.
 """
 import json
 import os
@@ -93,20 +98,74 @@ def load_teacher(cfg):
                                  num_classes=DATASETS[cfg["dataset"]].num_classes)
 
 
-def train(cfg, save_path, resume=False):
-    """One attack run into save_path; returns its metrics."""
+def prepare(cfg, save_path, resume=False, shared=None):
+    """(engine, task) of one attack run into save_path, ready for engine.fit or a battery.
+
+    shared: the battery's {"teacher": SharedForward, "teacher_acc", "loaders"} once its first student is
+    prepared. The teacher checkpoint is still read here for every student: its digest goes into the run's
+    inputs, and building it draws from the RNG before the student is built, as in a lone run, so the
+    student starts from the same weights either way.
+    """
     engine = Engine(cfg, save_path, "train_kd.py", resume=resume)
     teacher, ckpt = load_teacher(cfg)
     engine.add_input("teacher", cfg["teacher"], ckpt)
-    teacher = engine.prepare_frozen(teacher)
-    engine.load_data()
+    if shared:
+        teacher, engine.loaders = shared["teacher"], shared["loaders"]
+    else:
+        teacher = engine.prepare_frozen(teacher)
+        engine.load_data()
     if engine.is_main:
         write_config(save_path, cfg)
     student = models.build(cfg["model"], engine.info.num_classes)
-    teacher_acc, _ = engine.evaluate(teacher, diagnostics=False)
+    if shared:
+        teacher_acc = shared["teacher_acc"]
+    else:
+        teacher_acc, _ = engine.evaluate(teacher, diagnostics=False)
     engine.log(f"teacher {cfg['teacher']} ({ckpt['arch']}): test acc {teacher_acc:.2f}; attack {cfg['attack']}, "
                f"tau {cfg['tau']:g}")
-    return engine.fit(KDTask(student, teacher, cfg, ckpt["arch"], teacher_acc))
+    return engine, KDTask(student, teacher, cfg, ckpt["arch"], teacher_acc)
+
+
+def train(cfg, save_path, resume=False):
+    """One attack run into save_path; returns its metrics."""
+    engine, task = prepare(cfg, save_path, resume)
+    return engine.fit(task)
+
+
+def battery(folders, args, defaults=None):
+    """Train the attack runs of `folders` (each with its params.json) against their one teacher in one pass
+    (utils/battery.py); command-line keys override every folder's params. Returns their metrics."""
+    from utils import battery as bat
+    cfgs = []
+    for folder in folders:
+        args.save_path = folder
+        cfg = resolve_config(args, defaults or DEFAULTS)
+        check_kd_config(cfg, os.path.join(folder, "params.json"))
+        if cfg["tau_sweep"]:
+            raise UserError(f"{folder}/params.json: a tau_sweep run is not trained in a battery; run it alone "
+                            f"(--save_path {folder})")
+        cfgs.append(cfg)
+    bat.check_members(cfgs, folders)
+    for folder in folders:  # every resume is checked before anything is written
+        if args.resume and not os.path.isfile(os.path.join(folder, "last.pth")):
+            raise UserError(f"cannot resume: {folder}/last.pth not found; run the battery without --resume")
+    how = f"python train_kd.py --battery {','.join(folders)} --resume"
+    members, shared = [], None
+    for cfg, folder in zip(cfgs, folders):
+        engine, task = prepare(cfg, folder, args.resume, shared)
+        if shared is None:
+            shared = {"teacher": bat.SharedForward(task.teacher), "teacher_acc": task.teacher_acc,
+                      "loaders": engine.loaders}
+            task.teacher = shared["teacher"]
+        engine.notes["battery"] = list(folders)
+        members.append(bat.Member(engine, task, engine.begin(task)))
+    results = []
+    for group in bat.groups(members):
+        if len(group) < len(members):
+            group[0].engine.log(f"battery: {len(group)} of {len(members)} students resume at epoch "
+                                f"{group[0].start[0]} step {group[0].start[1]}; they run together, the rest after")
+        results += bat.fit(group, how)
+    return results
 
 
 def _tau_name(tau):
@@ -192,9 +251,24 @@ def sweep(cfg, save_path, resume=False):
     return summary
 
 
+def _battery_arg(parser):
+    parser.add_argument("--battery", metavar="DIR,DIR,...", default=None,
+                        help="train these run folders (each with its params.json) against their one teacher in one "
+                             "pass over the data: one teacher forward per batch serves every student")
+
+
 @cli_main
 def main(argv=None):
-    args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv)
+    args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv, extra_args=_battery_arg)
+    if args.battery:
+        if args.save_path:
+            raise UserError("give either --save_path (one run) or --battery (several), not both")
+        folders = [f for f in args.battery.split(",") if f]
+        if len(folders) < 2:
+            raise UserError(f"--battery needs at least two run folders, comma-separated; got '{args.battery}' "
+                            f"(one run: --save_path)")
+        battery(folders, args)
+        return 0
     cfg = resolve_config(args, DEFAULTS)
     check_kd_config(cfg, os.path.join(args.save_path, "params.json"))
     if cfg["tau_sweep"]:

@@ -1,6 +1,9 @@
 """The benchmark script still runs (a smoke test against drift; its numbers are not checked here)."""
+import json
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT
 
@@ -13,3 +16,16 @@ def test_bench_prints_a_row_per_step():
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("scratch", "kd", "possessive"))]
     assert [r[0] for r in rows] == ["scratch", "kd", "possessive"]
     assert all(r[-3].endswith("x") and float(r[-3][:-1]) > 0 for r in rows)
+
+
+def test_battery_bench_prints_separate_and_shared_per_student(tmp_path):
+    out = subprocess.run([sys.executable, "bench/bench_battery.py", "--teacher", "cnn_small", "--student", "cnn_small",
+                          "--attacks", "vanilla", "tckd", "--steps", "2", "--warmup", "1", "--batch_size", "8",
+                          "--json", str(tmp_path / "b.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1].split()
+    assert last[:2] == ["2", "students"] and float(last[2]) > 0 and float(last[3]) > 0 and last[4].endswith("x")
+    with open(tmp_path / "b.json") as f:
+        rec = json.load(f)
+    assert set(rec["separate_s"]) == {"vanilla", "tckd"} and rec["speedup"] == pytest.approx(
+        rec["battery_img_s_per_student"] / rec["separate_img_s_per_student"])

@@ -362,3 +362,31 @@ def test_seeds_flag_trains_only_the_new_seed_and_keeps_the_old(chain, cifar_root
     out = capsys.readouterr().out
     assert "ls_cnn_small_seed1: done" in out and "scratch_cnn_small_seed1: new" in out
     assert run_main(reproduce.main, args + ["--seeds", "x"]) == 2
+
+
+def _job(name, script="train_kd.py", verb="running", **params):
+    base = {"teacher": "teacher_cnn/weights.pth", "seed": 0, "batch_size": 20, "epochs": 1, "dataset": "cifar10"}
+    folder = os.path.join("exps", name)
+    return {"step": {"name": name, "script": script, "params": dict(base, **params)}, "verb": verb,
+            "folder": folder, "head": f"[1/9] {script} {folder}", "argv": ["--save_path", folder, "--data_root", "d"]}
+
+
+def test_kd_students_of_one_teacher_and_seed_become_one_battery():
+    jobs = [_job("teacher_cnn", script="train_scratch.py"), _job("kd_a"), _job("kd_b", seed=1), _job("kd_c"),
+            _job("kd_d", teacher="rml_cnn/weights.pth"), _job("kd_e", verb="resuming"),
+            _job("kd_f", tau_sweep=[1.0, 4.0]), _job("kd_g", attack="tckd", model="resnet8")]
+    merged = reproduce.batteries(jobs)
+    names = [reproduce.job_names(j) for j in merged]
+    # the teacher first; a, c and g share teacher, seed and data keys (student model and attack may differ)
+    assert names == [["teacher_cnn"], ["kd_a", "kd_c", "kd_g"], ["kd_b"], ["kd_d"], ["kd_e"], ["kd_f"]]
+    battery = merged[1]
+    assert battery["argv"] == ["--battery", "exps/kd_a,exps/kd_c,exps/kd_g", "--data_root", "d"]
+    assert reproduce.dependencies(battery["step"]) == {"teacher_cnn"}
+
+
+def test_a_step_that_starts_alone_gets_every_core(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert reproduce.job_env(0, 2)["OMP_NUM_THREADS"] == "4"
+    assert reproduce.job_env(0, 2, share=1)["OMP_NUM_THREADS"] == "8"
+    assert reproduce.job_env(1, 4, share=2)["OMP_NUM_THREADS"] == "4"

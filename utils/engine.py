@@ -109,6 +109,7 @@ class Engine:
         self.inputs = {}
         self.parts = {}
         self.export_record = None  # what weights.pth holds, when not the trained model (see publish)
+        self.notes = {}  # extra metrics.json entries the caller adds (a battery names its students)
         self._resume_ckpt = self._read_resume() if resume else None  # first: a refused resume touches nothing
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -340,6 +341,18 @@ class Engine:
 
     # --- the loop --------------------------------------------------------------------------------
     def fit(self, task):
+        start_epoch, start_step, steps = self.begin(task)
+        wall0 = time.time()
+        with self._signals():
+            for epoch in range(start_epoch, self.cfg["epochs"]):
+                self._train_epoch(epoch, start_step if epoch == start_epoch else 0, steps)
+                self._end_epoch(epoch)
+        return self._finish(time.time() - wall0)
+
+    def begin(self, task):
+        """Everything before the first step: the model, its optimizer and parts on the device, the resume
+        state, the log header. Returns (start epoch, start step, steps per epoch). fit() and a shared battery
+        (utils/battery.py) both start here."""
         cfg = self.cfg
         self.task = task
         task.setup(self)
@@ -373,13 +386,7 @@ class Engine:
         self.log(f"{self.script}: {cfg['model']} ({self.num_params / 1e6:.2f}M params) on {cfg['dataset']}, "
                  f"device {self.device}, amp {self.amp_dtype or 'off'}, world size {self.world_size}, "
                  f"{cfg['epochs']} epochs x {steps} steps, batch {cfg['batch_size']}")
-        wall0 = time.time()
-        with self._signals():
-            for epoch in range(start_epoch, cfg["epochs"]):
-                self._train_epoch(epoch, start_step if epoch == start_epoch else 0, steps)
-                self._end_epoch(epoch)
-        wall = time.time() - wall0
-        return self._finish(wall)
+        return start_epoch, start_step, steps
 
     def _clear_results(self):
         """The results of an earlier run in this folder no longer describe it once this one starts."""
@@ -411,81 +418,99 @@ class Engine:
         return self._finish(time.time() - wall0)
 
     def _train_epoch(self, epoch, start_step, steps):
-        cfg, task = self.cfg, self.task
-        self.model.train()
-        dev = self.device
-        sums, correct = {}, torch.zeros((), device=dev)
-        first_bad = torch.full((), -1, device=dev, dtype=torch.long)
-        seen, t0 = 0, time.time()
-        base_lr = cfg["lr"]
-        bar = None
-        if self.is_main:
-            from tqdm import tqdm
-            bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
-                       dynamic_ncols=True, leave=False, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        lr = base_lr
+        self.begin_epoch(epoch, start_step, steps)
         try:
-            step = start_step
-            for step, batch in enumerate(task.train_batches(self, epoch, start_step), start=start_step):
-                self.progress = epoch + step / steps  # in epochs; tasks read it for warm-ups
-                lr = self.set_lr(self.progress)
-                with self.autocast():
-                    terms, logits, targets = task.loss(batch)
-                loss = sum(terms.values())
-                optimizers = [self.optimizer] + [p.optimizer for p in self.parts.values() if p.joint]
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                if self.scaler:
-                    self.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-                self._reduce_part_grads()
-                for opt in optimizers:
-                    if self.scaler:
-                        self.scaler.step(opt)
-                    else:
-                        opt.step()
-                if self.scaler:
-                    self.scaler.update()
-                task.after_step(self, step)
-                self.global_step += 1
-                with torch.no_grad():  # accumulate on the device: no host sync per step
-                    loss = loss.detach().float()
-                    diverged = ~torch.isfinite(loss) | (loss.abs() > LOSS_LIMIT)
-                    first_bad = torch.where(diverged & (first_bad < 0), step, first_bad)
-                    for k, v in terms.items():
-                        sums[k] = sums.get(k, 0) + v.detach().float()
-                    sums["loss"] = sums.get("loss", 0) + loss
-                    if logits is not None:
-                        correct += (logits.argmax(1) == targets).sum()
-                        seen += targets.shape[0]
-                n = batch[0].shape[0] if isinstance(batch, (tuple, list)) else cfg["batch_size"] // self.world_size
-                self.images_seen += n * self.world_size
-                done = step + 1 - start_step
-                if done % cfg["log_every"] == 0 or step + 1 == steps or self._stop_signal is not None:
-                    self._check_finite(first_bad, epoch)
-                    if bar is not None:
-                        vals = {k: (v / done).item() for k, v in sums.items()}
-                        post = {"loss": f"{vals['loss']:.3f}"}
-                        if seen:
-                            post["acc"] = f"{100 * correct.item() / seen:.1f}"
-                        post["img/s"] = f"{n * self.world_size * done / (time.time() - t0):.0f}"
-                        bar.set_postfix(post)
-                        bar.update(done - (bar.n - start_step))
+            for step, batch in enumerate(self.task.train_batches(self, epoch, start_step), start=start_step):
+                self.train_step(step, batch)
                 if self._stop_signal is not None:
-                    if bar is not None:
-                        bar.close()  # so the resume line is not printed onto the bar
+                    self._close_bar()  # so the resume line is not printed onto the bar
                     self._interrupt(epoch, step + 1)
         finally:
-            if bar is not None:
-                bar.close()
-        elapsed = time.time() - t0
+            self._close_bar()
+        self.end_epoch_train()
+
+    def begin_epoch(self, epoch, start_step, steps, bar=True):
+        """Reset the epoch's running sums (kept on the device) and open its progress bar (bar=False: the
+        caller draws one, as a battery does for all its students)."""
+        self.model.train()
+        dev = self.device
+        self._ep = {"epoch": epoch, "start": start_step, "steps": steps, "sums": {}, "seen": 0,
+                    "correct": torch.zeros((), device=dev), "lr": self.cfg["lr"], "n": 0,
+                    "first_bad": torch.full((), -1, device=dev, dtype=torch.long), "t0": time.time()}
+        self._bar = None
+        if self.is_main and bar:
+            from tqdm import tqdm
+            self._bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{self.cfg['epochs']}",
+                             dynamic_ncols=True, leave=False, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+
+    def _close_bar(self):
+        if getattr(self, "_bar", None) is not None:
+            self._bar.close()
+            self._bar = None
+
+    def train_step(self, step, batch):
+        """One optimisation step of the model (and its joint parts) on `batch`, step `step` of the epoch."""
+        cfg, task, ep = self.cfg, self.task, self._ep
+        epoch, steps, start_step = ep["epoch"], ep["steps"], ep["start"]
+        self.progress = epoch + step / steps  # in epochs; tasks read it for warm-ups
+        ep["lr"] = self.set_lr(self.progress)
+        with self.autocast():
+            terms, logits, targets = task.loss(batch)
+        loss = sum(terms.values())
+        optimizers = [self.optimizer] + [p.optimizer for p in self.parts.values() if p.joint]
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        self._reduce_part_grads()
+        for opt in optimizers:
+            if self.scaler:
+                self.scaler.step(opt)
+            else:
+                opt.step()
+        if self.scaler:
+            self.scaler.update()
+        task.after_step(self, step)
+        self.global_step += 1
+        sums = ep["sums"]
+        with torch.no_grad():  # accumulate on the device: no host sync per step
+            loss = loss.detach().float()
+            diverged = ~torch.isfinite(loss) | (loss.abs() > LOSS_LIMIT)
+            ep["first_bad"] = torch.where(diverged & (ep["first_bad"] < 0), step, ep["first_bad"])
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+            sums["loss"] = sums.get("loss", 0) + loss
+            if logits is not None:
+                ep["correct"] += (logits.argmax(1) == targets).sum()
+                ep["seen"] += targets.shape[0]
+        n = batch[0].shape[0] if isinstance(batch, (tuple, list)) else cfg["batch_size"] // self.world_size
+        ep["n"] = n
+        self.images_seen += n * self.world_size
+        done = step + 1 - start_step
+        if done % cfg["log_every"] == 0 or step + 1 == steps or self._stop_signal is not None:
+            self._check_finite(ep["first_bad"], epoch)
+            if self._bar is not None:
+                vals = {k: (v / done).item() for k, v in sums.items()}
+                post = {"loss": f"{vals['loss']:.3f}"}
+                if ep["seen"]:
+                    post["acc"] = f"{100 * ep['correct'].item() / ep['seen']:.1f}"
+                post["img/s"] = f"{n * self.world_size * done / (time.time() - ep['t0']):.0f}"
+                self._bar.set_postfix(post)
+                self._bar.update(done - (self._bar.n - start_step))
+
+    def end_epoch_train(self):
+        """The epoch's training row (mean loss terms, train accuracy, lr, images/s), averaged over ranks."""
+        cfg, ep, dev = self.cfg, self._ep, self.device
+        sums, steps, start_step = ep["sums"], ep["steps"], ep["start"]
+        elapsed = time.time() - ep["t0"]
         self.train_time += elapsed
         done = max(steps - start_step, 1)
         red = self.all_reduce(torch.stack([v / done for v in sums.values()] +
-                                          [correct, torch.tensor(float(seen), device=dev)]).float())
+                                          [ep["correct"], torch.tensor(float(ep["seen"]), device=dev)]).float())
         vals = (red / torch.tensor([self.world_size] * len(sums) + [1, 1], device=dev)).tolist()
-        self._epoch_row = {"epoch": epoch + 1, "lr": lr if steps else base_lr,
+        self._epoch_row = {"epoch": ep["epoch"] + 1, "lr": ep["lr"] if steps else cfg["lr"],
                            "train_img_per_s": round(done * cfg["batch_size"] / elapsed, 1)}
         self._epoch_row.update({f"train_{k}": v for k, v in zip(sums, vals[:len(sums)])})
         if vals[-1]:
@@ -520,11 +545,15 @@ class Engine:
                                 f"is kept)")
 
     def _interrupt(self, epoch, step):
+        self.save_stopped(epoch, step)
+        sys.exit(128 + self._stop_signal)
+
+    def save_stopped(self, epoch, step, how=None):
+        """last.pth at (epoch, step) after a stop signal, and the line that says how to resume."""
         self.save("last.pth", epoch, step)
         name = signal.Signals(self._stop_signal).name
-        self.log(f"stopped by {name} at epoch {epoch + 1}, step {step}; last.pth written. Resume with: "
-                 f"python {self.script} --save_path {self.save_path} --resume")
-        sys.exit(128 + self._stop_signal)
+        how = how or f"python {self.script} --save_path {self.save_path} --resume"
+        self.log(f"stopped by {name} at epoch {epoch + 1}, step {step}; last.pth written. Resume with: {how}")
 
     @torch.no_grad()
     def evaluate(self, model=None, loader=None, diagnostics=True):
@@ -619,6 +648,7 @@ class Engine:
         self.final_logits, self.final_labels = self.predict(self.model)
         metrics["final_ece"] = float(expected_calibration_error(self.final_logits, self.final_labels))
         metrics.update(self.task.metrics())
+        metrics.update(self.notes)
         metrics["inputs"] = self.inputs
         metrics["weights_file"] = WEIGHTS_FILE
         if self.is_main:  # the weights first: a metrics.json on disk always has its weights beside it
