@@ -31,7 +31,7 @@ import time
 from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, atomic_write_text, checkpoint_digest, load_checkpoint
 from utils.config import NON_RESULT_KEYS as _RUN_NON_RESULT_KEYS
 from utils.attacks import ATTACKS
-from utils.defences import DATASET_TAU, DEFENCES
+from utils.defences import DATASET_TAU, DEFENCES, key_problem
 from utils.errors import UserError, cli_main
 
 # Keys that do not change what a step computes; a finished step is not re-run when only these differ.
@@ -42,9 +42,11 @@ NON_RESULT_KEYS = _RUN_NON_RESULT_KEYS | {"_comment"}
 CHECKPOINT_KEYS = ("original", "teacher")
 
 
-def battery_teachers():
-    """The teachers every attack is run against: the original, then each defence of the registry."""
-    return ["original"] + [name for name, d in DEFENCES.items() if d.battery]
+def battery_teachers(extra=()):
+    """The teachers every attack is run against: the original, then each defence of the registry's battery,
+    then the defences outside it asked for (`extra`: reproduce.py --defences, e.g. variants being screened)."""
+    names = ["original"] + [name for name, d in DEFENCES.items() if d.battery]
+    return names + [name for name in extra if name not in names]
 
 
 def battery_attacks():
@@ -100,9 +102,11 @@ def seeded(name, seed):
     return name if seed == 0 else f"{name}_seed{seed}"
 
 
-def plan(preset, dataset=None, seeds=(0,)):
+def plan(preset, dataset=None, seeds=(0,), defences=()):
     """The steps of a preset: a list of dicts {name, script, params, role}. Teachers are trained once (seed
-    0); every student arm (scratch, label smoothing, each attack x teacher) and DFAD once per seed."""
+    0); every student arm (scratch, label smoothing, each attack x teacher) and DFAD once per seed.
+    defences: registered defences outside the battery to attack as well (battery_teachers)."""
+    teachers = battery_teachers(defences)
     p = PRESETS[preset]
     dataset = dataset or p["dataset"]
     base = dict(p["train"], dataset=dataset, seed=0)
@@ -116,7 +120,7 @@ def plan(preset, dataset=None, seeds=(0,)):
     add(f"teacher_{arch}", "train_scratch.py", {"kind": "teacher", "teacher": "original"},
         model=arch, **p["teacher"])
     teacher_ckpt = {"original": f"teacher_{arch}/{WEIGHTS_FILE}"}
-    for name in battery_teachers()[1:]:
+    for name in teachers[1:]:
         add(f"{name}_{arch}", "train_possessive.py", {"kind": "teacher", "teacher": name}, model=arch, method=name,
             original=teacher_ckpt["original"], **DEFENCES[name].battery_params(p, dataset))
         teacher_ckpt[name] = f"{name}_{arch}/{WEIGHTS_FILE}"
@@ -130,14 +134,14 @@ def plan(preset, dataset=None, seeds=(0,)):
                 model=student, **p["student"])
             arm(f"ls_{student}", {"kind": "student", "arch": student, "source": "ls"},
                 model=student, label_smoothing=0.1, **p["student"])
-            for teacher in battery_teachers():
+            for teacher in teachers:
                 for attack in battery_attacks():
                     sweep = {"tau_sweep": p["taus"]} if len(p["taus"]) > 1 else {"tau": p["taus"][0]}
                     arm(f"kd_{attack}_{teacher}_{student}",
                         {"kind": "kd", "arch": student, "teacher": teacher, "attack": attack},
                         model=student, teacher=teacher_ckpt[teacher], attack=attack, **sweep, **p["student"],
                         **p.get("attacks", {}).get(attack, {}))
-        for teacher in ["original"] + [n for n in battery_teachers()[1:] if DEFENCES[n].dfad]:
+        for teacher in ["original"] + [n for n in teachers[1:] if DEFENCES[n].dfad]:
             student = p["dfad_student"]
             arm(f"dfad_{teacher}_{student}", {"kind": "dfad", "arch": student, "teacher": teacher},
                 model=student, teacher=teacher_ckpt[teacher], **p["dfad"])
@@ -239,7 +243,10 @@ def step_state(folder, params, deps=None, weights_needed=False):
         weights = os.path.join(folder, WEIGHTS_FILE)
         digest = weights_digest(weights)
         if digest is not None and digest == rec["weights_sha256"]:
-            return "done", None
+            problem = key_problem(folder, load_checkpoint(weights).get("defence") or {})
+            if problem is None:
+                return "done", None
+            return "stale", f"{weights} is a keyed teacher and {problem}; it is made again with a new key"
         reason = (f"{weights} is missing" if digest is None else
                   f"{weights} ({digest[:12]}) is not the file its metrics.json recorded "
                   f"({(rec['weights_sha256'] or 'none')[:12]})")
@@ -331,6 +338,14 @@ def _parse_seeds(text):
     if not seeds or any(seed < 0 for seed in seeds):
         raise UserError(f"--seeds must be a comma-separated list of seeds >= 0, e.g. 0,1,2; got '{text}'")
     return seeds
+
+
+def _parse_defences(text):
+    names = [n for n in (text or "").split(",") if n]
+    for name in names:
+        if name not in DEFENCES:
+            raise UserError(f"--defences: unknown defence '{name}'; registered: {', '.join(DEFENCES)}")
+    return names
 
 
 def job_env(slot, jobs, share=None):
@@ -487,6 +502,9 @@ def main(argv=None):
                         help="student seeds, e.g. 0,1,2: every student arm and DFAD is trained once per seed (teachers "
                              "once); seeds already in EXP_ROOT/steps.json are kept in the report (default: 0, "
                              "plus those)")
+    parser.add_argument("--defences", default=None,
+                        help="also attack these registered defences outside the default battery, e.g. keyed,keyedflat "
+                             "(variants being screened); kept in EXP_ROOT/steps.json, so later runs keep them too")
     parser.add_argument("--jobs", type=int, default=1,
                         help="steps run at once, each in its own process (default 1: one after another, in this process)")
     parser.add_argument("--no_battery", action="store_true",
@@ -515,7 +533,11 @@ def main(argv=None):
     old = _read_json(os.path.join(exp_root, "steps.json"))
     known = sorted({s["role"].get("seed", 0) for s in old["steps"]} if isinstance(old, dict) and "steps" in old
                    else set())
-    steps = plan(args.preset, args.dataset, sorted(set(seeds) | set(known)))
+    extra = _parse_defences(args.defences)
+    if isinstance(old, dict) and "steps" in old:  # defences asked for before stay in the plan
+        extra += [s["role"]["teacher"] for s in old["steps"] if s["role"].get("kind") == "teacher"
+                  and s["role"]["teacher"] not in battery_teachers(extra) and s["role"]["teacher"] in DEFENCES]
+    steps = plan(args.preset, args.dataset, sorted(set(seeds) | set(known)), extra)
     run_seeds = set(seeds) if args.seeds is not None else set(seeds) | set(known)
     os.makedirs(exp_root, exist_ok=True)
     atomic_write_json(os.path.join(exp_root, "steps.json"),

@@ -21,7 +21,7 @@ from utils.diagnostics import (class_response, expected_calibration_error, mean_
                                non_target_kendall, reversed_top1_match)
 from utils.engine import Engine, Task
 from utils.errors import UserError, cli_main
-from utils.defences import DEFENCES, DefendedModel, defence_keys
+from utils.defences import DEFENCES, DefendedModel, defence_keys, key_fingerprint, secret_key
 
 # RML: alpha (binary term), beta (reversed non-target term), gamma (Nasty-style maximisation over non-targets),
 # beta_warmup (epochs of linear ramp), reverse_scope; Nasty: omega; Stingy: stingy_ratio (utils/defences.py).
@@ -124,8 +124,14 @@ def main(argv=None):
     if defence.trained:
         engine.fit(task)
         return 0
-    settings = defence.settings(cfg)
-    task.model = DefendedModel(task.original, cfg["method"], settings)
+    settings, runtime = defence.settings(cfg), {}
+    if defence.needs_key:  # the key stays in the folder (or the environment); only its fingerprint is recorded
+        key, where = secret_key(args.save_path, create=engine.is_main)
+        settings["key_sha256"] = key_fingerprint(key)
+        runtime = defence.runtime(settings, key, engine.info.num_classes)
+        engine.log(f"secret key from {where} (fingerprint {settings['key_sha256']}); keep it: the teacher cannot "
+                   f"answer without it")
+    task.model = DefendedModel(task.original, cfg["method"], settings, runtime)
     record = dict(model_record(ckpt["model"], ckpt["arch"], cfg["dataset"]), defence=dict(settings, name=cfg["method"]))
     engine.publish(task, task.model, record)
     return 0

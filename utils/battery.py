@@ -137,8 +137,8 @@ def fit(members, resume_how):
                 if bar is not None:
                     bar.update(1)
                     if (step + 1 - first) % lead.engine.cfg["log_every"] == 0:
-                        per = len(batch[1]) * (step + 1 - first) / (time.time() - t0)
-                        bar.set_postfix({"img/s per student": f"{per:.0f}"})
+                        each = len(batch[1]) * (step + 1 - first) / (time.time() - t0)
+                        bar.set_postfix({"img/s each": f"{each:.0f}", "all": f"{each * len(members):.0f}"})
                 signum = stop[0] if stop else next((e._stop_signal for e in engines if e._stop_signal), None)
                 if signum is not None:
                     for e in engines:

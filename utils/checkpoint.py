@@ -114,7 +114,15 @@ def build_from_checkpoint(path, what, dataset=None, num_classes=None):
         if name not in DEFENCES or DEFENCES[name].trained:
             raise UserError(f"{what} {path} names defence '{name}', which is not a training-free defence of this "
                             f"version ({', '.join(n for n, d in DEFENCES.items() if not d.trained)})")
-        model = DefendedModel(model, name, spec)
+        runtime = {}
+        if DEFENCES[name].needs_key:
+            from .defences import key_problem, secret_key
+            folder = os.path.dirname(os.path.abspath(path))
+            problem = key_problem(folder, dict(spec, name=name))
+            if problem:
+                raise UserError(f"{what} {path} is keyed ({name}) and cannot answer: {problem}")
+            runtime = DEFENCES[name].runtime(spec, secret_key(folder)[0], ckpt["num_classes"])
+        model = DefendedModel(model, name, spec, runtime)
     return model, ckpt
 
 

@@ -11,6 +11,10 @@ for the report, and says what settings reproduce.py's battery gives it (`battery
 defence is one class here plus its test; train_possessive.py, the battery, report.py's table and figures
 pick it up from DEFENCES.
 """
+import hashlib
+import os
+import secrets
+
 import torch
 
 from . import registry
@@ -66,6 +70,13 @@ class Defence:
     def transform(logits, settings):
         """The defended answer to a batch of the original's logits; settings: the defence's keys."""
         raise NotImplementedError
+
+    needs_key = False  # a training-free transform keyed by a secret (see secret_key)
+
+    @classmethod
+    def runtime(cls, settings, key, num_classes):
+        """What the transform needs beyond the recorded settings, derived from the secret key (never recorded)."""
+        return {}
 
     version = 1  # of a training-free transform: recorded in the teacher file, so a changed transform is a new teacher
 
@@ -179,19 +190,154 @@ class PostHocReversal(Defence):
         the defended argmax is always the original's."""
         z = logits.float()
         top = z.argmax(1, keepdim=True)
-        out = reverse_logits(z, top.squeeze(1))
-        kept = out.gather(1, top)
-        rest = out.scatter(1, top, float("-inf")).max(dim=1, keepdim=True).values
-        bumped = torch.where(rest >= kept, torch.nextafter(rest, torch.full_like(rest, float("inf"))), kept)
-        return out.scatter(1, top, bumped)
+        return _bump_kept_top1(reverse_logits(z, top.squeeze(1)), top)
+
+
+# The secret of a keyed defence: the environment variable, else this file beside the teacher's weights.pth
+# (written by train_possessive.py with a fresh random key when neither exists; git-ignored). Only a
+# fingerprint of it is recorded anywhere (key_sha256), never the key.
+KEY_ENV = "DEFENCE_KEY"
+KEY_FILE = "secret.key"
+
+
+def key_fingerprint(key):
+    return hashlib.sha256(f"defence-key:{key}".encode()).hexdigest()[:16]
+
+
+def secret_key(folder, create=False):
+    """(key, where it came from) for a keyed teacher in `folder`; (None, None) when there is none (create:
+    write a fresh random one to folder/secret.key, readable by its owner only)."""
+    if os.environ.get(KEY_ENV):
+        return os.environ[KEY_ENV].strip(), f"${KEY_ENV}"
+    path = os.path.join(folder, KEY_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            key = f.read().strip()
+        if key:
+            return key, path
+    if not create:
+        return None, None
+    key = secrets.token_hex(16)
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key, path
+
+
+def key_problem(folder, spec):
+    """Why the keyed teacher recorded by `spec` (a teacher file's defence entry) cannot answer here, or None."""
+    defence = DEFENCES.get(spec.get("name"))
+    if defence is None or not defence.needs_key:
+        return None
+    key, where = secret_key(folder)
+    if key is None:
+        return (f"its secret key is not here (set ${KEY_ENV}, or put the owner's {KEY_FILE} in {folder}; "
+                f"the key's fingerprint is {spec.get('key_sha256')})")
+    if key_fingerprint(key) != spec.get("key_sha256"):
+        return (f"the key in {where} (fingerprint {key_fingerprint(key)}) is not the one it was made with "
+                f"({spec.get('key_sha256')})")
+    return None
+
+
+def _bump_kept_top1(out, top):
+    """Raise the kept top-1 of each row to the next float above the rest where a value of the rest reaches
+    it, so the defended argmax is always the original's."""
+    kept = out.gather(1, top)
+    rest = out.scatter(1, top, float("-inf")).max(dim=1, keepdim=True).values
+    bumped = torch.where(rest >= kept, torch.nextafter(rest, torch.full_like(rest, float("inf"))), kept)
+    return out.scatter(1, top, bumped)
+
+
+def rank_permutations(key, num_classes):
+    """(C, C-1) long tensor: row c is the secret permutation of the non-target ranks for top-1 class c."""
+    rows = []
+    for c in range(num_classes):
+        seed = int.from_bytes(hashlib.sha256(f"{key}:{c}".encode()).digest()[:8], "little")
+        rows.append(torch.randperm(num_classes - 1, generator=torch.Generator().manual_seed(seed)))
+    return torch.stack(rows)
+
+
+def permute_ranks(logits, perms):
+    """Keep each row's top-1; the non-target class of rank k (0: the highest non-target value) receives the
+    value of rank perms[top-1][k]. perms[c] = (C-2, ..., 0) for every c is the post-hoc reversal."""
+    z = logits.float()
+    top = z.argmax(1, keepdim=True)
+    order = z.scatter(1, top, float("inf")).argsort(dim=1, descending=True, stable=True)  # top-1 first
+    ranked = z.gather(1, order)[:, 1:]  # non-target values, highest first
+    moved = ranked.gather(1, perms.to(z.device)[top.squeeze(1)])
+    return _bump_kept_top1(z.scatter(1, order[:, 1:], moved), top)
+
+
+def fix_confidence(logits, confidence, tau):
+    """Set each row's top-1 logit so that softmax(z / tau) gives it probability `confidence` exactly: the
+    target-versus-rest split at tau is [c, 1 - c] for every image, whatever the original's confidence. Where
+    that would not keep the top-1 above the rest (a c below what the rest allows), it is kept just above."""
+    z = logits.float()
+    top = z.argmax(1, keepdim=True)
+    rest = torch.logsumexp(z.scatter(1, top, float("-inf")) / tau, dim=1, keepdim=True)
+    wanted = tau * (rest + torch.logit(torch.tensor(confidence, device=z.device)))
+    return _bump_kept_top1(z.scatter(1, top, wanted), top)
+
+
+@register
+class KeyedPermutation(Defence):
+    """Keyed permutation (issue 16's variant against re-reversal): the original's top-1 is kept and its
+    non-target ranks are permuted by a secret permutation chosen by the top-1 class (rank_permutations of
+    the owner's key), in place of the public reversal a thief can undo. keyed_confidence > 0 also fixes the
+    target-versus-rest split at keyed_tau to [c, 1 - c] (fix_confidence), against TCKD, which reads the
+    original's per-image confidence. Training-free; the key is never recorded, only its fingerprint."""
+    name, label = "keyed", "keyed permutation"
+    keys = {"keyed_confidence": 0.0, "keyed_tau": 4.0}
+    trained = False
+    needs_key = True
+    battery = False  # screened first: reproduce.py --defences keyed,keyedflat
+
+    @classmethod
+    def check(cls, cfg, source):
+        if not 0 <= cfg["keyed_confidence"] < 1:
+            raise UserError(f"{source}: 'keyed_confidence' must be in [0, 1) (0: not fixed), got {cfg['keyed_confidence']}")
+        if not cfg["keyed_tau"] > 0:
+            raise UserError(f"{source}: 'keyed_tau' must be > 0, got {cfg['keyed_tau']}")
+
+    @classmethod
+    def runtime(cls, settings, key, num_classes):
+        return {"perms": rank_permutations(key, num_classes)}
+
+    @staticmethod
+    def transform(logits, settings):
+        out = permute_ranks(logits, settings["perms"])
+        if settings["keyed_confidence"] > 0:
+            out = fix_confidence(out, settings["keyed_confidence"], settings["keyed_tau"])
+        return out
+
+
+@register
+class KeyedFlat(KeyedPermutation):
+    """The keyed permutation with the target-versus-rest split fixed at [0.9, 0.1] at tau 4: against
+    re-reversal and TCKD at once (the battery's settings; any keyed_confidence works with method keyed)."""
+    name, label = "keyedflat", "keyed permutation, fixed confidence"
+
+    @classmethod
+    def check(cls, cfg, source):
+        super().check(cfg, source)
+        if cfg.get("method") == cls.name and not cfg["keyed_confidence"] > 0:
+            raise UserError(f"{source}: method keyedflat fixes the confidence: set 'keyed_confidence' in (0, 1), "
+                            f"e.g. 0.9 (method keyed permutes without fixing it)")
+
+    @classmethod
+    def battery_params(cls, preset, dataset):
+        return dict(super().battery_params(preset, dataset), keyed_confidence=0.9, keyed_tau=DATASET_TAU[dataset])
 
 
 class DefendedModel(torch.nn.Module):
-    """The original model answering through a training-free defence's transform."""
+    """The original model answering through a training-free defence's transform (runtime: what a keyed
+    defence derives from its secret key; held in memory, never saved)."""
 
-    def __init__(self, model, name, settings):
+    def __init__(self, model, name, settings, runtime=None):
         super().__init__()
         self.model, self.defence, self.settings = model, name, dict(settings)
+        self.runtime = dict(runtime or {})
 
     def forward(self, x):
-        return DEFENCES[self.defence].transform(self.model(x), self.settings)
+        return DEFENCES[self.defence].transform(self.model(x), dict(self.settings, **self.runtime))
