@@ -2,6 +2,7 @@
 
     python report.py exps/mini
     python report.py runs/mini --compare exps/mini      # a re-run beside the committed figures
+    python report.py exps/mini_curve --curve --with exps/mini   # convergence: accuracy against epochs
 
 
 Reads exps/<preset>/steps.json (written by reproduce.py) and each step's metrics.json / sweep.json; writes
@@ -514,6 +515,92 @@ def comparison(res, ref, run_root, ref_root):
     return "\n".join(lines) + "\n"
 
 
+# Keys that may differ between the points of one curve: the schedule length, the seed, and what does not
+# change a result; the teacher is compared by the digest of the weights the run loaded.
+CURVE_FREE_KEYS = {"epochs", "seed", "teacher", "data_root", "download", "device", "log_every", "eval_batch_size",
+                   "compile"}
+
+
+def _curve_arm(m):
+    """(key, label) of a run's arm: every setting but the epochs and the seed, the teacher by its weights."""
+    cfg = {k: v for k, v in (m.get("config") or {}).items() if k not in CURVE_FREE_KEYS}
+    teacher = (m.get("inputs") or {}).get("teacher", {})
+    key = json.dumps([m.get("script"), cfg, teacher.get("weights_sha256")], sort_keys=True)
+    if m.get("script") == "train_kd.py":
+        label = f"{m.get('attack')} KD from {os.path.basename(os.path.dirname(teacher.get('path', '?')))}"
+    else:
+        label = "label smoothing" if cfg.get("label_smoothing") else "scratch"
+    return key, f"{label} ({m.get('model')})"
+
+
+def _finished_runs(folder):
+    for name in sorted(os.listdir(folder)):
+        m = _load(os.path.join(folder, name, "metrics.json"))
+        if isinstance(m, dict) and isinstance(m.get("final_acc"), (int, float)) and m.get("script") != "train_dfad.py":
+            yield os.path.join(folder, name), m
+
+
+def curve(curve_root, others=()):
+    """Final accuracy against the schedule length for every arm with runs in curve_root (more points of the
+    same arms, e.g. the preset's own short schedule, from `others`). Writes CURVE_ROOT/curve.md, curve.json
+    and fig_convergence.png; returns the curve dict."""
+    arms = {}
+    for folder in (curve_root,) + tuple(others):
+        for path, m in _finished_runs(folder):
+            key, label = _curve_arm(m)
+            if folder != curve_root and key not in arms:
+                continue  # only the arms the curve folder measures
+            arm = arms.setdefault(key, {"label": label, "points": {}})
+            arm["points"].setdefault(m["epochs"], []).append({"acc": m["final_acc"], "seed": m.get("seed"), "run": path})
+    if not arms:
+        raise UserError(f"{curve_root} holds no finished run (a folder with metrics.json); train the curve's runs first")
+    out = {"arms": [], "rule": "the schedule is long enough where doubling the epochs gains < 1 point"}
+    lines = [f"# Convergence: `{curve_root}`", "",
+             "Final-epoch test accuracy (%) against the number of epochs (each a full run with its own one-cycle "
+             "schedule), mean ± std (n seeds); Δ: gain over the previous point. The rule (issue: students trained "
+             "to convergence): a schedule is long enough where doubling the epochs gains < 1 point.", "",
+             "| arm | epochs | accuracy | Δ vs previous | runs |", "|---|---|---|---|---|"]
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in arms.values():
+        epochs = sorted(arm["points"])
+        means, prev, enough = [], None, None
+        for e in epochs:
+            accs = [p["acc"] for p in arm["points"][e]]
+            mean, std = mean_std(accs)
+            means.append(mean)
+            gain = None if prev is None else mean - prev[1]
+            if gain is not None and enough is None and e == 2 * prev[0] and gain < 1.0:
+                enough = prev[0]
+            std_text = f" ± {std:.2f}" if len(accs) > 1 else ""
+            lines.append(f"| {arm['label']} | {e} | {mean:.2f}{std_text} ({len(accs)}) | "
+                         f"{_fmt(gain, signed=True) if gain is not None else '–'} | "
+                         f"{', '.join(os.path.relpath(p['run']) for p in arm['points'][e])} |")
+            prev = (e, mean)
+        out["arms"].append({"label": arm["label"], "epochs": epochs, "mean": means, "enough_at": enough,
+                            "points": {str(e): arm["points"][e] for e in epochs}})
+        ax.plot(epochs, means, marker="o", label=arm["label"])
+    lines.append("")
+    for arm in out["arms"]:
+        lines.append(f"- {arm['label']}: " + (f"long enough at {arm['enough_at']} epochs (doubling gains < 1 point)."
+                                               if arm["enough_at"] else
+                                               f"not flat within the measured epochs ({', '.join(map(str, arm['epochs']))}): "
+                                               f"every doubling measured gained ≥ 1 point, or a doubling is missing."))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("epochs (log 2)")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(curve_root, "fig_convergence.png"), dpi=120)
+    plt.close(fig)
+    atomic_write_text(os.path.join(curve_root, "curve.md"), "\n".join(lines) + "\n")
+    atomic_write_json(os.path.join(curve_root, "curve.json"), out)
+    return out
+
+
 @cli_main
 def main(argv=None):
     import argparse
@@ -524,12 +611,24 @@ def main(argv=None):
                              "with every row beside REF's and the difference")
     parser.add_argument("--strict", action="store_true",
                         help="refuse (exit 2) when a row was trained from other weights than its teacher's")
+    parser.add_argument("--curve", action="store_true",
+                        help="EXP_ROOT holds runs of a few arms at several epoch counts: write curve.md, curve.json and "
+                             "fig_convergence.png (final accuracy against epochs) instead of the results table")
+    parser.add_argument("--with", dest="others", nargs="+", default=[], metavar="FOLDER",
+                        help="with --curve: more points of the same arms from these folders (e.g. exps/mini)")
     parser.error = lambda message: (_ for _ in ()).throw(UserError(f"{message}; usage: python report.py "
                                                                    f"exps/<preset> [--compare REF] [--strict]"))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     for folder in (args.exp_root, args.compare):
         if folder is not None and not os.path.isdir(folder):
             raise UserError(f"{folder} is not a folder; pass a preset folder, e.g. exps/mini")
+    if args.curve:
+        for folder in args.others:
+            if not os.path.isdir(folder):
+                raise UserError(f"--with {folder} is not a folder")
+        curve(args.exp_root, args.others)
+        print(open(os.path.join(args.exp_root, "curve.md")).read(), end="")
+        return 0
     res = build(args.exp_root, strict=args.strict)
     print(f"wrote {os.path.join(args.exp_root, 'results.md')}, results.json and figures")
     if args.compare:

@@ -1,0 +1,51 @@
+"""report.py --curve: final accuracy against epochs per arm, the preset's own points joined by config, and the
+rule that picks the schedule (doubling the epochs gains < 1 point)."""
+import json
+import os
+
+import report
+from conftest import read_json, run_main
+
+BASE = {"model": "cnn", "lr": 0.05, "batch_size": 128, "schedule": "onecycle", "dataset": "cifar10"}
+
+
+def _run(folder, name, epochs, acc, seed=0, **cfg):
+    os.makedirs(os.path.join(folder, name))
+    kd = "attack" in cfg
+    m = {"script": "train_kd.py" if kd else "train_scratch.py", "model": "cnn", "epochs": epochs, "seed": seed,
+         "final_acc": acc, "config": dict(BASE, epochs=epochs, seed=seed, **cfg)}
+    if kd:
+        m.update(attack=cfg["attack"], inputs={"teacher": {"path": "exps/mini/teacher_resnet20/weights.pth",
+                                                           "weights_sha256": "abc"}})
+    with open(os.path.join(folder, name, "metrics.json"), "w") as f:
+        json.dump(m, f)
+
+
+def test_curve_joins_points_and_applies_the_rule(tmp_path, capsys):
+    curve, preset = str(tmp_path / "curve"), str(tmp_path / "mini")
+    for e, acc in ((6, 70.0), (12, 70.6)):
+        _run(curve, f"scratch_e{e}", e, acc)
+    for e, acc in ((6, 72.0), (12, 74.5)):
+        _run(curve, f"kd_e{e}", e, acc, attack="vanilla", tau=4.0)
+    for seed, acc in ((0, 65.0), (1, 66.0)):  # the preset's 3-epoch points of both arms, two seeds
+        _run(preset, f"scratch_s{seed}", 3, acc, seed=seed)
+        _run(preset, f"kd_s{seed}", 3, acc + 4, seed=seed, attack="vanilla", tau=4.0)
+    _run(preset, "ls", 3, 65.2, label_smoothing=0.1)  # another arm: not on the curve
+    _run(preset, "lr", 3, 60.0, lr=0.1)  # same arm name, another setting: not on the curve
+    assert run_main(report.main, [curve, "--curve", "--with", preset]) == 0
+    out = read_json(os.path.join(curve, "curve.json"))
+    arms = {a["label"]: a for a in out["arms"]}
+    assert set(arms) == {"scratch (cnn)", "vanilla KD from teacher_resnet20 (cnn)"}
+    scratch = arms["scratch (cnn)"]
+    assert scratch["epochs"] == [3, 6, 12] and scratch["mean"] == [65.5, 70.0, 70.6] and scratch["enough_at"] == 6
+    assert arms["vanilla KD from teacher_resnet20 (cnn)"]["enough_at"] is None  # +2.5 from 6 to 12
+    text = open(os.path.join(curve, "curve.md")).read()
+    assert "| scratch (cnn) | 3 | 65.50 ± 0.71 (2) | – |" in text and "long enough at 6 epochs" in text
+    with open(os.path.join(curve, "fig_convergence.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curve_of_an_empty_folder_is_one_line(tmp_path, capsys):
+    assert run_main(report.main, [str(tmp_path), "--curve"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no finished run" in err[0]
