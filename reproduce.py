@@ -76,6 +76,7 @@ PRESETS = {
         # RML's own settings over "possessive": chosen by the sweep in exps/mini/rml_sweep (README).
         "rml": {"lr": 0.01, "beta": 0.3},
         "student": {"epochs": 3, "lr": 0.05},
+        "seeds": [0, 1, 2],  # METHOD.md section 8: a verdict needs n >= 3
         "taus": [4.0],
         "dfad": {"epochs": 1, "iters_per_epoch": 50, "k": 5, "batch_size": 128, "lr": 0.1,
                  "schedule": "step", "milestones": [1]},
@@ -89,6 +90,7 @@ PRESETS = {
         "teacher": {"epochs": 200, "lr": 0.1, "milestones": [100, 150]},
         "possessive": {"epochs": 200, "lr": 0.1, "milestones": [100, 150]},
         "student": {"epochs": 200, "lr": 0.1, "milestones": [100, 150]},
+        "seeds": [0, 1, 2],
         "taus": [1.0, 4.0, 10.0, 20.0],
         "dfad": {"epochs": 500, "iters_per_epoch": 50, "k": 5, "batch_size": 256, "lr": 0.1,
                  "milestones": [100, 200]},
@@ -328,9 +330,9 @@ def dependencies(step):
     return set(_dependency_keys(step).values())
 
 
-def _parse_seeds(text):
+def _parse_seeds(text, default=(0,)):
     if text is None:
-        return [0]
+        return list(default)
     try:
         seeds = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
@@ -500,8 +502,8 @@ def main(argv=None):
                              "the committed exps/mini, when --exp_root puts this run elsewhere)")
     parser.add_argument("--seeds", default=None,
                         help="student seeds, e.g. 0,1,2: every student arm and DFAD is trained once per seed (teachers "
-                             "once); seeds already in EXP_ROOT/steps.json are kept in the report (default: 0, "
-                             "plus those)")
+                             "once); seeds already in EXP_ROOT/steps.json are kept in the report (default: the "
+                             "preset's, 0,1,2 for mini and paper and 0 for tiny, plus those)")
     parser.add_argument("--defences", default=None,
                         help="also attack these registered defences outside the default battery, e.g. keyed,keyedflat "
                              "(variants being screened); kept in EXP_ROOT/steps.json, so later runs keep them too")
@@ -529,7 +531,7 @@ def main(argv=None):
         fetch_dataset(args.dataset or PRESETS[args.preset]["dataset"], args.data_root)
     if not os.path.isdir(args.data_root):
         raise UserError(f"data_root '{args.data_root}' does not exist; pass --data_root pointing at your dataset copy")
-    seeds = _parse_seeds(args.seeds)
+    seeds = _parse_seeds(args.seeds, PRESETS[args.preset].get("seeds", (0,)))
     old = _read_json(os.path.join(exp_root, "steps.json"))
     known = sorted({s["role"].get("seed", 0) for s in old["steps"]} if isinstance(old, dict) and "steps" in old
                    else set())

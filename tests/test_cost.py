@@ -43,7 +43,8 @@ def test_projection_hours_are_exact():
 
 
 def test_paper_preset_projection():
-    rows, total = project(reproduce.plan("paper"), check_epoch_times(EPOCH_TIMES, "test"))
+    rows, total = project(reproduce.plan("paper", seeds=reproduce.PRESETS["paper"]["seeds"]),
+                          check_epoch_times(EPOCH_TIMES, "test"))
     by_name = {r["step"]: r for r in rows}
     assert by_name["teacher_resnet18"]["hours"] == 1.0 and by_name["rml_resnet18"]["hours"] == 1.5
     assert by_name["kd_vanilla_rml_cnn"]["runs"] == 4 and by_name["kd_vanilla_rml_cnn"]["hours"] == 1.0
@@ -94,7 +95,8 @@ def test_reproduce_dry_run_prints_the_projection(tmp_path, capsys):
     assert "| kd_vanilla_rml_cnn | train_kd.py | cnn | 4 x 200 | 4.5 | 1.00 |" in out
     assert "| dfad_rml_resnet18 | train_dfad.py | resnet18 | 1 x 500 | 18.0 | 2.50 |" in out
     assert "not counted: no measured epoch time for train_kd.py/resnet32" in out
-    rows, total = project(reproduce.plan("paper"), check_epoch_times(EPOCH_TIMES, "test"))
+    rows, total = project(reproduce.plan("paper", seeds=reproduce.PRESETS["paper"]["seeds"]),
+                          check_epoch_times(EPOCH_TIMES, "test"))
     counted = sum(r["hours"] is not None for r in rows)
     assert f"Total: {total:.1f} device-hours for {counted} of {len(rows)} steps." in out
     assert f"{len(rows) - counted} steps have no usable measured time" in out

@@ -68,8 +68,9 @@ def test_rehearsal_epoch_times_feed_the_projection(rehearsal, tmp_path, capsys):
             "--data_root", str(tmp_path), "--exp_root", str(tmp_path / "paper")]
     assert run_main(reproduce.main, argv) == 0
     text = capsys.readouterr().out
-    # the teacher, scratch and label-smoothing students of resnet18 and cnn: 5 of the preset's steps
-    assert f"for 5 of {len(reproduce.plan('paper'))} steps" in text
+    # the teacher, and scratch and label-smoothing students of resnet18 and cnn per seed (the preset's three)
+    seeds = reproduce.PRESETS["paper"]["seeds"]
+    assert f"for {1 + 4 * len(seeds)} of {len(reproduce.plan('paper', seeds=seeds))} steps" in text
     hours = 200 * entries["train_scratch.py/resnet18"]["seconds_per_epoch"] / 3600
     assert "| teacher_resnet18 | train_scratch.py | resnet18 | 1 x 200 |" in text and f"| {hours:.2f} |" in text
 

@@ -390,3 +390,15 @@ def test_a_step_that_starts_alone_gets_every_core(monkeypatch):
     assert reproduce.job_env(0, 2)["OMP_NUM_THREADS"] == "4"
     assert reproduce.job_env(0, 2, share=1)["OMP_NUM_THREADS"] == "8"
     assert reproduce.job_env(1, 4, share=2)["OMP_NUM_THREADS"] == "4"
+
+
+def test_mini_default_is_three_seeds(tmp_path, capsys):
+    """The mini preset trains every student arm with seeds 0, 1 and 2 unless --seeds says otherwise."""
+    argv = ["--preset", "mini", "--dry_run", "--data_root", str(tmp_path), "--exp_root", str(tmp_path / "mini")]
+    assert run_main(reproduce.main, argv) == 0
+    out = capsys.readouterr().out
+    n = len(reproduce.plan("mini", seeds=(0, 1, 2)))
+    assert f"{n} steps: {n} new" in out and "kd_tckd_rml_cnn_seed2: new" in out
+    assert run_main(reproduce.main, argv + ["--seeds", "0"]) == 0  # seeds 1, 2 are now known: kept in the plan,
+    out = capsys.readouterr().out                                   # but not run
+    assert "kd_tckd_rml_cnn_seed2" not in out and f"{len(reproduce.plan('mini'))} steps:" in out
