@@ -372,6 +372,17 @@ def accuracy_bars(res):
     return labels, values, colours
 
 
+def _save_plot(fig, ax, xlabel, ylabel, path, legend_size, dpi):
+    import matplotlib.pyplot as plt
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=legend_size)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def figures(res, exp_root, response_class=3):
     import matplotlib
     matplotlib.use("Agg")
@@ -434,13 +445,7 @@ def figures(res, exp_root, response_class=3):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, hist in curves:
             ax.plot([r["epoch"] for r in hist], [r["test_acc"] for r in hist], marker=".", label=name)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy (%)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(exp_root, "fig_curves.png"), dpi=110)
-        plt.close(fig)
+        _save_plot(fig, ax, "epoch", "test accuracy (%)", os.path.join(exp_root, "fig_curves.png"), 7, 110)
         written.append("fig_curves.png")
     return written
 
@@ -589,13 +594,8 @@ def curve(curve_root, others=()):
                                                f"not flat within the measured epochs ({', '.join(map(str, arm['epochs']))}): "
                                                f"every doubling measured gained ≥ 1 point, or a doubling is missing."))
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("epochs (log 2)")
-    ax.set_ylabel("final test accuracy (%)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(curve_root, "fig_convergence.png"), dpi=120)
-    plt.close(fig)
+    _save_plot(fig, ax, "epochs (log 2)", "final test accuracy (%)", os.path.join(curve_root, "fig_convergence.png"),
+               8, 120)
     atomic_write_text(os.path.join(curve_root, "curve.md"), "\n".join(lines) + "\n")
     atomic_write_json(os.path.join(curve_root, "curve.json"), out)
     return out
