@@ -253,6 +253,7 @@ def markdown(res, extra=None):
         lines += ["", "## Data-free (DFAD)", "", "| teacher | student | student acc |", "|---|---|---|"]
         for teacher, d in res["dfad"].items():
             lines.append(f"| {TEACHER_NAMES[teacher]} | {d['arch']} | {_seeded(d)}{_mark(d)} |")
+    lines += _frontier_lines(res)
     resistant = _verdicts(res)
     if resistant:
         lines += ["", "## Which teachers resist which attacks", ""] + resistant
@@ -261,7 +262,8 @@ def markdown(res, extra=None):
     lines += _provenance_lines(res)
     lines += _compute_lines(res, extra or {})
     lines += ["", "Figures: `fig_accuracy.png` (teachers and students), `fig_response.png` (mean softmax "
-              "response at τ for one class), `fig_curves.png` (test accuracy per epoch).",
+              "response at τ for one class), `fig_curves.png` (test accuracy per epoch), `fig_frontier.png` (each "
+              "teacher's accuracy against its strongest attack).",
               "Rebuild with `python report.py <this folder>`.", ""]
     return "\n".join(lines)
 
@@ -345,6 +347,48 @@ def _verdicts(res):
                 parts.append(f"resists {', '.join(by['KD-resistant'])}")
             out.append(f"- {TEACHER_NAMES[teacher]} → `{arch}`: " + "; ".join(parts) + ".")
     return out
+
+
+def frontier(res):
+    """Per student architecture and teacher: the teacher's accuracy and the *strongest* attack on it (the
+    stolen student with the highest mean accuracy), against the label-smoothing bar. A teacher resists
+    every attack when each attack's verdict is KD-resistant (METHOD.md section 8)."""
+    out = []
+    for arch, s in res["students"].items():
+        bar = (s.get("ls") or {}).get("acc")
+        for teacher in _teacher_order(res):
+            attacks = {a: r for a, r in s["kd"].get(teacher, {}).items() if r.get("acc") is not None}
+            t = res["teachers"].get(teacher)
+            if not attacks or not t:
+                continue
+            best = max(attacks, key=lambda a: attacks[a]["acc"])
+            b = attacks[best]
+            out.append({"arch": arch, "teacher": teacher, "teacher_acc": t["acc"], "teacher_delta": t.get("delta"),
+                        "strongest": best, "acc": b["acc"], "std": b.get("std"), "n": b.get("n", 1),
+                        "delta_ls": None if bar is None else b["acc"] - bar, "verdict": b.get("verdict"),
+                        "p": b.get("p"), "bar": bar, "attacks": len(attacks),
+                        "resists_all": all(r.get("verdict") == "KD-resistant" for r in attacks.values())})
+    return out
+
+
+def _frontier_lines(res):
+    rows_ = frontier(res)
+    if not rows_:
+        return []
+    lines = ["", "## Defences at a glance: the strongest attack on each teacher", "",
+             "Each teacher's accuracy beside the stolen student of the attack that steals the most from it (highest "
+             "mean accuracy); the goal is a teacher within 0.5 point of the original whose strongest attack stays at "
+             "or below the label-smoothing bar (`fig_frontier.png`).", "",
+             "| student | teacher | teacher acc (Δ vs original) | strongest attack | its student | Δ vs bar | verdict (p) "
+             "| every attack KD-resistant |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows_:
+        delta = "" if r["teacher"] == "original" else f" ({_fmt(r['teacher_delta'], signed=True)})"
+        entry = {"acc": r["acc"], "std": r["std"], "n": r["n"]}
+        lines.append(f"| `{r['arch']}` | {TEACHER_NAMES[r['teacher']]} | {_fmt(r['teacher_acc'])}{delta} | {r['strongest']} "
+                     f"| {_seeded(entry)} | {_fmt(r['delta_ls'], signed=True)} | "
+                     f"{_verdict_cell({'verdict': r['verdict'], 'p': r['p'], 'n_paired': r['n']})} | "
+                     f"{'yes' if r['resists_all'] else 'no'} ({r['attacks']} attacks) |")
+    return lines
 
 
 def accuracy_bars(res):
@@ -447,6 +491,27 @@ def figures(res, exp_root, response_class=3):
             ax.plot([r["epoch"] for r in hist], [r["test_acc"] for r in hist], marker=".", label=name)
         _save_plot(fig, ax, "epoch", "test accuracy (%)", os.path.join(exp_root, "fig_curves.png"), 7, 110)
         written.append("fig_curves.png")
+    # 4. the frontier: teacher accuracy against the strongest attack's student, the bar drawn
+    points = frontier(res)
+    if points:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        colour = {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(_teacher_order(res))}
+        for r in points:
+            yerr = r["std"] if r["std"] is not None else None
+            ax.errorbar([r["teacher_acc"]], [r["acc"]], yerr=yerr, fmt="o", color=colour[r["teacher"]], capsize=3,
+                        label=f"{TEACHER_NAMES[r['teacher']]} ({r['strongest']})")
+        for arch in res["students"]:
+            bar = (res["students"][arch].get("ls") or {}).get("acc")
+            if bar is not None:
+                ax.axhline(bar, color="grey", linestyle="--", linewidth=1, label=f"label-smoothing bar ({arch})")
+        original = res["teachers"].get("original")
+        if original:
+            ax.axvline(original["acc"] - 0.5, color="grey", linestyle=":", linewidth=1,
+                       label="original − 0.5 point")
+        ax.set_title("each teacher against the attack that steals the most from it", fontsize=9)
+        _save_plot(fig, ax, "teacher test accuracy (%)", "strongest attack's student accuracy (%)",
+                   os.path.join(exp_root, "fig_frontier.png"), 7, 110)
+        written.append("fig_frontier.png")
     return written
 
 
@@ -470,6 +535,7 @@ def build(exp_root, extra=None, strict=False):
             for a in atts.values():
                 a.pop("history", None)
     slim["extra"] = extra
+    slim["frontier"] = frontier(res)
     atomic_write_json(os.path.join(exp_root, "results.json"), slim)
     atomic_write_text(os.path.join(exp_root, "results.md"), markdown(res, extra))
     figures(res, exp_root)

@@ -81,9 +81,24 @@ def test_stale_sweep_from_an_earlier_config_is_ignored(chain):
 
 def test_figures_are_pngs(chain):
     exp_root, _ = chain
-    for name in ("fig_accuracy.png", "fig_response.png", "fig_curves.png"):
+    for name in ("fig_accuracy.png", "fig_response.png", "fig_curves.png", "fig_frontier.png"):
         with open(os.path.join(exp_root, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_frontier_names_each_teachers_strongest_attack(chain):
+    exp_root, _ = chain
+    res = report.collect(exp_root)
+    rows = report.frontier(res)
+    assert [r["teacher"] for r in rows] == reproduce.battery_teachers()
+    for r in rows:
+        attacks = res["students"]["cnn_small"]["kd"][r["teacher"]]
+        assert r["acc"] == max(a["acc"] for a in attacks.values()) and attacks[r["strongest"]]["acc"] == r["acc"]
+        assert r["delta_ls"] == pytest.approx(r["acc"] - res["students"]["cnn_small"]["ls"]["acc"])
+        assert r["resists_all"] == all(a["verdict"] == "KD-resistant" for a in attacks.values())
+    md = open(os.path.join(exp_root, "results.md")).read()
+    assert "## Defences at a glance" in md
+    assert read_json(os.path.join(exp_root, "results.json"))["frontier"] == json.loads(json.dumps(rows))
 
 
 def test_second_run_skips_everything(chain, cifar_root, capsys):
