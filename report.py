@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from utils.checkpoint import atomic_write_json, atomic_write_text
+from utils.checkpoint import atomic_write_json, atomic_write_text, read_json
 from utils.errors import UserError, cli_main
 from utils.stats import RULE, mean_std, verdict
 
@@ -45,20 +45,13 @@ def _teacher_order(res):
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def _load(path):
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def _sweep(folder):
     """The folder's sweep.json if it holds this run's result: its params ask for a tau sweep, or there is no
     single-run metrics.json (a sweep given on the command line). A sweep.json left over from an earlier
     config of the same folder is ignored."""
-    params = _load(os.path.join(folder, "params.json")) or {}
+    params = read_json(os.path.join(folder, "params.json")) or {}
     if params.get("tau_sweep") or not os.path.isfile(os.path.join(folder, "metrics.json")):
-        return _load(os.path.join(folder, "sweep.json"))
+        return read_json(os.path.join(folder, "sweep.json"))
     return None
 
 
@@ -68,11 +61,11 @@ def _run(exp_root, name):
     folder = os.path.join(exp_root, name)
     sweep = _sweep(folder)
     if sweep:
-        runs = {sub: _load(os.path.join(folder, sub, "metrics.json")) or {} for sub in sweep["runs"].values()}
+        runs = {sub: read_json(os.path.join(folder, sub, "metrics.json")) or {} for sub in sweep["runs"].values()}
         metrics = runs[sweep["runs"][_tau_key(sweep["best_tau"], sweep["runs"])]]
         return {"acc": sweep["best_acc"], "tau": sweep["best_tau"], "per_tau": sweep["final_acc"],
                 "metrics": metrics, "seconds": _total_seconds(runs.values()), "inputs": _sweep_inputs(runs.values())}
-    metrics = _load(os.path.join(folder, "metrics.json"))
+    metrics = read_json(os.path.join(folder, "metrics.json"))
     if metrics is None:
         return None
     return {"acc": metrics["final_acc"], "tau": metrics.get("tau", metrics.get("config", {}).get("tau")),
@@ -98,7 +91,7 @@ def _tau_key(tau, runs):
 
 
 def collect(exp_root):
-    manifest = _load(os.path.join(exp_root, "steps.json"))
+    manifest = read_json(os.path.join(exp_root, "steps.json"))
     if manifest is None:
         raise UserError(f"{exp_root}/steps.json not found; run reproduce.py first (it writes the manifest)")
     res = {"preset": manifest["preset"], "teachers": {}, "students": {}, "dfad": {}, "missing": [], "compute": {},
@@ -522,7 +515,7 @@ def build(exp_root, extra=None, strict=False):
         name = next(iter(bad))
         raise UserError(f"{exp_root}: {len(bad)} row(s) were not trained from the teacher beside them, e.g. {name} "
                         f"({bad[name]['why']}); re-run reproduce.py on this folder, or drop --strict to mark them")
-    old = _load(os.path.join(exp_root, "results.json")) or {}
+    old = read_json(os.path.join(exp_root, "results.json")) or {}
     extra = dict(old.get("extra", {}), **(extra or {}))
     slim = json.loads(json.dumps(res))
     for group in (slim["teachers"], slim["dfad"]):
@@ -606,7 +599,7 @@ def _curve_arm(m):
 
 def _finished_runs(folder):
     for name in sorted(os.listdir(folder)):
-        m = _load(os.path.join(folder, name, "metrics.json"))
+        m = read_json(os.path.join(folder, name, "metrics.json"))
         if isinstance(m, dict) and isinstance(m.get("final_acc"), (int, float)) and m.get("script") != "train_dfad.py":
             yield os.path.join(folder, name), m
 

@@ -28,7 +28,8 @@ import subprocess
 import sys
 import time
 
-from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, atomic_write_text, checkpoint_digest, load_checkpoint
+from utils.checkpoint import (WEIGHTS_FILE, atomic_write_json, atomic_write_text, checkpoint_digest, load_checkpoint,
+                              read_json)
 from utils.config import NON_RESULT_KEYS as _RUN_NON_RESULT_KEYS
 from utils.attacks import ATTACKS
 from utils.defences import DATASET_TAU, DEFENCES, key_problem
@@ -170,15 +171,6 @@ def _same(recorded, params):
                if k not in NON_RESULT_KEYS and k not in CHECKPOINT_KEYS)
 
 
-def _read_json(path):
-    """A JSON file's content, or None when it is missing or unreadable."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def finished_record(folder, params):
     """What a finished run of this folder recorded: {config, inputs, weights_sha256}, or None.
 
@@ -186,12 +178,12 @@ def finished_record(folder, params):
     sweep.json carried its config); a single run's is its metrics.json.
     """
     if params.get("tau_sweep"):
-        sweep = _read_json(os.path.join(folder, "sweep.json"))
+        sweep = read_json(os.path.join(folder, "sweep.json"))
         if not isinstance(sweep, dict):
             return None
-        config = sweep.get("config") or _read_json(os.path.join(folder, "config.json")) or {}
+        config = sweep.get("config") or read_json(os.path.join(folder, "config.json")) or {}
         return {"config": config, "inputs": sweep.get("inputs"), "weights_sha256": None}
-    metrics = _read_json(os.path.join(folder, "metrics.json"))
+    metrics = read_json(os.path.join(folder, "metrics.json"))
     if not isinstance(metrics, dict):
         return None
     return {"config": metrics.get("config", {}), "inputs": metrics.get("inputs"),
@@ -254,7 +246,7 @@ def step_state(folder, params, deps=None, weights_needed=False):
                   f"({(rec['weights_sha256'] or 'none')[:12]})")
     lasts = [os.path.join(folder, "last.pth")] + [os.path.join(folder, d, "last.pth") for d in _subdirs(folder)]
     lasts = [p for p in lasts if os.path.isfile(p)]
-    config = _read_json(os.path.join(folder, "config.json"))
+    config = read_json(os.path.join(folder, "config.json"))
     if lasts and isinstance(config, dict) and _same(config, params):
         for last in lasts:
             try:
@@ -532,7 +524,7 @@ def main(argv=None):
     if not os.path.isdir(args.data_root):
         raise UserError(f"data_root '{args.data_root}' does not exist; pass --data_root pointing at your dataset copy")
     seeds = _parse_seeds(args.seeds, PRESETS[args.preset].get("seeds", (0,)))
-    old = _read_json(os.path.join(exp_root, "steps.json"))
+    old = read_json(os.path.join(exp_root, "steps.json"))
     known = sorted({s["role"].get("seed", 0) for s in old["steps"]} if isinstance(old, dict) and "steps" in old
                    else set())
     extra = _parse_defences(args.defences)
@@ -541,9 +533,10 @@ def main(argv=None):
                   and s["role"]["teacher"] not in battery_teachers(extra) and s["role"]["teacher"] in DEFENCES]
     steps = plan(args.preset, args.dataset, sorted(set(seeds) | set(known)), extra)
     run_seeds = set(seeds) if args.seeds is not None else set(seeds) | set(known)
-    os.makedirs(exp_root, exist_ok=True)
-    atomic_write_json(os.path.join(exp_root, "steps.json"),
-                      {"preset": args.preset, "steps": [{k: s[k] for k in ("name", "script", "role")} for s in steps]})
+    if not args.dry_run:  # a dry run changes nothing, not even the plan the report reads
+        os.makedirs(exp_root, exist_ok=True)
+        atomic_write_json(os.path.join(exp_root, "steps.json"),
+                          {"preset": args.preset, "steps": [{k: s[k] for k in ("name", "script", "role")} for s in steps]})
     selected = [s for s in steps if (not args.only or args.only in s["name"])
                 and (s["role"]["kind"] == "teacher" or s["role"].get("seed", 0) in run_seeds)]
     t0 = time.time()

@@ -414,6 +414,18 @@ def test_mini_default_is_three_seeds(tmp_path, capsys):
     out = capsys.readouterr().out
     n = len(reproduce.plan("mini", seeds=(0, 1, 2)))
     assert f"{n} steps: {n} new" in out and "kd_tckd_rml_cnn_seed2: new" in out
-    assert run_main(reproduce.main, argv + ["--seeds", "0"]) == 0  # seeds 1, 2 are now known: kept in the plan,
-    out = capsys.readouterr().out                                   # but not run
+    assert not os.path.exists(tmp_path / "mini")  # a dry run writes nothing, not even steps.json
+    assert run_main(reproduce.main, argv + ["--seeds", "0"]) == 0
+    out = capsys.readouterr().out
     assert "kd_tckd_rml_cnn_seed2" not in out and f"{len(reproduce.plan('mini'))} steps:" in out
+
+
+def test_report_treats_a_corrupt_result_as_missing(chain, tmp_path):
+    """A half-written metrics.json (a crash, a bad copy) is no result: listed as missing, never a traceback."""
+    exp_root = str(tmp_path / "tiny")
+    shutil.copytree(chain[0], exp_root, ignore=lambda folder, names: [n for n in names if n in ("tb", "last.pth")])
+    with open(os.path.join(exp_root, "ls_cnn_small", "metrics.json"), "w") as f:
+        f.write('{"final_acc": 5')
+    assert run_main(report.main, [exp_root]) == 0
+    assert "ls_cnn_small" in report.collect(exp_root)["missing"]
+    assert "Steps without results yet: " in open(os.path.join(exp_root, "results.md")).read()

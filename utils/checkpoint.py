@@ -49,6 +49,16 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_json(path):
+    """A JSON file's content, or None when it is missing or unreadable (a half-written or corrupt result is
+    treated as no result: never a traceback)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def save_checkpoint(path, state):
     _atomic_write(path, lambda f: torch.save(state, f))
 
