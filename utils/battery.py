@@ -153,9 +153,10 @@ def fit(members, resume_how):
             if bar is not None:
                 bar.close()
                 bar = None
+            for m in members:  # every train row first: one student's evaluation is not in another's epoch time
+                m.engine.end_epoch_train()
             for m in members:
                 with m.own_rng():
-                    m.engine.end_epoch_train()
                     m.engine._end_epoch(epoch)
         wall = time.time() - wall0
         results = []
