@@ -79,8 +79,11 @@ def _sweep_inputs(metrics_list):
 
 
 def _total_seconds(metrics_list):
+    """Wall seconds of the runs; a student trained in a battery counts its share of the battery's time."""
     times = [m.get("wall_time_s") for m in metrics_list]
-    return None if any(t is None for t in times) else round(sum(times), 1)
+    if any(t is None for t in times):
+        return None
+    return round(sum(t / len(m.get("battery") or [None]) for t, m in zip(times, metrics_list)), 1)
 
 
 def _tau_key(tau, runs):
@@ -310,7 +313,8 @@ def _compute_lines(res, extra):
     lines = ["", "## Compute", "", "| step | wall time (min) |", "|---|---|"]
     lines += [f"| {name} | {sec / 60:.1f} |" for name, sec in timed.items()]
     lines += ["", f"Sum of the step times: **{sum(timed.values()) / 60:.1f} min** (what the chain costs one step "
-                  f"at a time, on the hardware each step ran on)."]
+                  f"at a time, on the hardware each step ran on; a student trained in a shared-teacher battery counts "
+                  f"its share, the battery's wall time over its students)."]
     if extra.get("reproduce_wall_time_s") is not None:
         jobs = extra.get("jobs", 1)
         lines.append(f"The last `reproduce.py` run took **{extra['reproduce_wall_time_s'] / 60:.1f} min** of wall "

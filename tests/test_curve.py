@@ -49,3 +49,10 @@ def test_curve_of_an_empty_folder_is_one_line(tmp_path, capsys):
     assert run_main(report.main, [str(tmp_path), "--curve"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no finished run" in err[0]
+
+
+def test_a_battery_student_counts_its_share_of_the_battery_time():
+    alone = {"wall_time_s": 300.0}
+    member = {"wall_time_s": 600.0, "battery": ["a", "b", "c"]}
+    assert report._total_seconds([alone]) == 300.0 and report._total_seconds([member]) == 200.0
+    assert report._total_seconds([alone, member]) == 500.0 and report._total_seconds([{}]) is None
