@@ -108,7 +108,8 @@ def seeded(name, seed):
 def plan(preset, dataset=None, seeds=(0,), defences=()):
     """The steps of a preset: a list of dicts {name, script, params, role}. Teachers are trained once (seed
     0); every student arm (scratch, label smoothing, each attack x teacher) and DFAD once per seed.
-    defences: registered defences outside the battery to attack as well (battery_teachers)."""
+    defences: registered defences outside the battery to screen as well (battery_teachers): every attack
+    against them with the first seed alone; a defence joins the battery (Defence.battery) for the full protocol."""
     teachers = battery_teachers(defences)
     p = PRESETS[preset]
     dataset = dataset or p["dataset"]
@@ -138,6 +139,8 @@ def plan(preset, dataset=None, seeds=(0,), defences=()):
             arm(f"ls_{student}", {"kind": "student", "arch": student, "source": "ls"},
                 model=student, label_smoothing=0.1, **p["student"])
             for teacher in teachers:
+                if teacher not in battery_teachers() and seed != min(seeds):
+                    continue  # a defence being screened is attacked with the first seed only (issue 16)
                 for attack in battery_attacks():
                     sweep = {"tau_sweep": p["taus"]} if len(p["taus"]) > 1 else {"tau": p["taus"][0]}
                     arm(f"kd_{attack}_{teacher}_{student}",
@@ -497,8 +500,9 @@ def main(argv=None):
                              "once); seeds already in EXP_ROOT/steps.json are kept in the report (default: the "
                              "preset's, 0,1,2 for mini and paper and 0 for tiny, plus those)")
     parser.add_argument("--defences", default=None,
-                        help="also attack these registered defences outside the default battery, e.g. keyed,keyedflat "
-                             "(variants being screened); kept in EXP_ROOT/steps.json, so later runs keep them too")
+                        help="also screen these registered defences outside the default battery, e.g. keyed,keyedflat: every "
+                             "attack against them, first seed only; kept in EXP_ROOT/steps.json, so later runs and the "
+                             "report keep them too")
     parser.add_argument("--jobs", type=int, default=1,
                         help="steps run at once, each in its own process (default 1: one after another, in this process)")
     parser.add_argument("--no_battery", action="store_true",

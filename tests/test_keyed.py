@@ -81,6 +81,10 @@ def test_keyed_teacher_answers_through_its_key_and_never_writes_it(tmp_path, cif
     with open(os.path.join(d, KEY_FILE)) as f:
         key = f.read().strip()
     assert len(key) == 32 and oct(os.stat(os.path.join(d, KEY_FILE)).st_mode & 0o777) == "0o600"
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("metrics.json", "config.json", WEIGHTS_FILE):  # the results are not private like the key
+        assert os.stat(os.path.join(d, name)).st_mode & 0o777 == 0o666 & ~umask, name
     for folder, _, files in os.walk(d):
         for name in files:
             if name != KEY_FILE:
@@ -152,5 +156,8 @@ def test_screened_defences_join_the_battery_and_stay(tiny_chain, cifar_root, tmp
     out = capsys.readouterr().out
     assert "new" not in out.split("steps: ")[-1].splitlines()[0]  # everything done, keyedflat included
     assert "| keyed permutation, fixed confidence | vanilla |" in open(os.path.join(exp_root, "results.md")).read()
+    seeded = [s["name"] for s in reproduce.plan("tiny", seeds=(0, 1), defences=["keyedflat"])]
+    assert "kd_vanilla_keyedflat_cnn_small" in seeded and "kd_vanilla_keyedflat_cnn_small_seed1" not in seeded
+    assert "kd_vanilla_rml_cnn_small_seed1" in seeded  # screening: the first seed only; the battery: every seed
     assert run_main(reproduce.main, argv + ["--defences", "nosuch"]) == 2
     assert "unknown defence 'nosuch'" in capsys.readouterr().err

@@ -14,6 +14,10 @@ from .constants import DATASETS
 from .errors import UserError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic_write(path, write):
     folder = os.path.dirname(os.path.abspath(path))
     try:
@@ -25,6 +29,7 @@ def _atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; a result is as readable as any file written here
         os.replace(tmp, path)
     except OSError as e:
         try:
