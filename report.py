@@ -590,15 +590,23 @@ CURVE_FREE_KEYS = {"epochs", "seed", "teacher", "data_root", "download", "device
 
 
 def _curve_arm(m):
-    """(key, label) of a run's arm: every setting but the epochs and the seed, the teacher by its weights."""
+    """(what identifies a run's arm, label): its script, teacher weights and every setting but the epochs and
+    the seed. Two runs are of one arm when these agree on every key both record (a run made before a key was
+    added to its script, e.g. an attack's new option, still joins its arm)."""
     cfg = {k: v for k, v in (m.get("config") or {}).items() if k not in CURVE_FREE_KEYS}
     teacher = (m.get("inputs") or {}).get("teacher", {})
-    key = json.dumps([m.get("script"), cfg, teacher.get("weights_sha256")], sort_keys=True)
+    ident = {"script": m.get("script"), "teacher": teacher.get("weights_sha256"), "config": cfg}
     if m.get("script") == "train_kd.py":
         label = f"{m.get('attack')} KD from {os.path.basename(os.path.dirname(teacher.get('path', '?')))}"
     else:
         label = "label smoothing" if cfg.get("label_smoothing") else "scratch"
-    return key, f"{label} ({m.get('model')})"
+    return ident, f"{label} ({m.get('model')})"
+
+
+def _same_arm(a, b):
+    if a["script"] != b["script"] or a["teacher"] != b["teacher"]:
+        return False
+    return all(a["config"][k] == b["config"][k] for k in set(a["config"]) & set(b["config"]))
 
 
 def _finished_runs(folder):
@@ -612,13 +620,16 @@ def curve(curve_root, others=()):
     """Final accuracy against the schedule length for every arm with runs in curve_root (more points of the
     same arms, e.g. the preset's own short schedule, from `others`). Writes CURVE_ROOT/curve.md, curve.json
     and fig_convergence.png; returns the curve dict."""
-    arms = {}
+    arms = []
     for folder in (curve_root,) + tuple(others):
         for path, m in _finished_runs(folder):
-            key, label = _curve_arm(m)
-            if folder != curve_root and key not in arms:
-                continue  # only the arms the curve folder measures
-            arm = arms.setdefault(key, {"label": label, "points": {}})
+            ident, label = _curve_arm(m)
+            arm = next((a for a in arms if _same_arm(a["ident"], ident)), None)
+            if arm is None:
+                if folder != curve_root:
+                    continue  # only the arms the curve folder measures
+                arm = {"ident": ident, "label": label, "points": {}}
+                arms.append(arm)
             arm["points"].setdefault(m["epochs"], []).append({"acc": m["final_acc"], "seed": m.get("seed"), "run": path})
     if not arms:
         raise UserError(f"{curve_root} holds no finished run (a folder with metrics.json); train the curve's runs first")
@@ -632,7 +643,7 @@ def curve(curve_root, others=()):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for arm in arms.values():
+    for arm in arms:
         epochs = sorted(arm["points"])
         means, prev, enough = [], None, None
         for e in epochs:

@@ -6,7 +6,8 @@ import os
 import report
 from conftest import read_json, run_main
 
-BASE = {"model": "cnn", "lr": 0.05, "batch_size": 128, "schedule": "onecycle", "dataset": "cifar10"}
+BASE = {"model": "cnn", "lr": 0.05, "batch_size": 128, "schedule": "onecycle", "dataset": "cifar10",
+        "label_smoothing": 0.0}
 
 
 def _run(folder, name, epochs, acc, seed=0, **cfg):
@@ -26,10 +27,12 @@ def test_curve_joins_points_and_applies_the_rule(tmp_path, capsys):
     for e, acc in ((6, 70.0), (12, 70.6)):
         _run(curve, f"scratch_e{e}", e, acc)
     for e, acc in ((6, 72.0), (12, 74.5)):
-        _run(curve, f"kd_e{e}", e, acc, attack="vanilla", tau=4.0)
+        _run(curve, f"kd_e{e}", e, acc, attack="vanilla", tau=4.0, markov_rank=3)
     for seed, acc in ((0, 65.0), (1, 66.0)):  # the preset's 3-epoch points of both arms, two seeds
         _run(preset, f"scratch_s{seed}", 3, acc, seed=seed)
-        _run(preset, f"kd_s{seed}", 3, acc + 4, seed=seed, attack="vanilla", tau=4.0)
+        # seed 0 ran before the script had markov_rank: it still joins its arm
+        extra = {} if seed == 0 else {"markov_rank": 3}
+        _run(preset, f"kd_s{seed}", 3, acc + 4, seed=seed, attack="vanilla", tau=4.0, **extra)
     _run(preset, "ls", 3, 65.2, label_smoothing=0.1)  # another arm: not on the curve
     _run(preset, "lr", 3, 60.0, lr=0.1)  # same arm name, another setting: not on the curve
     assert run_main(report.main, [curve, "--curve", "--with", preset]) == 0
@@ -38,7 +41,8 @@ def test_curve_joins_points_and_applies_the_rule(tmp_path, capsys):
     assert set(arms) == {"scratch (cnn)", "vanilla KD from teacher_resnet20 (cnn)"}
     scratch = arms["scratch (cnn)"]
     assert scratch["epochs"] == [3, 6, 12] and scratch["mean"] == [65.5, 70.0, 70.6] and scratch["enough_at"] == 6
-    assert arms["vanilla KD from teacher_resnet20 (cnn)"]["enough_at"] is None  # +2.5 from 6 to 12
+    kd = arms["vanilla KD from teacher_resnet20 (cnn)"]
+    assert kd["enough_at"] is None and kd["mean"][0] == 69.5  # +2.5 from 6 to 12; both seeds at 3 epochs
     text = open(os.path.join(curve, "curve.md")).read()
     assert "| scratch (cnn) | 3 | 65.50 ± 0.71 (2) | – |" in text and "long enough at 6 epochs" in text
     with open(os.path.join(curve, "fig_convergence.png"), "rb") as f:
