@@ -157,12 +157,12 @@ def fit(members, resume_how):
                 m.engine.end_epoch_train()
             for m in members:
                 with m.own_rng():
-                    m.engine._end_epoch(epoch)
+                    m.engine.close_epoch(epoch)
         wall = time.time() - wall0
         results = []
         for m in members:
             with m.own_rng():
-                results.append(m.engine._finish(wall))
+                results.append(m.engine.finish(wall))
         return results
     finally:
         if bar is not None:

@@ -346,8 +346,8 @@ class Engine:
         with self._signals():
             for epoch in range(start_epoch, self.cfg["epochs"]):
                 self._train_epoch(epoch, start_step if epoch == start_epoch else 0, steps)
-                self._end_epoch(epoch)
-        return self._finish(time.time() - wall0)
+                self.close_epoch(epoch)
+        return self.finish(time.time() - wall0)
 
     def begin(self, task):
         """Everything before the first step: the model, its optimizer and parts on the device, the resume
@@ -415,7 +415,7 @@ class Engine:
         self.best_acc, self.best_epoch = acc, 0
         self.log(f"{self.script}: {self.cfg['model']} answering through a training-free defence, nothing trained; "
                  f"test acc {acc:.2f} " + " ".join(f"{k}={v:.3f}" for k, v in diag.items()))
-        return self._finish(time.time() - wall0)
+        return self.finish(time.time() - wall0)
 
     def _train_epoch(self, epoch, start_step, steps):
         self.begin_epoch(epoch, start_step, steps)
@@ -593,7 +593,8 @@ class Engine:
         model.train(was_training)
         return torch.cat(out), loader.labels.cpu()
 
-    def _end_epoch(self, epoch):
+    def close_epoch(self, epoch):
+        """Evaluate after an epoch's training, log the row, write best.pth and last.pth, log.csv and TensorBoard."""
         acc, diag = self.evaluate()
         row = self._epoch_row
         row["test_acc"] = acc
@@ -630,7 +631,8 @@ class Engine:
         writer.writerows(self.history)
         atomic_write_text(os.path.join(self.save_path, "log.csv"), buf.getvalue())
 
-    def _finish(self, wall):
+    def finish(self, wall):
+        """metrics.json and weights.pth of a finished run (wall: its wall seconds); returns the metrics."""
         last = self.history[-1] if self.history else {}
         metrics = {
             "script": self.script, "model": self.cfg["model"], "dataset": self.cfg["dataset"],
