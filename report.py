@@ -15,6 +15,7 @@ import os
 import sys
 
 from utils.checkpoint import atomic_write_json, atomic_write_text, read_json
+from utils.config import NON_RESULT_KEYS
 from utils.errors import UserError, cli_main
 from utils.stats import RULE, mean_std, verdict
 
@@ -151,6 +152,7 @@ def collect(exp_root):
                 a["verdict"], a["harmful"], a["p"], a["t"], a["n_paired"] = (
                     test["verdict"], test["harmful"], test["p"], test["t"], test["n"])
     res["seeds"] = sorted({run["role"].get("seed", 0) for run in res["runs"].values()})
+    res["frontier"] = frontier(res)
     return res
 
 
@@ -369,7 +371,7 @@ def frontier(res):
 
 
 def _frontier_lines(res):
-    rows_ = frontier(res)
+    rows_ = res["frontier"]
     if not rows_:
         return []
     lines = ["", "## Defences at a glance: the strongest attack on each teacher", "",
@@ -489,7 +491,7 @@ def figures(res, exp_root, response_class=3):
         _save_plot(fig, ax, "epoch", "test accuracy (%)", os.path.join(exp_root, "fig_curves.png"), 7, 110)
         written.append("fig_curves.png")
     # 4. the frontier: teacher accuracy against the strongest attack's student, the bar drawn
-    points = frontier(res)
+    points = res["frontier"]
     if points:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         colour = {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(_teacher_order(res))}
@@ -532,7 +534,6 @@ def build(exp_root, extra=None, strict=False):
             for a in atts.values():
                 a.pop("history", None)
     slim["extra"] = extra
-    slim["frontier"] = frontier(res)
     atomic_write_json(os.path.join(exp_root, "results.json"), slim)
     atomic_write_text(os.path.join(exp_root, "results.md"), markdown(res, extra))
     figures(res, exp_root)
@@ -585,8 +586,7 @@ def comparison(res, ref, run_root, ref_root):
 
 # Keys that may differ between the points of one curve: the schedule length, the seed, and what does not
 # change a result; the teacher is compared by the digest of the weights the run loaded.
-CURVE_FREE_KEYS = {"epochs", "seed", "teacher", "data_root", "download", "device", "log_every", "eval_batch_size",
-                   "compile"}
+CURVE_FREE_KEYS = NON_RESULT_KEYS | {"epochs", "seed", "teacher"}
 
 
 def _curve_arm(m):

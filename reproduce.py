@@ -111,6 +111,7 @@ def plan(preset, dataset=None, seeds=(0,), defences=()):
     defences: registered defences outside the battery to screen as well (battery_teachers): every attack
     against them with the first seed alone; a defence joins the battery (Defence.battery) for the full protocol."""
     teachers = battery_teachers(defences)
+    in_battery = set(battery_teachers())
     p = PRESETS[preset]
     dataset = dataset or p["dataset"]
     base = dict(p["train"], dataset=dataset, seed=0)
@@ -139,7 +140,7 @@ def plan(preset, dataset=None, seeds=(0,), defences=()):
             arm(f"ls_{student}", {"kind": "student", "arch": student, "source": "ls"},
                 model=student, label_smoothing=0.1, **p["student"])
             for teacher in teachers:
-                if teacher not in battery_teachers() and seed != min(seeds):
+                if teacher not in in_battery and seed != min(seeds):
                     continue  # a defence being screened is attacked with the first seed only (issue 16)
                 for attack in battery_attacks():
                     sweep = {"tau_sweep": p["taus"]} if len(p["taus"]) > 1 else {"tau": p["taus"][0]}
@@ -193,14 +194,20 @@ def finished_record(folder, params):
             "weights_sha256": metrics.get("weights_sha256")}
 
 
-def weights_digest(path):
-    """The weights digest of a checkpoint file, or None when there is no readable one."""
+def _read_checkpoint(path):
+    """A checkpoint file's content, or None when there is no readable one."""
     if not os.path.isfile(path):
         return None
     try:
-        return checkpoint_digest(load_checkpoint(path))
+        return load_checkpoint(path)
     except UserError:
         return None
+
+
+def weights_digest(path):
+    """The weights digest of a checkpoint file, or None when there is no readable one."""
+    ckpt = _read_checkpoint(path)
+    return None if ckpt is None else checkpoint_digest(ckpt)
 
 
 def _input_mismatch(inputs, deps):
@@ -238,9 +245,10 @@ def step_state(folder, params, deps=None, weights_needed=False):
         if not weights_needed:
             return "done", None
         weights = os.path.join(folder, WEIGHTS_FILE)
-        digest = weights_digest(weights)
+        ckpt = _read_checkpoint(weights)
+        digest = None if ckpt is None else checkpoint_digest(ckpt)
         if digest is not None and digest == rec["weights_sha256"]:
-            problem = key_problem(folder, load_checkpoint(weights).get("defence") or {})
+            problem = key_problem(folder, ckpt.get("defence") or {})
             if problem is None:
                 return "done", None
             return "stale", f"{weights} is a keyed teacher and {problem}; it is made again with a new key"
@@ -428,16 +436,16 @@ def run_parallel(todo, jobs, t0):
                     break
                 job = ready[0]
                 pending.remove(job)
-                share = min(jobs, len(running) + len(ready))
+                env = job_env(slot, jobs, min(jobs, len(running) + len(ready)))
                 log = open(os.path.join(job["folder"], "run.log"), "a")
                 for other in job.get("folders", [])[1:]:  # a battery's output is in its first student's folder
                     with open(os.path.join(other, "run.log"), "a") as f:
                         f.write(f"trained in a battery with {', '.join(job['folders'])}; its output: {log.name}\n")
                 proc = subprocess.Popen([sys.executable, job["step"]["script"]] + job["argv"],
-                                        stdout=log, stderr=subprocess.STDOUT, env=job_env(slot, jobs, share),
+                                        stdout=log, stderr=subprocess.STDOUT, env=env,
                                         cwd=os.path.dirname(os.path.abspath(__file__)))
                 running[slot] = (job, proc, log, time.time())
-                threads = job_env(slot, jobs, share).get("OMP_NUM_THREADS", "?")
+                threads = env.get("OMP_NUM_THREADS", "?")
                 print(f"{job['head']}: {job['verb']} in slot {slot}, {threads} thread(s) "
                       f"({(time.time() - t0) / 60:.1f} min so far; log in {log.name})", flush=True)
             if not running:
@@ -529,13 +537,13 @@ def main(argv=None):
         raise UserError(f"data_root '{args.data_root}' does not exist; pass --data_root pointing at your dataset copy")
     seeds = _parse_seeds(args.seeds, PRESETS[args.preset].get("seeds", (0,)))
     old = read_json(os.path.join(exp_root, "steps.json"))
-    known = sorted({s["role"].get("seed", 0) for s in old["steps"]} if isinstance(old, dict) and "steps" in old
-                   else set())
-    extra = _parse_defences(args.defences)
-    if isinstance(old, dict) and "steps" in old:  # defences asked for before stay in the plan
-        extra += [s["role"]["teacher"] for s in old["steps"] if s["role"].get("kind") == "teacher"
-                  and s["role"]["teacher"] not in battery_teachers(extra) and s["role"]["teacher"] in DEFENCES]
-    steps = plan(args.preset, args.dataset, sorted(set(seeds) | set(known)), extra)
+    old_steps = old["steps"] if isinstance(old, dict) and "steps" in old else []
+    known = sorted({s["role"].get("seed", 0) for s in old_steps})
+    screened = _parse_defences(args.defences)
+    screened += [s["role"]["teacher"] for s in old_steps  # defences screened before stay in the plan
+                 if s["role"].get("kind") == "teacher" and s["role"]["teacher"] in DEFENCES
+                 and s["role"]["teacher"] not in battery_teachers(screened)]
+    steps = plan(args.preset, args.dataset, sorted(set(seeds) | set(known)), screened)
     run_seeds = set(seeds) if args.seeds is not None else set(seeds) | set(known)
     if not args.dry_run:  # a dry run changes nothing, not even the plan the report reads
         os.makedirs(exp_root, exist_ok=True)

@@ -132,14 +132,14 @@ def train(cfg, save_path, resume=False):
     return engine.fit(task)
 
 
-def battery(folders, args, defaults=None):
+def battery(folders, args):
     """Train the attack runs of `folders` (each with its params.json) against their one teacher in one pass
     (utils/battery.py); command-line keys override every folder's params. Returns their metrics."""
     from utils import battery as bat
     cfgs = []
     for folder in folders:
         args.save_path = folder
-        cfg = resolve_config(args, defaults or DEFAULTS)
+        cfg = resolve_config(args, DEFAULTS)
         check_kd_config(cfg, os.path.join(folder, "params.json"))
         if cfg["tau_sweep"]:
             raise UserError(f"{folder}/params.json: a tau_sweep run is not trained in a battery; run it alone "

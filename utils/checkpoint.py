@@ -131,12 +131,11 @@ def build_from_checkpoint(path, what, dataset=None, num_classes=None):
                             f"version ({', '.join(n for n, d in DEFENCES.items() if not d.trained)})")
         runtime = {}
         if DEFENCES[name].needs_key:
-            from .defences import key_problem, secret_key
-            folder = os.path.dirname(os.path.abspath(path))
-            problem = key_problem(folder, dict(spec, name=name))
+            from .defences import checked_key
+            key, problem = checked_key(os.path.dirname(os.path.abspath(path)), dict(spec, name=name))
             if problem:
                 raise UserError(f"{what} {path} is keyed ({name}) and cannot answer: {problem}")
-            runtime = DEFENCES[name].runtime(spec, secret_key(folder)[0], ckpt["num_classes"])
+            runtime = DEFENCES[name].runtime(spec, key, ckpt["num_classes"])
         model = DefendedModel(model, name, spec, runtime)
     return model, ckpt
 

@@ -225,19 +225,25 @@ def secret_key(folder, create=False):
     return key, path
 
 
-def key_problem(folder, spec):
-    """Why the keyed teacher recorded by `spec` (a teacher file's defence entry) cannot answer here, or None."""
+def checked_key(folder, spec):
+    """(key, None) for the keyed teacher recorded by `spec` (a teacher file's defence entry) in `folder`, or
+    (None, why it cannot answer here); (None, None) for a defence that needs no key."""
     defence = DEFENCES.get(spec.get("name"))
     if defence is None or not defence.needs_key:
-        return None
+        return None, None
     key, where = secret_key(folder)
     if key is None:
-        return (f"its secret key is not here (set ${KEY_ENV}, or put the owner's {KEY_FILE} in {folder}; "
-                f"the key's fingerprint is {spec.get('key_sha256')})")
+        return None, (f"its secret key is not here (set ${KEY_ENV}, or put the owner's {KEY_FILE} in {folder}; "
+                      f"the key's fingerprint is {spec.get('key_sha256')})")
     if key_fingerprint(key) != spec.get("key_sha256"):
-        return (f"the key in {where} (fingerprint {key_fingerprint(key)}) is not the one it was made with "
-                f"({spec.get('key_sha256')})")
-    return None
+        return None, (f"the key in {where} (fingerprint {key_fingerprint(key)}) is not the one it was made with "
+                      f"({spec.get('key_sha256')})")
+    return key, None
+
+
+def key_problem(folder, spec):
+    """Why the keyed teacher recorded by `spec` cannot answer here, or None (see checked_key)."""
+    return checked_key(folder, spec)[1]
 
 
 def _bump_kept_top1(out, top):
@@ -337,7 +343,7 @@ class DefendedModel(torch.nn.Module):
     def __init__(self, model, name, settings, runtime=None):
         super().__init__()
         self.model, self.defence, self.settings = model, name, dict(settings)
-        self.runtime = dict(runtime or {})
+        self._answer = dict(self.settings, **(runtime or {}))  # what the transform reads: recorded + runtime
 
     def forward(self, x):
-        return DEFENCES[self.defence].transform(self.model(x), dict(self.settings, **self.runtime))
+        return DEFENCES[self.defence].transform(self.model(x), self._answer)
