@@ -626,12 +626,14 @@ def curve(curve_root, others=()):
             ident, label = _curve_arm(m)
             arm = next((a for a in arms if _same_arm(a["ident"], ident)), None)
             if arm is None:
-                if folder != curve_root:
-                    continue  # only the arms the curve folder measures
-                arm = {"ident": ident, "label": label, "points": {}}
+                arm = {"ident": ident, "label": label, "points": {}, "own": False}
                 arms.append(arm)
+            arm["own"] = arm["own"] or folder == curve_root
             arm["points"].setdefault(m["epochs"], []).append({"acc": m["final_acc"], "seed": m.get("seed"), "run": path})
-    if not arms:
+    # the arms the curve folder measures, and those the other folders hold at two schedules or more (e.g. the
+    # preset's 3-epoch arms that a convergence folder measured longer); an arm of one point elsewhere is no curve
+    arms = [a for a in arms if a["own"] or len(a["points"]) > 1]
+    if not any(a["own"] for a in arms):
         raise UserError(f"{curve_root} holds no finished run (a folder with metrics.json); train the curve's runs first")
     out = {"arms": [], "rule": "the schedule is long enough where doubling the epochs gains < 1 point"}
     lines = [f"# Convergence: `{curve_root}`", "",
@@ -670,9 +672,77 @@ def curve(curve_root, others=()):
     ax.set_xscale("log", base=2)
     _save_plot(fig, ax, "epochs (log 2)", "final test accuracy (%)", os.path.join(curve_root, "fig_convergence.png"),
                8, 120)
+    sched = schedule(arms)
+    if sched:
+        out["schedule"] = sched
+        lines += [""] + _schedule_lines(sched)
+        _schedule_figure(sched, os.path.join(curve_root, "fig_schedule.png"))
     atomic_write_text(os.path.join(curve_root, "curve.md"), "\n".join(lines) + "\n")
     atomic_write_json(os.path.join(curve_root, "curve.json"), out)
     return out
+
+
+def _is_bar(arm):
+    return arm["ident"]["script"] == "train_scratch.py" and bool(arm["ident"]["config"].get("label_smoothing"))
+
+
+def schedule(arms):
+    """Does a verdict depend on the schedule? Every KD arm against the label-smoothing student of its
+    architecture at each schedule both were trained at (the verdict of METHOD.md section 8, seeds paired).
+    Returns [{label, bar, rows: [{epochs, n, mean, std, diff, verdict, harmful, p, n_paired}], verdicts}]."""
+    out = []
+    for arm in arms:
+        if arm["ident"]["script"] != "train_kd.py":
+            continue
+        model = arm["ident"]["config"].get("model")
+        bar = next((b for b in arms if _is_bar(b) and b["ident"]["config"].get("model") == model), None)
+        if bar is None:
+            continue
+        rows = []
+        for e in sorted(set(arm["points"]) & set(bar["points"])):
+            accs = [p["acc"] for p in arm["points"][e]]
+            mean, std = mean_std(accs)
+            test = verdict({p["seed"]: p["acc"] for p in arm["points"][e]},
+                           {p["seed"]: p["acc"] for p in bar["points"][e]})
+            rows.append({"epochs": e, "n": len(accs), "mean": mean, "std": std if len(accs) > 1 else None,
+                         "diff": test["diff"], "verdict": test["verdict"], "harmful": test["harmful"],
+                         "p": test["p"], "n_paired": test["n"]})
+        if len(rows) > 1:
+            out.append({"label": arm["label"], "bar": bar["label"], "rows": rows,
+                        "verdicts": sorted({r["verdict"] for r in rows if r["verdict"]})})
+    return out
+
+
+def _schedule_lines(sched):
+    lines = ["## Short against long schedule", "",
+             "Every KD student against the label-smoothing student trained for the same number of epochs (the bar; "
+             "seeds paired, one-sided paired t-test, METHOD.md section 8). A verdict of n = 1 has no test: above the "
+             "bar it is inconclusive, at or below it KD-resistant by the rule, and either can flip with more seeds.", "",
+             "| student | epochs | accuracy | Δ vs bar | verdict (p) |", "|---|---|---|---|---|"]
+    for s in sched:
+        for r in s["rows"]:
+            std = f" ± {r['std']:.2f}" if r["std"] is not None else ""
+            lines.append(f"| {s['label']} | {r['epochs']} | {r['mean']:.2f}{std} ({r['n']}) | "
+                         f"{_fmt(r['diff'], signed=True)} | {_verdict_cell(r)} |")
+    lines.append("")
+    for s in sched:
+        words = [f"{r['verdict']} at {r['epochs']}" for r in s["rows"]]
+        same = len(s["verdicts"]) == 1
+        lines.append(f"- {s['label']}: " + ("the same verdict at every schedule measured" if same else
+                                            "the verdict depends on the schedule") + f" ({', '.join(words)}).")
+    return lines
+
+
+def _schedule_figure(sched, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhline(0.0, color="black", lw=1, label="label-smoothing bar")
+    for s in sched:
+        ax.plot([r["epochs"] for r in s["rows"]], [r["diff"] for r in s["rows"]], marker="o", label=s["label"])
+    ax.set_xscale("log", base=2)
+    _save_plot(fig, ax, "epochs (log 2)", "student − label-smoothing student (points)", path, 7, 120)
 
 
 @cli_main

@@ -10,14 +10,14 @@ BASE = {"model": "cnn", "lr": 0.05, "batch_size": 128, "schedule": "onecycle", "
         "label_smoothing": 0.0}
 
 
-def _run(folder, name, epochs, acc, seed=0, **cfg):
+def _run(folder, name, epochs, acc, seed=0, sha="abc", **cfg):
     os.makedirs(os.path.join(folder, name))
     kd = "attack" in cfg
     m = {"script": "train_kd.py" if kd else "train_scratch.py", "model": "cnn", "epochs": epochs, "seed": seed,
          "final_acc": acc, "config": dict(BASE, epochs=epochs, seed=seed, **cfg)}
     if kd:
         m.update(attack=cfg["attack"], inputs={"teacher": {"path": "exps/mini/teacher_resnet20/weights.pth",
-                                                           "weights_sha256": "abc"}})
+                                                           "weights_sha256": sha}})
     with open(os.path.join(folder, name, "metrics.json"), "w") as f:
         json.dump(m, f)
 
@@ -46,6 +46,30 @@ def test_curve_joins_points_and_applies_the_rule(tmp_path, capsys):
     text = open(os.path.join(curve, "curve.md")).read()
     assert "| scratch (cnn) | 3 | 65.50 ± 0.71 (2) | – |" in text and "long enough at 6 epochs" in text
     with open(os.path.join(curve, "fig_convergence.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_schedule_table_pairs_each_kd_arm_with_the_bar_at_its_own_schedule(tmp_path):
+    long, preset = str(tmp_path / "long"), str(tmp_path / "mini")
+    for seed, (bar, kd, other) in enumerate(((65.0, 68.0, 64.0), (65.5, 68.4, 64.1), (65.2, 68.1, 66.0))):
+        _run(preset, f"ls_s{seed}", 3, bar, seed=seed, label_smoothing=0.1)
+        _run(preset, f"kd_s{seed}", 3, kd, seed=seed, attack="tckd", tau=4.0)
+        _run(preset, f"other_s{seed}", 3, other, seed=seed, sha="def", attack="tckd", tau=4.0)
+    _run(preset, "scratch", 3, 65.1)  # one schedule, not in the long folder: no curve, no row
+    _run(long, "ls_e24", 24, 80.0, label_smoothing=0.1)
+    _run(long, "kd_e24", 24, 79.5, attack="tckd", tau=4.0)  # above the bar at 3 epochs, below at 24
+    arms = {a["label"] for a in report.curve(long, [preset])["arms"]}
+    assert arms == {"label smoothing (cnn)", "tckd KD from teacher_resnet20 (cnn)"}  # 'other' has one schedule
+    (row,) = read_json(os.path.join(long, "curve.json"))["schedule"]
+    short, full = row["rows"]
+    assert (short["epochs"], short["n"], short["verdict"], short["n_paired"]) == (3, 3, "distillable", 3)
+    assert short["p"] < 0.05 and abs(short["diff"] - 2.9333) < 1e-3
+    assert (full["epochs"], full["n"], full["verdict"], full["p"]) == (24, 1, "KD-resistant", None)
+    assert abs(full["diff"] + 0.5) < 1e-9 and row["verdicts"] == ["KD-resistant", "distillable"]
+    text = open(os.path.join(long, "curve.md")).read()
+    assert "| tckd KD from teacher_resnet20 (cnn) | 24 | 79.50 (1) | -0.50 | KD-resistant (n=1) |" in text
+    assert "the verdict depends on the schedule (distillable at 3, KD-resistant at 24)" in text
+    with open(os.path.join(long, "fig_schedule.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
