@@ -130,6 +130,7 @@ class Nasty(Defence):
     """Nasty Teacher (METHOD.md section 3): CE - omega tau^2 KL(p_n^tau || p_o^tau)."""
     name, label = "nasty", "Nasty"
     keys = {"tau": 4.0, "omega": 0.04}
+    dfad = True
 
     @classmethod
     def check(cls, cfg, source):
