@@ -17,7 +17,7 @@ import sys
 from utils.checkpoint import atomic_write_json, atomic_write_text, read_json
 from utils.config import NON_RESULT_KEYS
 from utils.errors import UserError, cli_main
-from utils.stats import RULE, mean_std, verdict
+from utils.stats import ALPHA, RULE, mean_std, paired_t, verdict
 
 PALETTE = ["#55a868", "#c44e52", "#dd8452", "#8172b3", "#937860", "#da8bc3", "#64b5cd", "#ccb974"]
 
@@ -127,7 +127,8 @@ def collect(exp_root):
                       {"tau": run["tau"], "per_tau": run.get("per_tau")})
         elif role["kind"] == "dfad":
             _add_seed(res["dfad"], role["teacher"], role, run, step["name"],
-                      {"arch": role["arch"], "wall_time_s": m.get("wall_time_s")})
+                      {"arch": role["arch"], "wall_time_s": m.get("wall_time_s"), "epochs": m.get("epochs"),
+                       "iters_per_epoch": (m.get("config") or {}).get("iters_per_epoch")})
     res["provenance"] = provenance(res, manifest)
     for s in res["students"].values():
         for teacher, attacks in s["kd"].items():
@@ -151,9 +152,24 @@ def collect(exp_root):
                 test = verdict(a["accs"], ls.get("accs", {}))
                 a["verdict"], a["harmful"], a["p"], a["t"], a["n_paired"] = (
                     test["verdict"], test["harmful"], test["p"], test["t"], test["n"])
+    _dfad_against_original(res["dfad"])
     res["seeds"] = sorted({run["role"].get("seed", 0) for run in res["runs"].values()})
     res["frontier"] = frontier(res)
     return res
+
+
+def _dfad_against_original(dfad):
+    """The data-free claim: is a defended teacher's DFAD student below the original's? Paired by seed, the
+    one-sided paired t-test of METHOD.md section 8 in the other direction (delta_original, p_below, n_paired)."""
+    base = dfad.get("original")
+    for teacher, d in dfad.items():
+        if teacher == "original" or base is None:
+            continue
+        seeds = sorted(set(d["accs"]) & set(base["accs"]))
+        a, b = [d["accs"][s] for s in seeds], [base["accs"][s] for s in seeds]
+        d["delta_original"] = sum(x - y for x, y in zip(a, b)) / len(seeds) if seeds else None
+        d["p_below"] = paired_t(a, b)[2]
+        d["n_paired"] = len(seeds)
 
 
 def _add_seed(group, key, role, run, folder, extra):
@@ -248,9 +264,16 @@ def markdown(res, extra=None):
                              f"{_fmt(a['delta_scratch'], signed=True)} | {_fmt(a['delta_ls'], signed=True)} | "
                              f"{_verdict_cell(a)} |")
     if res["dfad"]:
-        lines += ["", "## Data-free (DFAD)", "", "| teacher | student | student acc |", "|---|---|---|"]
+        lines += ["", "## Data-free (DFAD)", "",
+                  "The data-free claim: a defended teacher's DFAD student against the original's, paired by seed "
+                  f"(one-sided paired t-test, below it at p < {ALPHA}).", "",
+                  "| teacher | student | budget | student acc | Δ vs the original's | below it? |",
+                  "|---|---|---|---|---|---|"]
         for teacher, d in res["dfad"].items():
-            lines.append(f"| {TEACHER_NAMES[teacher]} | {d['arch']} | {_seeded(d)}{_mark(d)} |")
+            budget = (f"{d['epochs']} × {d['iters_per_epoch']} generator iterations"
+                      if d.get("epochs") and d.get("iters_per_epoch") else "–")
+            lines.append(f"| {TEACHER_NAMES[teacher]} | {d['arch']} | {budget} | {_seeded(d)}{_mark(d)} | "
+                         f"{_fmt(d.get('delta_original'), signed=True)} | {_below_cell(d)} |")
     lines += _frontier_lines(res)
     resistant = _verdicts(res)
     if resistant:
@@ -273,6 +296,14 @@ def _seeded(entry):
     if entry.get("std") is None:
         return f"{entry['acc']:.2f} ({entry.get('n', 1)})"
     return f"{entry['acc']:.2f} ± {entry['std']:.2f} ({entry['n']})"
+
+
+def _below_cell(d):
+    if d.get("delta_original") is None:
+        return "–"
+    if d.get("p_below") is None:
+        return f"no test (n={d.get('n_paired', 1)})"
+    return f"{'yes' if d['p_below'] < ALPHA else 'not significantly'} (p={d['p_below']:.3g})"
 
 
 def _verdict_cell(a):

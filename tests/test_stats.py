@@ -48,3 +48,22 @@ def test_each_outcome_of_the_verdict_rule():
     partial = verdict({0: 70.0, 1: 70.0, 5: 10.0}, {0: 65.0, 1: 65.0, 2: 99.0})
     assert partial["seeds"] == [0, 1] and partial["diff"] == 5.0
     assert verdict({}, bar)["verdict"] is None
+
+
+def test_dfad_rows_are_tested_against_the_originals_dfad_student_seed_by_seed():
+    import report
+    dfad = {"original": {"accs": {0: 51.0, 1: 49.0, 2: 50.0}},
+            "rml": {"accs": {0: 26.0, 1: 24.5, 2: 25.0}},        # far below on every seed
+            "nasty": {"accs": {0: 52.0, 1: 48.0, 2: 51.0}},      # as the original, noisy
+            "stingy": {"accs": {3: 20.0}}}                       # no seed in common
+    report._dfad_against_original(dfad)
+    rml, nasty, stingy = dfad["rml"], dfad["nasty"], dfad["stingy"]
+    assert abs(rml["delta_original"] + 24.8333) < 1e-3 and rml["n_paired"] == 3 and rml["p_below"] < 0.001
+    assert report._below_cell(rml).startswith("yes (p=")
+    assert abs(nasty["delta_original"] - 0.3333) < 1e-3 and nasty["p_below"] > 0.5
+    assert report._below_cell(nasty).startswith("not significantly (p=")
+    assert stingy["delta_original"] is None and report._below_cell(stingy) == "–"
+    assert "delta_original" not in dfad["original"]
+    one = {"original": {"accs": {0: 50.0}}, "rml": {"accs": {0: 25.0}}}
+    report._dfad_against_original(one)
+    assert one["rml"]["delta_original"] == -25.0 and report._below_cell(one["rml"]) == "no test (n=1)"
