@@ -757,10 +757,13 @@ def _schedule_lines(sched):
                          f"{_fmt(r['diff'], signed=True)} | {_verdict_cell(r)} |")
     lines.append("")
     for s in sched:
-        words = [f"{r['verdict']} at {r['epochs']}" for r in s["rows"]]
-        same = len(s["verdicts"]) == 1
-        lines.append(f"- {s['label']}: " + ("the same verdict at every schedule measured" if same else
-                                            "the verdict depends on the schedule") + f" ({', '.join(words)}).")
+        gaps = ", ".join(f"{_fmt(r['diff'], signed=True)} at {r['epochs']}" for r in s["rows"])
+        above = {r["diff"] > 0 for r in s["rows"]}
+        side = ("above the bar at every schedule measured" if above == {True} else
+                "at or below the bar at every schedule measured" if above == {False} else
+                "crosses the bar between schedules")
+        words = "; the verdict: " + ", ".join(f"{r['verdict']} at {r['epochs']}" for r in s["rows"])
+        lines.append(f"- {s['label']}: {side} ({gaps}){words}.")
     return lines
 
 

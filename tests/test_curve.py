@@ -68,7 +68,8 @@ def test_schedule_table_pairs_each_kd_arm_with_the_bar_at_its_own_schedule(tmp_p
     assert abs(full["diff"] + 0.5) < 1e-9 and row["verdicts"] == ["KD-resistant", "distillable"]
     text = open(os.path.join(long, "curve.md")).read()
     assert "| tckd KD from teacher_resnet20 (cnn) | 24 | 79.50 (1) | -0.50 | KD-resistant (n=1) |" in text
-    assert "the verdict depends on the schedule (distillable at 3, KD-resistant at 24)" in text
+    assert ("crosses the bar between schedules (+2.93 at 3, -0.50 at 24); the verdict: distillable at 3, "
+            "KD-resistant at 24." in text)
     with open(os.path.join(long, "fig_schedule.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
