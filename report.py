@@ -676,6 +676,7 @@ def curve(curve_root, others=()):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # an arm per colour up to 20
     for arm in arms:
         epochs = sorted(arm["points"])
         means, prev, enough = [], None, None
@@ -700,7 +701,7 @@ def curve(curve_root, others=()):
                                                if arm["enough_at"] else
                                                f"not flat within the measured epochs ({', '.join(map(str, arm['epochs']))}): "
                                                f"every doubling measured gained ≥ 1 point, or a doubling is missing."))
-    ax.set_xscale("log", base=2)
+    _epoch_ticks(ax, {e for arm in out["arms"] for e in arm["epochs"]})
     _save_plot(fig, ax, "epochs (log 2)", "final test accuracy (%)", os.path.join(curve_root, "fig_convergence.png"),
                8, 120)
     sched = schedule(arms)
@@ -772,11 +773,20 @@ def _schedule_figure(sched, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     ax.axhline(0.0, color="black", lw=1, label="label-smoothing bar")
     for s in sched:
         ax.plot([r["epochs"] for r in s["rows"]], [r["diff"] for r in s["rows"]], marker="o", label=s["label"])
-    ax.set_xscale("log", base=2)
+    _epoch_ticks(ax, {r["epochs"] for s in sched for r in s["rows"]})
     _save_plot(fig, ax, "epochs (log 2)", "student − label-smoothing student (points)", path, 7, 120)
+
+
+def _epoch_ticks(ax, epochs):
+    """A log-2 epoch axis ticked at the schedules measured, labelled in epochs."""
+    ax.set_xscale("log", base=2)
+    ticks = sorted(epochs)
+    ax.set_xticks(ticks, [str(e) for e in ticks])
+    ax.minorticks_off()
 
 
 @cli_main
