@@ -17,7 +17,7 @@ import sys
 from utils.checkpoint import atomic_write_json, atomic_write_text, read_json
 from utils.config import NON_RESULT_KEYS
 from utils.errors import UserError, cli_main
-from utils.stats import ALPHA, RULE, mean_std, paired_t, verdict
+from utils.stats import ALPHA, RULE, mean_std, verdict
 
 PALETTE = ["#55a868", "#c44e52", "#dd8452", "#8172b3", "#937860", "#da8bc3", "#64b5cd", "#ccb974"]
 
@@ -165,11 +165,8 @@ def _dfad_against_original(dfad):
     for teacher, d in dfad.items():
         if teacher == "original" or base is None:
             continue
-        seeds = sorted(set(d["accs"]) & set(base["accs"]))
-        a, b = [d["accs"][s] for s in seeds], [base["accs"][s] for s in seeds]
-        d["delta_original"] = sum(x - y for x, y in zip(a, b)) / len(seeds) if seeds else None
-        d["p_below"] = paired_t(a, b)[2]
-        d["n_paired"] = len(seeds)
+        test = verdict(d["accs"], base["accs"])
+        d["delta_original"], d["p_below"], d["n_paired"] = test["diff"], test["p_less"], test["n"]
 
 
 def _add_seed(group, key, role, run, folder, extra):
@@ -736,7 +733,7 @@ def schedule(arms):
             mean, std = mean_std(accs)
             test = verdict({p["seed"]: p["acc"] for p in arm["points"][e]},
                            {p["seed"]: p["acc"] for p in bar["points"][e]})
-            rows.append({"epochs": e, "n": len(accs), "mean": mean, "std": std if len(accs) > 1 else None,
+            rows.append({"epochs": e, "n": len(accs), "mean": mean, "std": std,
                          "diff": test["diff"], "verdict": test["verdict"], "harmful": test["harmful"],
                          "p": test["p"], "n_paired": test["n"]})
         if len(rows) > 1:

@@ -94,10 +94,11 @@ def paired_t(a, b):
 def verdict(attack, bar):
     """The verdict of METHOD.md section 8 for an attack's accuracies against the bar's, each {seed: acc};
     only seeds present in both are paired. Returns a dict: verdict, harmful, n, diff (mean of the paired
-    differences), t, p (one-sided, above the bar) and seeds."""
+    differences), t, p (one-sided, above the bar), p_less (one-sided, below it) and seeds."""
     seeds = sorted(set(attack) & set(bar))
     if not seeds:
-        return {"verdict": None, "harmful": False, "n": 0, "diff": None, "t": None, "p": None, "seeds": []}
+        return {"verdict": None, "harmful": False, "n": 0, "diff": None, "t": None, "p": None, "p_less": None,
+                "seeds": []}
     a, b = [attack[s] for s in seeds], [bar[s] for s in seeds]
     diff = sum(x - y for x, y in zip(a, b)) / len(seeds)
     t, p, p_less = paired_t(a, b)
@@ -106,4 +107,5 @@ def verdict(attack, bar):
     else:
         word = "KD-resistant"
     harmful = diff < 0 and p_less is not None and p_less < ALPHA
-    return {"verdict": word, "harmful": harmful, "n": len(seeds), "diff": diff, "t": t, "p": p, "seeds": seeds}
+    return {"verdict": word, "harmful": harmful, "n": len(seeds), "diff": diff, "t": t, "p": p, "p_less": p_less,
+            "seeds": seeds}
