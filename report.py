@@ -654,7 +654,10 @@ def curve(curve_root, others=()):
             ident, label = _curve_arm(m)
             arm = next((a for a in arms if _same_arm(a["ident"], ident)), None)
             if arm is None:
-                arm = {"ident": ident, "label": label, "points": {}, "own": False}
+                teacher = (m.get("inputs") or {}).get("teacher", {}).get("path")
+                arm = {"ident": ident, "label": label, "points": {}, "own": False, "model": m.get("model"),
+                       "attack": m.get("attack"), "teacher_acc": m.get("teacher_acc"),
+                       "teacher": os.path.basename(os.path.dirname(teacher)) if teacher else None}
                 arms.append(arm)
             arm["own"] = arm["own"] or folder == curve_root
             arm["points"].setdefault(m["epochs"], []).append({"acc": m["final_acc"], "seed": m.get("seed"), "run": path})
@@ -706,6 +709,10 @@ def curve(curve_root, others=()):
         out["schedule"] = sched
         lines += [""] + _schedule_lines(sched)
         _schedule_figure(sched, os.path.join(curve_root, "fig_schedule.png"))
+        front = schedule_frontier(sched)
+        out["frontier"] = front
+        lines += [""] + _schedule_frontier_lines(front)
+        _schedule_frontier_figure(front, os.path.join(curve_root, "fig_frontier_schedule.png"))
     atomic_write_text(os.path.join(curve_root, "curve.md"), "\n".join(lines) + "\n")
     atomic_write_json(os.path.join(curve_root, "curve.json"), out)
     return out
@@ -738,8 +745,74 @@ def schedule(arms):
                          "p": test["p"], "n_paired": test["n"]})
         if len(rows) > 1:
             out.append({"label": arm["label"], "bar": bar["label"], "rows": rows,
-                        "verdicts": sorted({r["verdict"] for r in rows if r["verdict"]})})
+                        "verdicts": sorted({r["verdict"] for r in rows if r["verdict"]}),
+                        **{k: arm[k] for k in ("model", "attack", "teacher", "teacher_acc")}})
     return out
+
+
+def schedule_frontier(sched):
+    """Per student architecture, teacher and schedule: the strongest attack measured at that schedule (the
+    stolen student with the highest mean accuracy) against the bar of the same schedule, and whether every
+    attack measured there is KD-resistant. The frontier of issue 16, schedule by schedule: a defence must hold
+    where the students have trained long enough, not only at 3 epochs."""
+    groups = {}
+    for s in sched:
+        groups.setdefault((s["model"], s["teacher"]), []).append(s)
+    out = []
+    for (model, teacher), arms in groups.items():
+        for e in sorted({r["epochs"] for s in arms for r in s["rows"]}):
+            at = [(s, next(r for r in s["rows"] if r["epochs"] == e)) for s in arms
+                  if any(r["epochs"] == e for r in s["rows"])]
+            s, r = max(at, key=lambda sr: sr[1]["mean"])
+            out.append({"model": model, "teacher": teacher, "teacher_acc": s["teacher_acc"], "epochs": e,
+                        "attacks": sorted(a["attack"] for a, _ in at), "strongest": s["attack"],
+                        **{k: r[k] for k in ("n", "mean", "std", "diff", "verdict", "harmful", "p", "n_paired")},
+                        "resists_all": all(x["verdict"] == "KD-resistant" for _, x in at)})
+    # teachers by accuracy, highest first; each teacher's schedules in order
+    out.sort(key=lambda f: (f["model"], -(f["teacher_acc"] or 0), f["teacher"], f["epochs"]))
+    return out
+
+
+def _schedule_frontier_lines(front):
+    lines = ["## The strongest attack on each teacher, schedule by schedule", "",
+             "For each teacher and schedule, the attack whose student is the most accurate among the attacks of the "
+             "table above (those trained at more than one schedule) at that schedule, against the label-smoothing "
+             "student of the same schedule. A teacher holds at a schedule when every attack compared there is "
+             "KD-resistant; read the attacks column before the verdict (two attacks are not the full battery).", "",
+             "| student | teacher (acc) | epochs | attacks compared | strongest | its student | Δ vs bar | verdict (p) "
+             "| every attack compared KD-resistant |", "|---|---|---|---|---|---|---|---|---|"]
+    for f in front:
+        std = f" ± {f['std']:.2f}" if f["std"] is not None else ""
+        lines.append(f"| {f['model']} | {f['teacher']} ({_fmt(f['teacher_acc'])}) | {f['epochs']} | "
+                     f"{len(f['attacks'])}: {', '.join(f['attacks'])} | {f['strongest']} | {f['mean']:.2f}{std} ({f['n']}) "
+                     f"| {_fmt(f['diff'], signed=True)} | {_verdict_cell(f)} | {'yes' if f['resists_all'] else 'no'} |")
+    return lines
+
+
+def _schedule_frontier_figure(front, path):
+    """Δ of each teacher's strongest attack against the bar, a marker per schedule, teachers in the order of
+    their accuracy (written under each name)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    teachers = []
+    for f in front:
+        if (f["model"], f["teacher"]) not in teachers:
+            teachers.append((f["model"], f["teacher"]))
+    acc = {(f["model"], f["teacher"]): f["teacher_acc"] for f in front}
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(teachers)), 4.5))
+    ax.axhline(0.0, color="black", lw=1, label="label-smoothing bar")
+    markers = "os^Dv<>p*h"
+    for i, e in enumerate(sorted({f["epochs"] for f in front})):
+        pts = [(teachers.index((f["model"], f["teacher"])), f["diff"], len(f["attacks"])) for f in front if f["epochs"] == e]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], s=50,
+                   label=f"{e} epochs", zorder=3)
+        for x, y, k in pts:
+            ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(6, -3), fontsize=7)
+    names = [f"{t}\n{_fmt(acc[(m, t)])}" + (f"\n{m}" if len({m for m, _ in teachers}) > 1 else "") for m, t in teachers]
+    ax.set_xticks(range(len(teachers)), names, fontsize=7)
+    ax.set_title("strongest attack per teacher (the number beside a point: attacks compared)", fontsize=8)
+    _save_plot(fig, ax, "teacher (test accuracy %)", "strongest stolen student − bar (points)", path, 8, 120)
 
 
 def _schedule_lines(sched):

@@ -10,14 +10,17 @@ BASE = {"model": "cnn", "lr": 0.05, "batch_size": 128, "schedule": "onecycle", "
         "label_smoothing": 0.0}
 
 
-def _run(folder, name, epochs, acc, seed=0, sha="abc", **cfg):
+TEACHER_ACC = {"teacher_resnet20": 87.76, "nasty_resnet20": 87.60}
+
+
+def _run(folder, name, epochs, acc, seed=0, sha="abc", teacher="teacher_resnet20", **cfg):
     os.makedirs(os.path.join(folder, name))
     kd = "attack" in cfg
     m = {"script": "train_kd.py" if kd else "train_scratch.py", "model": "cnn", "epochs": epochs, "seed": seed,
          "final_acc": acc, "config": dict(BASE, epochs=epochs, seed=seed, **cfg)}
     if kd:
-        m.update(attack=cfg["attack"], inputs={"teacher": {"path": "exps/mini/teacher_resnet20/weights.pth",
-                                                           "weights_sha256": sha}})
+        m.update(attack=cfg["attack"], teacher_acc=TEACHER_ACC[teacher],
+                 inputs={"teacher": {"path": f"exps/mini/{teacher}/weights.pth", "weights_sha256": sha}})
     with open(os.path.join(folder, name, "metrics.json"), "w") as f:
         json.dump(m, f)
 
@@ -85,3 +88,39 @@ def test_a_battery_student_counts_its_share_of_the_battery_time():
     member = {"wall_time_s": 600.0, "battery": ["a", "b", "c"]}
     assert report._total_seconds([alone]) == 300.0 and report._total_seconds([member]) == 200.0
     assert report._total_seconds([alone, member]) == 500.0 and report._total_seconds([{}]) is None
+
+
+def test_schedule_frontier_takes_the_strongest_attack_per_teacher_and_schedule(tmp_path):
+    long, preset = str(tmp_path / "long"), str(tmp_path / "mini")
+    # bar 65/80; teacher "abc" (the original's folder): tckd strongest at 3, vanilla at 24, both above the bar at 3;
+    # teacher "def" (another folder): below the bar with both attacks at 24, dkd only at 24 and 3
+    for seed, bar in enumerate((65.0, 65.4, 65.2)):
+        _run(preset, f"ls_s{seed}", 3, bar, seed=seed, label_smoothing=0.1)
+        _run(preset, f"tckd_s{seed}", 3, bar + 3.0 + seed / 10, seed=seed, attack="tckd", tau=4.0)
+        _run(preset, f"van_s{seed}", 3, bar + 2.0, seed=seed, attack="vanilla", tau=4.0)
+        _run(preset, f"dkd_def_s{seed}", 3, bar - 1.0 - seed / 10, seed=seed, sha="def", teacher="nasty_resnet20",
+             attack="dkd", tau=4.0)
+    _run(long, "ls_e24", 24, 80.0, label_smoothing=0.1)
+    _run(long, "tckd_e24", 24, 80.5, attack="tckd", tau=4.0)
+    _run(long, "van_e24", 24, 81.0, attack="vanilla", tau=4.0)
+    _run(long, "dkd_def_e24", 24, 79.0, sha="def", teacher="nasty_resnet20", attack="dkd", tau=4.0)
+    _run(long, "van_def_e24", 24, 79.9, sha="def", teacher="nasty_resnet20", attack="vanilla", tau=4.0)  # one schedule
+    out = report.curve(long, [preset])
+    front = {(f["teacher"], f["epochs"]): f for f in out["frontier"]}
+    assert set(front) == {("teacher_resnet20", 3), ("teacher_resnet20", 24), ("nasty_resnet20", 3),
+                          ("nasty_resnet20", 24)}
+    f = front[("teacher_resnet20", 3)]
+    assert (f["strongest"], f["attacks"], f["n"], f["verdict"], f["resists_all"]) == (
+        "tckd", ["tckd", "vanilla"], 3, "distillable", False)
+    assert abs(f["diff"] - 3.1) < 1e-9 and f["p"] < 0.05 and f["teacher_acc"] == 87.76
+    f = front[("teacher_resnet20", 24)]
+    assert (f["strongest"], f["n"], f["verdict"], f["p"]) == ("vanilla", 1, "inconclusive", None)
+    f = front[("nasty_resnet20", 24)]  # the vanilla run has no second schedule, so only dkd is compared
+    assert (f["strongest"], f["attacks"], f["verdict"], f["resists_all"]) == ("dkd", ["dkd"], "KD-resistant", True)
+    assert front[("nasty_resnet20", 3)]["harmful"]
+    assert [(f["teacher"], f["epochs"]) for f in out["frontier"]][:2] == [("teacher_resnet20", 3), ("teacher_resnet20", 24)]
+    text = open(os.path.join(long, "curve.md")).read()
+    assert ("| cnn | nasty_resnet20 (87.60) | 24 | 1: dkd | dkd | 79.00 (1) | -1.00 | KD-resistant (n=1) | yes |"
+            in text)
+    with open(os.path.join(long, "fig_frontier_schedule.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
