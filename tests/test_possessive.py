@@ -25,7 +25,7 @@ def _exp(tmp_path, cifar_root, original, name="pt", **over):
 
 
 @pytest.mark.device
-@pytest.mark.parametrize("method", ["rml", "nasty"])
+@pytest.mark.parametrize("method", ["rml", "nasty", "rmlnasty"])
 def test_end_to_end_writes_checkpoint_and_diagnostics(tmp_path, cifar_root, original, method):
     before = torch.load(original, weights_only=True)["model"]
     d = _exp(tmp_path, cifar_root, original, method=method, gamma=0.1, beta_warmup=1.0)
@@ -40,7 +40,8 @@ def test_end_to_end_writes_checkpoint_and_diagnostics(tmp_path, cifar_root, orig
         assert key in diag and diag[key] == diag[key], key  # present and not NaN
     assert -1.0 <= diag["kendall"] <= 1.0 and 0.0 <= diag["reversed_top1"] <= 1.0
     terms = {"rml": ("train_ce", "train_binary", "train_reversed", "train_maximize"),
-             "nasty": ("train_ce", "train_nasty")}[method]
+             "nasty": ("train_ce", "train_nasty"),
+             "rmlnasty": ("train_ce", "train_binary", "train_reversed", "train_maximize", "train_nasty")}[method]
     assert all(t in m["history"][-1] for t in terms)
     ckpt = torch.load(os.path.join(d, "last.pth"), weights_only=True)
     assert ckpt["arch"] == TINY["model"] and ckpt["config"]["method"] == method

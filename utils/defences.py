@@ -146,6 +146,35 @@ class Nasty(Defence):
         return nasty_loss(logits, original_logits, labels, self.cfg["tau"], self.cfg["omega"])
 
 
+@register
+class RMLNasty(Defence):
+    """RML's loss plus Nasty's maximisation over the whole distribution (issue 16's combination; METHOD.md
+    section 9): L = L_RML(alpha, beta, gamma) - omega tau^2 KL(p^tau(z) || p^tau(z^o)). RML's binary term copies
+    the original's target-versus-rest confidence, which TCKD reads; Nasty's term moves that confidence too. With
+    omega = 0 it is RML, with alpha = beta = gamma = 0 it is Nasty. The screening settings (battery_params) drop
+    the binary term (alpha 0) and keep the reproduction's reversal weight (beta 0.3) and Nasty's omega."""
+    name, label = "rmlnasty", "RML + Nasty"
+    keys = dict(RML.keys, omega=Nasty.keys["omega"])
+    battery = False  # screened first: reproduce.py --defences rmlnasty
+
+    @classmethod
+    def check(cls, cfg, source):
+        RML.check(cfg, source)
+        Nasty.check(cfg, source)
+
+    @classmethod
+    def battery_params(cls, preset, dataset):
+        params = dict(preset["possessive"], tau=DATASET_TAU[dataset], alpha=0.0, beta=0.3, gamma=0.0,
+                      omega=DATASET_OMEGA[dataset])
+        params.update(preset.get(cls.name, {}))
+        return params
+
+    def loss(self, logits, original_logits, labels, progress):
+        terms = RML.loss(self, logits, original_logits, labels, progress)
+        terms["nasty"] = nasty_loss(logits, original_logits, labels, self.cfg["tau"], self.cfg["omega"])["nasty"]
+        return terms
+
+
 # A logit this far below the row's maximum has softmax probability exactly 0 in float32 at every
 # temperature up to ~90 (exp(-10000 / 90) underflows): it stands for Stingy's -inf without turning a
 # KL's 0 * log 0 into NaN.
