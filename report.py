@@ -376,6 +376,14 @@ def _verdicts(res):
     return out
 
 
+def _strongest(attacks, acc):
+    """(the attack whose stolen student is the most accurate, whether every attack is KD-resistant) of
+    {attack: row}, acc the row's accuracy key: what both frontiers call the strongest attack and a teacher that
+    holds (METHOD.md section 8)."""
+    best = max(attacks, key=lambda a: attacks[a][acc])
+    return best, all(r.get("verdict") == "KD-resistant" for r in attacks.values())
+
+
 def frontier(res):
     """Per student architecture and teacher: the teacher's accuracy and the *strongest* attack on it (the
     stolen student with the highest mean accuracy), against the label-smoothing bar. A teacher resists
@@ -388,13 +396,13 @@ def frontier(res):
             t = res["teachers"].get(teacher)
             if not attacks or not t:
                 continue
-            best = max(attacks, key=lambda a: attacks[a]["acc"])
+            best, resists_all = _strongest(attacks, "acc")
             b = attacks[best]
             out.append({"arch": arch, "teacher": teacher, "teacher_acc": t["acc"], "teacher_delta": t.get("delta"),
                         "strongest": best, "acc": b["acc"], "std": b.get("std"), "n": b.get("n", 1),
                         "delta_ls": None if bar is None else b["acc"] - bar, "verdict": b.get("verdict"),
                         "p": b.get("p"), "bar": bar, "attacks": len(attacks),
-                        "resists_all": all(r.get("verdict") == "KD-resistant" for r in attacks.values())})
+                        "resists_all": resists_all})
     return out
 
 
@@ -687,8 +695,7 @@ def curve(curve_root, others=()):
             gain = None if prev is None else mean - prev[1]
             if gain is not None and enough is None and e == 2 * prev[0] and gain < 1.0:
                 enough = prev[0]
-            std_text = f" ± {std:.2f}" if len(accs) > 1 else ""
-            lines.append(f"| {arm['label']} | {e} | {mean:.2f}{std_text} ({len(accs)}) | "
+            lines.append(f"| {arm['label']} | {e} | {_seeded({'acc': mean, 'std': std, 'n': len(accs)})} | "
                          f"{_fmt(gain, signed=True) if gain is not None else '–'} | "
                          f"{', '.join(os.path.relpath(p['run']) for p in arm['points'][e])} |")
             prev = (e, mean)
@@ -760,14 +767,17 @@ def schedule_frontier(sched):
         groups.setdefault((s["model"], s["teacher"]), []).append(s)
     out = []
     for (model, teacher), arms in groups.items():
-        for e in sorted({r["epochs"] for s in arms for r in s["rows"]}):
-            at = [(s, next(r for r in s["rows"] if r["epochs"] == e)) for s in arms
-                  if any(r["epochs"] == e for r in s["rows"])]
-            s, r = max(at, key=lambda sr: sr[1]["mean"])
-            out.append({"model": model, "teacher": teacher, "teacher_acc": s["teacher_acc"], "epochs": e,
-                        "attacks": sorted(a["attack"] for a, _ in at), "strongest": s["attack"],
-                        **{k: r[k] for k in ("n", "mean", "std", "diff", "verdict", "harmful", "p", "n_paired")},
-                        "resists_all": all(x["verdict"] == "KD-resistant" for _, x in at)})
+        by_epochs = {}  # epochs -> {attack: its row at those epochs}
+        for s in arms:
+            for r in s["rows"]:
+                by_epochs.setdefault(r["epochs"], {})[s["attack"]] = r
+        for e in sorted(by_epochs):
+            at = by_epochs[e]
+            best, resists_all = _strongest(at, "mean")
+            out.append({"model": model, "teacher": teacher, "teacher_acc": arms[0]["teacher_acc"], "epochs": e,
+                        "attacks": sorted(at), "strongest": best,
+                        **{k: at[best][k] for k in ("n", "mean", "std", "diff", "verdict", "harmful", "p", "n_paired")},
+                        "resists_all": resists_all})
     # teachers by accuracy, highest first; each teacher's schedules in order
     out.sort(key=lambda f: (f["model"], -(f["teacher_acc"] or 0), f["teacher"], f["epochs"]))
     return out
@@ -782,9 +792,9 @@ def _schedule_frontier_lines(front):
              "| student | teacher (acc) | epochs | attacks compared | strongest | its student | Δ vs bar | verdict (p) "
              "| every attack compared KD-resistant |", "|---|---|---|---|---|---|---|---|---|"]
     for f in front:
-        std = f" ± {f['std']:.2f}" if f["std"] is not None else ""
         lines.append(f"| {f['model']} | {f['teacher']} ({_fmt(f['teacher_acc'])}) | {f['epochs']} | "
-                     f"{len(f['attacks'])}: {', '.join(f['attacks'])} | {f['strongest']} | {f['mean']:.2f}{std} ({f['n']}) "
+                     f"{len(f['attacks'])}: {', '.join(f['attacks'])} | {f['strongest']} | "
+                     f"{_seeded({'acc': f['mean'], 'std': f['std'], 'n': f['n']})} "
                      f"| {_fmt(f['diff'], signed=True)} | {_verdict_cell(f)} | {'yes' if f['resists_all'] else 'no'} |")
     return lines
 
@@ -795,10 +805,7 @@ def _schedule_frontier_figure(front, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    teachers = []
-    for f in front:
-        if (f["model"], f["teacher"]) not in teachers:
-            teachers.append((f["model"], f["teacher"]))
+    teachers = list(dict.fromkeys((f["model"], f["teacher"]) for f in front))  # in the table's order
     acc = {(f["model"], f["teacher"]): f["teacher_acc"] for f in front}
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(teachers)), 4.5))
     ax.axhline(0.0, color="black", lw=1, label="label-smoothing bar")
@@ -823,8 +830,7 @@ def _schedule_lines(sched):
              "| student | epochs | accuracy | Δ vs bar | verdict (p) |", "|---|---|---|---|---|"]
     for s in sched:
         for r in s["rows"]:
-            std = f" ± {r['std']:.2f}" if r["std"] is not None else ""
-            lines.append(f"| {s['label']} | {r['epochs']} | {r['mean']:.2f}{std} ({r['n']}) | "
+            lines.append(f"| {s['label']} | {r['epochs']} | {_seeded({'acc': r['mean'], 'std': r['std'], 'n': r['n']})} | "
                          f"{_fmt(r['diff'], signed=True)} | {_verdict_cell(r)} |")
     lines.append("")
     for s in sched:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from utils.defences import RML, Nasty, RMLNasty
 from utils.losses import (NON_TARGET_MASK, binary_probs, dfad_discrepancy, dkd_loss, kd_loss, nasty_loss,
                           non_target_probs, reverse_logits, rml_loss)
 
@@ -255,6 +256,37 @@ def test_nasty_matches_reference(pair64):
     assert abs(t["ce"].item() - _ce_ref(a, yy)) < 1e-6
     ref = -0.3 * TAU ** 2 * _batch_kl(_soft, _soft, a, b, yy, TAU)  # KL(nasty || original)
     assert abs(t["nasty"].item() - ref) < 1e-6
+
+
+def test_rml_plus_nasty_on_hand_made_logits():
+    """RMLNasty (METHOD.md section 9) = RML's terms (CE, binary, reversed) and Nasty's -omega tau^2 KL(p(z) ||
+    p(z_o)), against the references above on two rows whose reversal is worked by hand."""
+    alpha, beta, omega = 0.5, 0.3, 0.04
+    z = torch.tensor([[2.0, 0.5, -1.0, 1.0], [0.0, 1.0, 3.0, -0.5]], dtype=torch.float64)
+    z_o = torch.tensor([[3.0, 1.0, 0.0, 2.0], [0.5, -1.0, 4.0, 1.5]], dtype=torch.float64)
+    y = torch.tensor([0, 2])
+    # the original's non-target order reversed: row 0 (target 0) 2 > 1 > 0 at classes 3, 1, 2 -> 0, 1, 2;
+    # row 1 (target 2) 1.5 > 0.5 > -1 at classes 3, 0, 1 -> -1, 0.5, 1.5
+    r = np.array([[3.0, 1.0, 2.0, 0.0], [0.5, 1.5, 4.0, -1.0]])
+    a, b, yy = z.numpy(), z_o.numpy(), y.numpy()
+    expected = {"ce": _ce_ref(a, yy),
+                "binary": alpha * TAU ** 2 * _batch_kl(_binary_ref, _binary_ref, b, a, yy, TAU),
+                "reversed": beta * TAU ** 2 * _batch_kl(_non_target_ref, _non_target_ref, r, a, yy, TAU),
+                "maximize": 0.0,
+                "nasty": -omega * TAU ** 2 * _batch_kl(_soft, _soft, a, b, yy, TAU)}
+    cfg = dict(RMLNasty.keys, tau=TAU, alpha=alpha, beta=beta, omega=omega)
+    terms = RMLNasty(cfg).loss(z, z_o, y, progress=1.0)
+    assert set(terms) == set(expected)
+    for k, v in expected.items():
+        assert abs(float(terms[k]) - v) < 1e-6, (k, float(terms[k]), v)
+    assert expected["nasty"] < 0 and expected["reversed"] > 0
+    # omega 0: RML's loss; alpha = beta = 0: Nasty's
+    rml = RML(dict(RML.keys, tau=TAU, alpha=alpha, beta=beta)).loss(z, z_o, y, 1.0)
+    no_omega = RMLNasty(dict(cfg, omega=0.0)).loss(z, z_o, y, 1.0)
+    assert float(no_omega.pop("nasty")) == 0.0 and all(float(no_omega[k]) == float(rml[k]) for k in rml)
+    nasty = Nasty(dict(Nasty.keys, tau=TAU, omega=omega)).loss(z, z_o, y, 1.0)
+    only_nasty = RMLNasty(dict(cfg, alpha=0.0, beta=0.0)).loss(z, z_o, y, 1.0)
+    assert abs(float(sum(only_nasty.values())) - float(sum(nasty.values()))) < 1e-12
 
 
 def test_kd_matches_reference(pair64):
