@@ -107,11 +107,14 @@ def seeded(name, seed):
     return name if seed == 0 else f"{name}_seed{seed}"
 
 
-def plan(preset, dataset=None, seeds=(0,), defences=()):
+def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None):
     """The steps of a preset: a list of dicts {name, script, params, role}. Teachers are trained once (seed
     0); every student arm (scratch, label smoothing, each attack x teacher) and DFAD once per seed.
     defences: registered defences outside the battery to screen as well (battery_teachers): every attack
-    against them with the first seed alone; a defence joins the battery (Defence.battery) for the full protocol."""
+    against them with the first seed alone; a defence joins the battery (Defence.battery) for the full protocol.
+    amp: the precision of every student arm and DFAD run (the config's amp: auto, off, bf16, fp16), e.g. off to
+    measure a seed without a fast low precision; None keeps the preset's. Teachers keep the preset's either
+    way: they are trained once and shared by every seed."""
     teachers = battery_teachers(defences)
     in_battery = set(battery_teachers())
     p = PRESETS[preset]
@@ -134,6 +137,8 @@ def plan(preset, dataset=None, seeds=(0,), defences=()):
     script_of = {"student": "train_scratch.py", "kd": "train_kd.py", "dfad": "train_dfad.py"}
     for seed in seeds:
         def arm(name, role, **params):
+            if amp is not None:
+                params["amp"] = amp
             add(seeded(name, seed), script_of[role["kind"]], dict(role, seed=seed), **params, seed=seed)
 
         for student in p["students"]:
@@ -513,6 +518,10 @@ def main(argv=None):
                         help="also screen these registered defences outside the default battery, e.g. keyed,keyedflat: every "
                              "attack against them, first seed only; kept in EXP_ROOT/steps.json, so later runs and the "
                              "report keep them too")
+    parser.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default=None,
+                        help="precision of the student steps (every arm and DFAD, every seed): off trains them in fp32, "
+                             "e.g. to time a seed on a machine without fast bf16 (default: the preset's, auto); "
+                             "teachers keep the preset's")
     parser.add_argument("--jobs", type=int, default=1,
                         help="steps run at once, each in its own process (default 1: one after another, in this process)")
     parser.add_argument("--no_battery", action="store_true",
@@ -545,7 +554,7 @@ def main(argv=None):
     screened += [s["role"]["teacher"] for s in old_steps  # defences screened before stay in the plan
                  if s["role"].get("kind") == "teacher" and s["role"]["teacher"] in DEFENCES
                  and s["role"]["teacher"] not in battery_teachers(screened)]
-    steps = plan(args.preset, args.dataset, sorted(set(seeds) | set(known)), screened)
+    steps = plan(args.preset, args.dataset, sorted(set(seeds) | set(known)), screened, args.amp)
     run_seeds = set(seeds) if args.seeds is not None else set(seeds) | set(known)
     if not args.dry_run:  # a dry run changes nothing, not even the plan the report reads
         os.makedirs(exp_root, exist_ok=True)

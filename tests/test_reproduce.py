@@ -423,6 +423,26 @@ def test_mini_default_is_three_seeds(tmp_path, capsys):
     assert "kd_tckd_rml_cnn_seed2" not in out and f"{len(reproduce.plan('mini'))} steps:" in out
 
 
+def test_amp_flag_sets_the_students_precision_and_keeps_the_teachers(chain, cifar_root, capsys):
+    """--amp off trains every student arm and DFAD of every seed in fp32 while the teachers keep the preset's
+    precision, so a finished preset's teachers stay done and only its students are trained again."""
+    steps = reproduce.plan("mini", seeds=(0, 1), amp="off")
+    teachers = [s for s in steps if s["role"]["kind"] == "teacher"]
+    students = [s for s in steps if s["role"]["kind"] != "teacher"]
+    assert teachers and all("amp" not in s["params"] for s in teachers)
+    assert {s["role"]["kind"] for s in students} == {"student", "kd", "dfad"}
+    assert all(s["params"]["amp"] == "off" for s in students)
+    exp_root, _ = chain  # the tiny preset trains in fp32 already: --amp off is its own setting, --amp bf16 is not
+    argv = ["--preset", "tiny", "--data_root", cifar_root, "--exp_root", exp_root, "--dry_run"]
+    n, n_teachers = len(reproduce.plan("tiny")), sum(s["role"]["kind"] == "teacher" for s in reproduce.plan("tiny"))
+    assert run_main(reproduce.main, argv + ["--amp", "off"]) == 0
+    assert f"{n} steps: {n} done" in capsys.readouterr().out
+    assert run_main(reproduce.main, argv + ["--amp", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert f"{n} steps: {n_teachers} done, {n - n_teachers} new" in out
+    assert "teacher_cnn: done" in out and "scratch_cnn_small: new" in out
+
+
 def test_report_treats_a_corrupt_result_as_missing(chain, tmp_path):
     """A half-written metrics.json (a crash, a bad copy) is no result: listed as missing, never a traceback."""
     exp_root = str(tmp_path / "tiny")
