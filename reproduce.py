@@ -30,7 +30,7 @@ import time
 
 from utils.checkpoint import (WEIGHTS_FILE, atomic_write_json, atomic_write_text, checkpoint_digest, load_checkpoint,
                               read_json)
-from utils.config import NON_RESULT_KEYS as _RUN_NON_RESULT_KEYS
+from utils.config import CHOICES, NON_RESULT_KEYS as _RUN_NON_RESULT_KEYS
 from utils.attacks import ATTACKS
 from utils.defences import DATASET_TAU, DEFENCES, key_problem
 from utils.errors import UserError, cli_main
@@ -518,7 +518,7 @@ def main(argv=None):
                         help="also screen these registered defences outside the default battery, e.g. keyed,keyedflat: every "
                              "attack against them, first seed only; kept in EXP_ROOT/steps.json, so later runs and the "
                              "report keep them too")
-    parser.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default=None,
+    parser.add_argument("--amp", choices=CHOICES["amp"], default=None,
                         help="precision of the student steps (every arm and DFAD, every seed): off trains them in fp32, "
                              "e.g. to time a seed on a machine without fast bf16 (default: the preset's, auto); "
                              "teachers keep the preset's")

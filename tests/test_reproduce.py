@@ -434,7 +434,8 @@ def test_amp_flag_sets_the_students_precision_and_keeps_the_teachers(chain, cifa
     assert all(s["params"]["amp"] == "off" for s in students)
     exp_root, _ = chain  # the tiny preset trains in fp32 already: --amp off is its own setting, --amp bf16 is not
     argv = ["--preset", "tiny", "--data_root", cifar_root, "--exp_root", exp_root, "--dry_run"]
-    n, n_teachers = len(reproduce.plan("tiny")), sum(s["role"]["kind"] == "teacher" for s in reproduce.plan("tiny"))
+    tiny = reproduce.plan("tiny")
+    n, n_teachers = len(tiny), sum(s["role"]["kind"] == "teacher" for s in tiny)
     assert run_main(reproduce.main, argv + ["--amp", "off"]) == 0
     assert f"{n} steps: {n} done" in capsys.readouterr().out
     assert run_main(reproduce.main, argv + ["--amp", "bf16"]) == 0
