@@ -36,7 +36,7 @@ def check_dfad_config(cfg, source):
             raise UserError(f"{source}: '{key}' must be > 0, got {cfg[key]}")
     if cfg["g_optimizer"] not in G_OPTIMIZERS:
         raise UserError(f"{source}: 'g_optimizer' must be one of {', '.join(G_OPTIMIZERS)}, got '{cfg['g_optimizer']}'")
-    for key in ("subset", "label_smoothing"):
+    for key in ("subset", "transfer", "label_smoothing"):
         if cfg[key]:
             raise UserError(f"{source}: '{key}' does not apply to data-free training; remove it")
 

@@ -60,6 +60,7 @@ class KDTask(Task):
         num_classes = num_classes or DATASETS[cfg["dataset"]].num_classes
         self.attack = ATTACKS[cfg["attack"]](cfg, num_classes)
         self.tau = cfg["tau"]
+        self.labels = cfg["labels"] and not cfg["transfer"]
         self.teacher_path, self.teacher_arch, self.teacher_acc = cfg["teacher"], teacher_arch, teacher_acc
         self.engine = None
         self._parts = None
@@ -75,12 +76,18 @@ class KDTask(Task):
 
     @torch.no_grad()
     def teacher_logits(self, x, y):
-        """The thief's view of the teacher's answer for this batch (the attack's query)."""
-        return self.attack.query(self.teacher(x), y)
+        """(the thief's view of the teacher's answer for this batch (the attack's query), the target class).
+
+        A thief without labels (labels false, or transfer data) never sees y: wherever an attack needs a target
+        class (CE, DKD's target, Markov KD's matrix, re-reversal around the label) it gets the teacher's argmax."""
+        answer = self.teacher(x)
+        if not self.labels:
+            y = answer.argmax(1)
+        return self.attack.query(answer, y), y
 
     def loss(self, batch):
         x, y = batch
-        view = self.teacher_logits(x, y)
+        view, y = self.teacher_logits(x, y)
         s = self.train_model(x)
         modules = {name: part.module for name, part in self.parts().items()}
         return self.attack.loss(s, view, y, self.engine.progress, modules), s, y

@@ -16,7 +16,7 @@ import torch
 
 import models
 from utils.checkpoint import build_from_checkpoint, model_record
-from utils.config import TRAIN_DEFAULTS, parse_config, resolve_config, write_config
+from utils.config import require_labels, TRAIN_DEFAULTS, parse_config, resolve_config, write_config
 from utils.diagnostics import (class_response, expected_calibration_error, mean_kl, non_target_entropy,
                                non_target_kendall, reversed_top1_match)
 from utils.engine import Engine, Task
@@ -91,6 +91,7 @@ def check(cfg, source="config"):
         raise UserError(f"'tau' must be > 0, got {cfg['tau']}")
     for defence in DEFENCES.values():  # every key is checked, also those the chosen defence does not read
         defence.check(cfg, source)
+    require_labels(cfg, source, "train_possessive.py (the owner's teacher)")
 
 
 @cli_main

@@ -2,10 +2,11 @@
 
     python train_scratch.py --save_path exps/mini/teacher_resnet20 [--epochs 2 --model resnet8 ...]
 """
+import os
 import sys
 
 import models
-from utils.config import TRAIN_DEFAULTS, parse_config, resolve_config, write_config
+from utils.config import require_labels, TRAIN_DEFAULTS, parse_config, resolve_config, write_config
 from utils.engine import Engine, Task, cross_entropy
 from utils.errors import cli_main
 
@@ -39,6 +40,7 @@ def main(argv=None):
         list_models()
         return 0
     cfg = resolve_config(args, DEFAULTS)
+    require_labels(cfg, os.path.join(args.save_path, "params.json"), "train_scratch.py (scratch and label smoothing)")
     engine = Engine(cfg, args.save_path, "train_scratch.py", resume=args.resume)
     engine.load_data()
     if engine.is_main:

@@ -23,7 +23,8 @@ from .errors import UserError
 # Keys that must agree across a battery's students: they fix the batches (data, split, batch size, seed,
 # epochs), the teacher and the precision it answers in, and where it all runs. Everything else (student
 # model, attack, temperature, lr, schedule...) may differ from student to student.
-SHARED_KEYS = ("dataset", "data_root", "download", "subset", "test_subset", "batch_size", "eval_batch_size",
+SHARED_KEYS = ("dataset", "data_root", "download", "subset", "subset_seed", "labels", "transfer", "test_subset",
+               "batch_size", "eval_batch_size",
                "seed", "epochs", "teacher", "amp", "device", "channels_last")
 
 

@@ -16,7 +16,11 @@ TRAIN_DEFAULTS = {
     "dataset": "cifar10",
     "data_root": "./data",
     "download": False,
-    "subset": 0,            # >0: a fixed class-balanced slice of the training set (smoke runs, tests)
+    # The thief's threat model (METHOD.md section 9): which training images it holds and whether it has their labels.
+    "subset": 0,            # >0: the thief holds this many training images, a class-balanced draw fixed by subset_seed
+    "subset_seed": 0,       # the draw of the subset (nested: for one seed, a smaller subset lies inside a larger one)
+    "labels": True,         # false: the thief has no labels; no loss term reads one (the teacher's argmax instead)
+    "transfer": "",         # a dataset name: the thief queries with that dataset's training images instead (no labels)
     "test_subset": 0,       # >0: score on the first N test images only (tests)
     "model": "resnet20",
     "epochs": 12,
@@ -38,11 +42,12 @@ TRAIN_DEFAULTS = {
     "channels_last": True,
     "compile": False,
     "log_every": 25,         # steps between host syncs for the progress bar
+    "eval_every": 1,         # epochs between test evaluations (the last is always scored; a small subset's epoch is short)
 }
 
 # Keys that do not change what a run computes: where the data lives, which device, how often the bar updates.
 # Every other key does, so a --resume must keep it and a finished run only counts as done when it matches.
-NON_RESULT_KEYS = frozenset({"data_root", "download", "device", "log_every", "eval_batch_size", "compile"})
+NON_RESULT_KEYS = frozenset({"data_root", "download", "device", "log_every", "eval_batch_size", "eval_every", "compile"})
 
 CHOICES = {
     "dataset": tuple(DATASETS),
@@ -51,8 +56,8 @@ CHOICES = {
     "amp": ("auto", "off", "bf16", "fp16"),
 }
 
-POSITIVE = ("epochs", "batch_size", "eval_batch_size", "lr", "log_every")
-NON_NEGATIVE = ("subset", "test_subset", "weight_decay", "momentum", "label_smoothing", "seed", "warmup")
+POSITIVE = ("epochs", "batch_size", "eval_batch_size", "lr", "log_every", "eval_every")
+NON_NEGATIVE = ("subset", "subset_seed", "test_subset", "weight_decay", "momentum", "label_smoothing", "seed", "warmup")
 
 
 def _type_name(value):
@@ -136,9 +141,33 @@ def validate(cfg, source="config"):
                             f"(python train_scratch.py --list-models)")
     if cfg.get("schedule") == "step" and not all(isinstance(m, int) and m > 0 for m in cfg.get("milestones", [])):
         raise UserError(f"{source}: 'milestones' must be a list of positive epoch numbers")
+    if cfg.get("transfer"):
+        if cfg["transfer"] not in DATASETS:
+            raise UserError(f"{source}: 'transfer' must be empty or one of {', '.join(DATASETS)}, got '{cfg['transfer']}'")
+        if cfg.get("labels", True):
+            raise UserError(f"{source}: transfer data ({cfg['transfer']}) has no labels for {cfg.get('dataset')}'s "
+                            f"classes; set labels to false")
+        if DATASETS[cfg["transfer"]].image_size != DATASETS[cfg.get("dataset", "cifar10")].image_size:
+            raise UserError(f"{source}: transfer images of {cfg['transfer']} are "
+                            f"{DATASETS[cfg['transfer']].image_size} px, {cfg.get('dataset')} needs "
+                            f"{DATASETS[cfg.get('dataset', 'cifar10')].image_size} px; choose a dataset of that size")
     dev = cfg.get("device", "auto")
     if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
         raise UserError(f"{source}: 'device' must be auto, cpu, cuda or cuda:N, got '{dev}'")
+
+
+def require_labels(cfg, source, what):
+    """Refuse a label-free threat model for a script whose loss is defined by the true labels."""
+    if not cfg.get("labels", True) or cfg.get("transfer"):
+        raise UserError(f"{source}: {what} trains on the true labels, so 'labels' must be true and 'transfer' empty; "
+                        f"a thief without labels is a train_kd.py run (its bar: --attack hardlabel from the original)")
+
+
+def thief_record(cfg, indices_sha256, images):
+    """What the thief held (metrics.json 'thief'): the images' source and count, the draw, the labels."""
+    return {"source": cfg.get("transfer") or cfg["dataset"], "images": images,
+            "subset_seed": cfg["subset_seed"] if cfg.get("subset") else None,
+            "indices_sha256": indices_sha256, "labels": bool(cfg.get("labels", True))}
 
 
 def parse_config(description, defaults, argv=None, extra_args=None):

@@ -147,18 +147,32 @@ def load_split(dataset, root, train, download=False):
     return _load_cifar(dataset, root, train, download)
 
 
-def class_balanced_subset(labels, n, num_classes):
-    """Indices of a fixed slice of n training images: the first n // C of each class, in file order."""
+def class_balanced_subset(labels, n, num_classes, seed=0):
+    """Indices (sorted) of a class-balanced draw of n training images: n // C of each class, the first of a
+    permutation of that class's images drawn from `seed`. For one seed a smaller subset lies inside a larger one."""
     per_class = n // num_classes
     if per_class < 1:
-        raise UserError(f"subset {n} is smaller than the number of classes ({num_classes})")
+        raise UserError(f"subset {n} is smaller than the number of classes ({num_classes}); hold at least one "
+                        f"image a class")
+    g = torch.Generator().manual_seed(seed)
     picks = []
     for c in range(num_classes):
-        idx = (labels == c).nonzero().flatten()[:per_class]
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)][:per_class]
         if len(idx) < per_class:
-            raise UserError(f"subset {n} needs {per_class} images of class {c}, the split has {len(idx)}")
+            raise UserError(f"subset {n} needs {per_class} images of class {c}, the split has {len(idx)}; "
+                            f"lower subset (0: the whole split)")
         picks.append(idx)
     return torch.cat(picks).sort().values
+
+
+def indices_digest(indices):
+    """sha256 of the chosen indices (int64, in order): names the thief's images in metrics.json."""
+    import hashlib
+    return hashlib.sha256(indices.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+UNKNOWN_LABEL = -1  # what a label-free thief's loader yields in place of a label
 
 
 class DeviceLoader:
@@ -184,6 +198,7 @@ class DeviceLoader:
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
         self.epoch = 0
+        self.thief = None  # a training loader's threat-model record (build_loaders)
         if train and batch_size > len(self.labels):
             raise UserError(f"batch_size {batch_size} is larger than the {len(self.labels)} training images; "
                             f"lower batch_size or raise subset")
@@ -242,12 +257,18 @@ def build_loaders(cfg, device, rank=0, world_size=1, train=True):
     info = DATASETS[cfg["dataset"]]
     loaders = {}
     if train:
-        images, labels = load_split(cfg["dataset"], cfg["data_root"], True, cfg["download"])
+        source = cfg.get("transfer") or cfg["dataset"]
+        images, labels = load_split(source, cfg["data_root"], True, cfg["download"])
+        idx = torch.arange(len(labels))
         if cfg["subset"]:
-            idx = class_balanced_subset(labels, cfg["subset"], info.num_classes)
+            idx = class_balanced_subset(labels, cfg["subset"], DATASETS[source].num_classes, cfg.get("subset_seed", 0))
             images, labels = images[idx], labels[idx]
+        if not cfg.get("labels", True) or cfg.get("transfer"):
+            labels = torch.full_like(labels, UNKNOWN_LABEL)  # nothing downstream can read a true label
         loaders["train"] = DeviceLoader(images, labels, cfg["batch_size"], device, info.mean, info.std, True,
                                         cfg["seed"], rank, world_size, cfg["channels_last"])
+        from .config import thief_record
+        loaders["train"].thief = thief_record(cfg, indices_digest(idx), len(idx))
     images, labels = load_split(cfg["dataset"], cfg["data_root"], False, cfg["download"])
     if cfg.get("test_subset"):
         images, labels = images[:cfg["test_subset"]], labels[:cfg["test_subset"]]
