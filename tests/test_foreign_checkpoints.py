@@ -7,6 +7,7 @@ with the same logits.
 """
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -379,3 +380,52 @@ def test_unfinished_original_is_refused(tmp_path, cifar_root, finished_teacher, 
     err = capsys.readouterr().err
     assert "original" in err and "epoch 2 of 5" in err and "allow_unfinished_original" in err
     assert file_bytes(d) == before
+
+
+class _StopAfter3(train_kd.KDTask):
+    def after_step(self, engine, step):
+        self.count = getattr(self, "count", 0) + 1
+        if self.count == 3:
+            engine._stop_signal = signal.SIGTERM
+
+
+def test_run_recorded_before_the_teacher_keys_still_resumes(tmp_path, cifar_root, finished_teacher, monkeypatch):
+    """A last.pth whose config predates teacher_arch/_mean/_std/allow_unfinished_teacher reads as having their
+    defaults, so its --resume is not refused for keys it never had."""
+    d = make_exp(tmp_path / "kd", **dict(TINY, data_root=cifar_root,
+                                         teacher=os.path.join(finished_teacher, "weights.pth"), epochs=1))
+    monkeypatch.setattr(train_kd, "KDTask", _StopAfter3)
+    assert run_main(train_kd.main, ["--save_path", d]) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    last = os.path.join(d, "last.pth")
+    ckpt = load_checkpoint(last)
+    for key in ("teacher_arch", "teacher_mean", "teacher_std", "allow_unfinished_teacher"):
+        del ckpt["config"][key]
+    save_checkpoint(last, ckpt)
+    assert run_main(train_kd.main, ["--save_path", d, "--resume"]) == 0
+    # a value other than the default is a change of config, and refused
+    assert run_main(train_kd.main, ["--save_path", d]) == 0
+    os.unlink(os.path.join(d, "metrics.json"))
+    assert run_main(train_kd.main, ["--save_path", d, "--resume", "--teacher_arch", "cnn_small"]) == 2
+
+
+def test_training_free_defence_of_a_foreign_original_keeps_its_normalisation(tmp_path, cifar_root, finished_teacher):
+    """Post-hoc reversal of a Nasty-Teacher-style original trained with other statistics: the published teacher
+    records them, so a thief loading it sees the original's answers (post-hoc reversal keeps the top-1)."""
+    weights = load_checkpoint(os.path.join(finished_teacher, "weights.pth"))["model"]
+    original = str(tmp_path / "nasty_style.tar")
+    torch.save({"epoch": 2, "state_dict": weights, "optim_dict": {}}, original)
+    mean, std = [0.45, 0.45, 0.45], [0.3, 0.3, 0.3]
+    d = make_exp(tmp_path / "posthoc", **dict(TINY, data_root=cifar_root, method="posthoc", original=original,
+                                              original_arch="cnn_small", original_mean=mean, original_std=std))
+    assert run_main(train_possessive.main, ["--save_path", d]) == 0
+    m = read_json(os.path.join(d, "metrics.json"))
+    published = load_checkpoint(os.path.join(d, "weights.pth"))
+    assert published["mean"] == mean and published["std"] == std and published["defence"]["name"] == "posthoc"
+    assert m["final_acc"] == pytest.approx(m["original_acc"])
+    teacher, _ = build_from_checkpoint(os.path.join(d, "weights.pth"), "teacher", dataset="cifar10")
+    plain, _ = build_from_checkpoint(original, "original", dataset="cifar10", arch="cnn_small", mean=mean, std=std)
+    x = images()
+    assert torch.equal(teacher.eval()(x).argmax(1), plain.eval()(x).argmax(1))
+    unwrapped, _ = build_from_checkpoint(original, "original", dataset="cifar10", arch="cnn_small")
+    assert not torch.allclose(unwrapped.eval()(x), plain(x))  # the statistics change the answers
