@@ -212,6 +212,10 @@ def test_repdistiller_file_answers_like_repdistillers_model(tmp_path, name):
     # the same weights loaded into the zoo model by hand answer the same
     zoo.load_state_dict(ckpt["model"])
     same_logits(zoo.eval()(x), model(x))
+    # a file that names its architecture (and nothing else) needs no teacher_arch
+    torch.save({"model": state, "arch": name}, path)
+    model, _ = build_from_checkpoint(path, "teacher", dataset="cifar100")
+    same_logits(model.eval()(x), ref(x))
 
 
 def test_repdistiller_names_are_theirs():
@@ -225,10 +229,12 @@ def test_repdistiller_names_are_theirs():
     assert "layer1.0.downsample.0.weight" not in s56 and s56["layer2.0.downsample.0.weight"].shape == (32, 16, 1, 1)
     assert "layer3.8.conv2.weight" in s56
     w = REPDISTILLER["wrn_40_2"](100).state_dict()
-    assert w["block1.layer.0.convShortcut.weight"].shape == (32, 16, 1, 1) and "block1.layer.1.convShortcut.weight" not in w
+    assert w["block1.layer.0.convShortcut.weight"].shape == (32, 16, 1, 1)
+    assert "block1.layer.1.convShortcut.weight" not in w
     assert w["bn1.weight"].shape == (128,) and "block3.layer.5.conv2.weight" in w
     for ref, zoo in ((REPDISTILLER["resnet32x4"](100), models.build("resnet32x4", 100)),
-                     (REPDISTILLER["wrn_40_2"](100), models.build("wrn40_2", 100)), (NTResNet18(10), models.build("resnet18", 10))):
+                     (REPDISTILLER["wrn_40_2"](100), models.build("wrn40_2", 100)),
+                     (NTResNet18(10), models.build("resnet18", 10))):
         assert models.count_parameters(ref) == models.count_parameters(zoo)
 
 

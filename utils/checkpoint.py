@@ -186,7 +186,7 @@ def build_from_checkpoint(path, what, dataset=None, num_classes=None, arch=None,
     import models
     raw = read_checkpoint_file(path, what)
     mean, std = _check_stats(mean, f"{what}_mean"), _check_stats(std, f"{what}_std")
-    if is_project_checkpoint(raw):
+    if is_project_checkpoint(raw) and "dataset" in raw:
         ckpt = raw
         if arch and models.ALIASES.get(arch, arch) != models.ALIASES.get(ckpt["arch"], ckpt["arch"]):
             raise UserError(f"{what} {path} is a '{ckpt['arch']}' checkpoint of this project, {what}_arch says "
@@ -219,7 +219,8 @@ def build_from_checkpoint(path, what, dataset=None, num_classes=None, arch=None,
             _, problem = fit_state_dict(model, ckpt["model"], None)
             raise UserError(f"{what} {path}: its weights do not fit architecture '{ckpt['arch']}' "
                             f"({problem or str(e).splitlines()[0][:160]})") from None
-    else:
+    else:  # a file of another codebase; one that names its architecture but not its dataset counts as one
+        arch = arch or (raw.get("arch") if isinstance(raw, dict) and isinstance(raw.get("arch"), str) else None)
         ckpt = _foreign_record(path, what, raw, dataset, num_classes, arch, mean, std)
         model = models.build(ckpt["arch"], ckpt["num_classes"])
         model.load_state_dict(ckpt["model"])
