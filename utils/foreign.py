@@ -11,10 +11,11 @@ A ``module.`` (DataParallel / DistributedDataParallel) or ``_orig_mod.`` (torch.
 The zoo keeps its own parameter names (this project's checkpoints and their digests depend on them); a
 file's names are translated when the architecture is one both codebases define the same way:
 
-* RepDistiller's CIFAR ResNets (models/resnet.py: resnet8/14/20/32/44/56/110, resnet8x4, resnet32x4):
-  ``conv1``/``bn1`` are the zoo's ``stem.0``/``stem.1``, a block's ``downsample`` is its ``shortcut``;
-* RepDistiller's WRNs (models/wrn.py: wrn_16_1/16_2/40_1/40_2): ``blockN.layer.i`` is ``blockN.i``,
-  ``convShortcut`` is ``shortcut``, the final ``bn1`` is ``bn``;
+* RepDistiller's and mdistiller's CIFAR ResNets (models/resnet.py: resnet8/14/20/32/44/56/110, resnet8x4,
+  resnet32x4): ``conv1``/``bn1`` are the zoo's ``stem.0``/``stem.1``, a block's ``downsample`` is its
+  ``shortcut``;
+* RepDistiller's and mdistiller's WRNs (models/wrn.py: wrn_16_1/16_2/40_1/40_2): ``blockN.layer.i`` is
+  ``blockN.i``, ``convShortcut`` is ``shortcut``, the final ``bn1`` is ``bn``;
 * the pytorch-cifar ResNets (Nasty-Teacher's model/resnet.py, RepDistiller's models/resnetv2.py:
   ResNet18/34/50): ``conv1``/``bn1`` are ``stem.0``/``stem.1``, ``linear`` is ``fc``.
 """
@@ -67,9 +68,9 @@ def _rules(*pairs):
     return rename
 
 
-# RepDistiller models/resnet.py (also mdistiller's CIFAR ResNets)
+# RepDistiller models/resnet.py, mdistiller models/cifar/resnet.py
 _CIFAR_RESNET = _rules((r"^conv1\.", "stem.0."), (r"^bn1\.", "stem.1."), (r"\.downsample\.", ".shortcut."))
-# RepDistiller models/wrn.py
+# RepDistiller models/wrn.py, mdistiller models/cifar/wrn.py
 _WRN = _rules((r"^(block\d)\.layer\.", r"\1."), (r"\.convShortcut\.", ".shortcut."), (r"^bn1\.", "bn."))
 # pytorch-cifar ResNet: Nasty-Teacher model/resnet.py, RepDistiller models/resnetv2.py
 _PYTORCH_CIFAR_RESNET = _rules((r"^conv1\.", "stem.0."), (r"^bn1\.", "stem.1."), (r"^linear\.", "fc."))
