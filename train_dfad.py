@@ -14,7 +14,8 @@ import torch
 
 import models
 from utils.checkpoint import build_from_checkpoint
-from utils.config import TRAIN_DEFAULTS, parse_config, resolve_config, write_config
+from utils.config import (TRAIN_DEFAULTS, checkpoint_keys, checkpoint_options, parse_config, resolve_config,
+                          write_config)
 from utils.engine import Engine, Task
 from utils.errors import UserError, cli_main
 from utils.generator import Generator
@@ -22,9 +23,9 @@ from utils.losses import dfad_discrepancy
 
 # DFAD's CIFAR-10 settings (METHOD.md section 4): student SGD lr 0.1 (momentum 0.9, wd 5e-4, no Nesterov),
 # batch 256, 50 iterations of k = 5 student steps and one generator step an epoch, x0.1 at 100 and 200 of 500.
-DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", nz=256, ngf=64, iters_per_epoch=50, k=5, lr_G=1e-3,
-                g_optimizer="adam", lr=0.1, nesterov=False, schedule="step", milestones=[100, 200], epochs=500,
-                batch_size=256)
+DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", **checkpoint_keys("teacher"), nz=256, ngf=64, iters_per_epoch=50, k=5,
+                lr_G=1e-3, g_optimizer="adam", lr=0.1, nesterov=False, schedule="step", milestones=[100, 200],
+                epochs=500, batch_size=256)
 
 G_OPTIMIZERS = ("adam", "adamw", "sgd")
 SAMPLES = 64  # images in each saved grid
@@ -188,7 +189,7 @@ def main(argv=None):
     if cfg["batch_size"] % engine.world_size:
         raise UserError(f"batch_size {cfg['batch_size']} must be divisible by the {engine.world_size} processes")
     teacher, ckpt = build_from_checkpoint(cfg["teacher"], "teacher", dataset=cfg["dataset"],
-                                          num_classes=engine.info.num_classes)
+                                          num_classes=engine.info.num_classes, **checkpoint_options(cfg, "teacher"))
     engine.add_input("teacher", cfg["teacher"], ckpt)
     teacher = engine.prepare_frozen(teacher)
     engine.load_data(train=False)  # the test split only: DFAD never sees a training image

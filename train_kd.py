@@ -22,13 +22,15 @@ import torch
 
 import models
 from utils.checkpoint import atomic_write_json, build_from_checkpoint, input_record
-from utils.config import NON_RESULT_KEYS, TRAIN_DEFAULTS, parse_config, resolve_config, write_config
+from utils.config import (NON_RESULT_KEYS, TRAIN_DEFAULTS, checkpoint_keys, checkpoint_options, parse_config,
+                          resolve_config, write_config)
 from utils.constants import DATASETS
 from utils.engine import Engine, Task
 from utils.errors import UserError, cli_main
 from utils.attacks import ATTACKS, attack_keys
 
-DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", tau=4.0, attack="vanilla", **attack_keys(), tau_sweep=[])
+DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", **checkpoint_keys("teacher"), tau=4.0, attack="vanilla", **attack_keys(),
+                tau_sweep=[])
 
 SWEEP_PROTOCOL = ("best_tau is picked on the test split: the thief's most favourable temperature, so "
                   "best_acc is an upper bound on what this attack steals")
@@ -102,7 +104,7 @@ class KDTask(Task):
 def load_teacher(cfg):
     """The teacher rebuilt from its checkpoint; exit-2 errors for a missing, corrupt or mismatched file."""
     return build_from_checkpoint(cfg["teacher"], "teacher", dataset=cfg["dataset"],
-                                 num_classes=DATASETS[cfg["dataset"]].num_classes)
+                                 num_classes=DATASETS[cfg["dataset"]].num_classes, **checkpoint_options(cfg, "teacher"))
 
 
 def prepare(cfg, save_path, resume=False, shared=None):

@@ -16,7 +16,8 @@ import torch
 
 import models
 from utils.checkpoint import build_from_checkpoint, model_record
-from utils.config import require_labels, TRAIN_DEFAULTS, parse_config, resolve_config, write_config
+from utils.config import (TRAIN_DEFAULTS, checkpoint_keys, checkpoint_options, parse_config, require_labels,
+                          resolve_config, write_config)
 from utils.diagnostics import (class_response, expected_calibration_error, mean_kl, non_target_entropy,
                                non_target_kendall, reversed_top1_match)
 from utils.engine import Engine, Task
@@ -28,7 +29,8 @@ from utils.defences import DEFENCES, DefendedModel, defence_keys, key_fingerprin
 DEFAULTS = dict(
     TRAIN_DEFAULTS,
     method="rml",            # a name in utils.defences.DEFENCES
-    original="",             # checkpoint of the original model (from train_scratch.py)
+    original="",             # checkpoint of the original model (from train_scratch.py, or from elsewhere)
+    **checkpoint_keys("original"),
     **defence_keys(),
     init_from_original=False,
 )
@@ -101,7 +103,7 @@ def main(argv=None):
     check(cfg, os.path.join(args.save_path, "params.json"))
     engine = Engine(cfg, args.save_path, "train_possessive.py", resume=args.resume)
     original, ckpt = build_from_checkpoint(cfg["original"], "original", dataset=cfg["dataset"],
-                                           num_classes=engine.info.num_classes)
+                                           num_classes=engine.info.num_classes, **checkpoint_options(cfg, "original"))
     engine.add_input("original", cfg["original"], ckpt)
     defence = DEFENCES[cfg["method"]]
     if not defence.trained:  # checked before anything is written
@@ -134,6 +136,7 @@ def main(argv=None):
                    f"answer without it")
     task.model = DefendedModel(task.original, cfg["method"], settings, runtime)
     record = dict(model_record(ckpt["model"], ckpt["arch"], cfg["dataset"]), defence=dict(settings, name=cfg["method"]))
+    record.update({k: list(ckpt[k]) for k in ("mean", "std") if ckpt.get(k)})  # the original's normalisation
     engine.publish(task, task.model, record)
     return 0
 

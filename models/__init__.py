@@ -54,7 +54,9 @@ _ZOO: dict[str, tuple[Callable[[int], nn.Module], str]] = {
 MODELS: dict[str, Callable[[int], nn.Module]] = {name: ctor for name, (ctor, _) in _ZOO.items()}
 
 ALIASES: dict[str, str] = {
+    "wrn_16_1": "wrn16_1",
     "wrn_16_2": "wrn16_2",
+    "wrn_40_1": "wrn40_1",
     "wrn_40_2": "wrn40_2",
     "wrn_28_10": "wrn28_10",
     "ResNet18": "resnet18",

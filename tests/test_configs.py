@@ -47,3 +47,18 @@ def test_every_script_has_shipped_configs():
     kinds = {id(_defaults_for(p)) for p in CONFIGS}
     for script in (train_scratch, train_possessive, train_kd, train_dfad):
         assert id(script.DEFAULTS) in kinds, script.__name__
+
+
+PAPER_SCALE = [p for p in CONFIGS if os.path.relpath(p, ROOT).split(os.sep)[1] in ("CIFAR10", "CIFAR100")]
+
+
+@pytest.mark.parametrize("path", PAPER_SCALE)
+def test_shipped_teachers_are_finished_weights(path):
+    """In the paper-scale configs a teacher or original is the weights file a finished run leaves, never a
+    training checkpoint (a last.pth or best.pth may be from a run that stopped part-way). The mini runs keep
+    the paths they were run with, which their results record."""
+    with open(path) as f:
+        params = json.load(f)
+    for key in ("teacher", "original"):
+        if params.get(key):
+            assert os.path.basename(params[key]) == "weights.pth", f"{path}: {key} {params[key]}"

@@ -55,7 +55,9 @@ def test_names_sorted_and_match_registry() -> None:
 
 def test_aliases_point_to_canonical_names() -> None:
     assert ALIASES == {
+        "wrn_16_1": "wrn16_1",
         "wrn_16_2": "wrn16_2",
+        "wrn_40_1": "wrn40_1",
         "wrn_40_2": "wrn40_2",
         "wrn_28_10": "wrn28_10",
         "ResNet18": "resnet18",

@@ -24,8 +24,8 @@ from .errors import UserError
 # epochs), the teacher and the precision it answers in, and where it all runs. Everything else (student
 # model, attack, temperature, lr, schedule...) may differ from student to student.
 SHARED_KEYS = ("dataset", "data_root", "download", "subset", "subset_seed", "labels", "transfer", "test_subset",
-               "batch_size", "eval_batch_size",
-               "seed", "epochs", "teacher", "amp", "device", "channels_last")
+               "batch_size", "eval_batch_size", "seed", "epochs", "teacher", "teacher_arch", "teacher_mean",
+               "teacher_std", "amp", "device", "channels_last")
 
 
 class SharedForward(torch.nn.Module):

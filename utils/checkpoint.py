@@ -68,23 +68,34 @@ def save_checkpoint(path, state):
     _atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path, what="checkpoint"):
-    """Load a checkpoint safely: no pickled code runs (weights_only); any failure is one clear UserError."""
+def read_checkpoint_file(path, what="checkpoint"):
+    """A checkpoint file's content, loaded safely: no pickled code runs (weights_only); any failure is one
+    clear UserError."""
     if not path:
         raise UserError(f"no {what} given; set its path in params.json or on the command line")
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} not found; train it first or fix the path")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "GLOBAL" in str(e) or "Unsupported global" in str(e):  # a class or callable we do not load
             raise UserError(f"{what} {path} was refused: it holds objects other than tensors and plain data, "
                             f"which could run code when loaded; only load checkpoints you trust, re-saved as "
-                            f"state dicts") from None
+                            f"state dicts (torch.save(ckpt['model'], 'teacher.pth'))") from None
         raise UserError(f"{what} {path} cannot be read ({type(e).__name__}: {first[:200]}); "
                         f"the file is truncated or corrupt") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+
+
+def is_project_checkpoint(ckpt):
+    return isinstance(ckpt, dict) and "model" in ckpt and "arch" in ckpt
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """A checkpoint of this project (weights with their architecture, class count, dataset, normalisation),
+    loaded safely; any failure is one clear UserError. Teachers from elsewhere: build_from_checkpoint."""
+    ckpt = read_checkpoint_file(path, what)
+    if not is_project_checkpoint(ckpt):
         raise UserError(f"{what} {path} is not a checkpoint of this project (no 'model'/'arch' entries)")
     return ckpt
 
@@ -103,24 +114,121 @@ def model_record(model, arch, dataset):
             "dataset": dataset, "mean": list(info.mean), "std": list(info.std)}
 
 
-def build_from_checkpoint(path, what, dataset=None, num_classes=None):
-    """Rebuild the model stored in a checkpoint, check it against what the command expects, load weights."""
+def unfinished_reason(path, ckpt):
+    """Why a checkpoint of this project is not the end of a finished run (None when it is, or when the file
+    does not say): a training checkpoint (last.pth, best.pth) holds an epoch short of its config's epochs, or
+    sits in a folder without metrics.json. The weights.pth a finished run leaves is always finished."""
+    if ckpt.get("format") == "weights-only" or "epoch" not in ckpt or not isinstance(ckpt.get("config"), dict):
+        return None
+    epochs = ckpt["config"].get("epochs")
+    if isinstance(epochs, int) and isinstance(ckpt["epoch"], int) and ckpt["epoch"] < epochs:
+        return f"it holds epoch {ckpt['epoch']} of {epochs}"
+    if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.json")):
+        return "its run wrote no metrics.json beside it"
+    return None
+
+
+def _check_stats(values, key):
+    if values is None or len(values) == 0:
+        return None
+    if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise UserError(f"'{key}' must be 3 numbers, one per colour channel, got {json.dumps(values)}")
+    if key.endswith("std") and not all(v > 0 for v in values):
+        raise UserError(f"'{key}' must be > 0 for every channel, got {json.dumps(values)}")
+    return [float(v) for v in values]
+
+
+def _foreign_record(path, what, raw, dataset, num_classes, arch, mean, std):
+    """A file from another codebase as a checkpoint of this project: its weights in the zoo's names, the
+    architecture, class count and normalisation that the command line / config give."""
     import models
-    ckpt = load_checkpoint(path, what)
-    if dataset is not None and ckpt.get("dataset") != dataset:
-        raise UserError(f"{what} {path} was trained on {ckpt.get('dataset')}, this run uses {dataset}; "
-                        f"use a {dataset} {what} or set dataset to {ckpt.get('dataset')}")
-    if num_classes is not None and ckpt.get("num_classes") != num_classes:
-        raise UserError(f"{what} {path} has {ckpt.get('num_classes')} classes, this run needs {num_classes}")
+    from .foreign import find_state_dict, fit_state_dict
+    state, kind = find_state_dict(raw)
+    if state is None:
+        keys = ", ".join(sorted(map(str, raw))[:6]) if isinstance(raw, dict) else type(raw).__name__
+        raise UserError(f"{what} {path} holds no state dict (top-level entries: {keys}); give a checkpoint of this "
+                        f"project, a state dict, or a file holding one under 'model', 'state_dict' or 'net'")
+    hint = (f"pass the architecture it was trained as with --{what}_arch NAME (the zoo's name or RepDistiller's, "
+            f"e.g. resnet32x4, wrn_40_2, resnet56, ResNet18; python train_scratch.py --list-models) and the "
+            f"dataset it was trained on with --dataset")
+    if not arch:
+        raise UserError(f"{what} {path} is {kind}, which does not say its architecture; {hint}")
+    if dataset is None:
+        raise UserError(f"{what} {path} is {kind}, which does not say its dataset; pass --dataset")
+    info = DATASETS[dataset]
+    num_classes = num_classes or info.num_classes
     try:
-        model = models.build(ckpt["arch"], ckpt["num_classes"])
+        canonical = models.ALIASES.get(arch, arch)
+        model = models.build(arch, num_classes)
     except ValueError as e:
-        raise UserError(f"{what} {path}: {e}") from None
-    try:
+        raise UserError(f"{what} {path}: {what}_arch: {e}") from None
+    fitted, problem = fit_state_dict(model, state, canonical)
+    if problem:
+        raise UserError(f"{what} {path} ({kind}) does not fit architecture '{arch}' with {num_classes} classes "
+                        f"({dataset}): {problem}; {hint}")
+    return {"model": fitted, "arch": canonical, "num_classes": num_classes, "dataset": dataset,
+            "mean": mean or list(info.mean), "std": std or list(info.std), "source_format": kind}
+
+
+def build_from_checkpoint(path, what, dataset=None, num_classes=None, arch=None, mean=None, std=None,
+                          allow_unfinished=False):
+    """Rebuild the model stored in a checkpoint, check it against what the command expects, load weights.
+
+    what: "teacher" or "original", the role the file plays, which also names its keys ({what}_arch,
+    {what}_mean, {what}_std, allow_unfinished_{what}) in the messages.
+    A checkpoint of this project says its architecture, class count, dataset and normalisation; a training
+    checkpoint of a run that did not finish is refused unless allow_unfinished. A file from another codebase
+    (utils/foreign.py: RepDistiller, mdistiller, Nasty-Teacher, a plain state dict, a `module.` prefix) says
+    none of them: `arch`, the run's dataset and class count, and `mean`/`std` (default: the dataset's) do.
+    A model trained with another normalisation than the dataset's is wrapped to see its own.
+    Returns (model, ckpt), ckpt holding the weights in the zoo's names under 'model'.
+    """
+    import models
+    raw = read_checkpoint_file(path, what)
+    mean, std = _check_stats(mean, f"{what}_mean"), _check_stats(std, f"{what}_std")
+    if is_project_checkpoint(raw) and "dataset" in raw:
+        ckpt = raw
+        if arch and models.ALIASES.get(arch, arch) != models.ALIASES.get(ckpt["arch"], ckpt["arch"]):
+            raise UserError(f"{what} {path} is a '{ckpt['arch']}' checkpoint of this project, {what}_arch says "
+                            f"'{arch}'; remove {what}_arch (this project's checkpoints name their architecture)")
+        for key, given in ((f"{what}_mean", mean), (f"{what}_std", std)):
+            recorded = ckpt.get(key.rsplit("_", 1)[1])
+            if given and recorded and any(abs(a - b) > 1e-6 for a, b in zip(given, recorded)):
+                raise UserError(f"{what} {path} records its normalisation ({key.rsplit('_', 1)[1]} {recorded}), "
+                                f"{key} says {given}; remove {key}")
+        if not allow_unfinished:
+            why = unfinished_reason(path, ckpt)
+            if why:
+                folder = os.path.dirname(path) or "."
+                raise UserError(f"{what} {path} is not the end of a finished run ({why}); use the weights a "
+                                f"finished run leaves ({os.path.join(folder, WEIGHTS_FILE)}, written with "
+                                f"metrics.json) or set allow_unfinished_{what} true to use it anyway")
+        if dataset is not None and ckpt.get("dataset") != dataset:
+            raise UserError(f"{what} {path} was trained on {ckpt.get('dataset')}, this run uses {dataset}; "
+                            f"use a {dataset} {what} or set dataset to {ckpt.get('dataset')}")
+        if num_classes is not None and ckpt.get("num_classes") != num_classes:
+            raise UserError(f"{what} {path} has {ckpt.get('num_classes')} classes, this run needs {num_classes}")
+        try:
+            model = models.build(ckpt["arch"], ckpt["num_classes"])
+        except ValueError as e:
+            raise UserError(f"{what} {path}: {e}") from None
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            from .foreign import fit_state_dict
+            _, problem = fit_state_dict(model, ckpt["model"], None)
+            raise UserError(f"{what} {path}: its weights do not fit architecture '{ckpt['arch']}' "
+                            f"({problem or str(e).splitlines()[0][:160]})") from None
+    else:  # a file of another codebase; one that names its architecture but not its dataset counts as one
+        arch = arch or (raw.get("arch") if isinstance(raw, dict) and isinstance(raw.get("arch"), str) else None)
+        ckpt = _foreign_record(path, what, raw, dataset, num_classes, arch, mean, std)
+        model = models.build(ckpt["arch"], ckpt["num_classes"])
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"{what} {path}: its weights do not fit architecture '{ckpt['arch']}' "
-                        f"({str(e).splitlines()[0][:160]})") from None
+    data = DATASETS.get(dataset or ckpt.get("dataset"))
+    if data is not None and ckpt.get("mean") and ckpt.get("std") and any(
+            abs(a - b) > 1e-6 for a, b in zip(list(ckpt["mean"]) + list(ckpt["std"]), data.mean + data.std)):
+        from .foreign import Renormalise
+        model = Renormalise(model, data.mean, data.std, ckpt["mean"], ckpt["std"])
     spec = ckpt.get("defence")
     if spec:  # a training-free defence: the original's weights answering through the defence
         from .defences import DEFENCES, DefendedModel

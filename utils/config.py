@@ -47,7 +47,27 @@ TRAIN_DEFAULTS = {
 
 # Keys that do not change what a run computes: where the data lives, which device, how often the bar updates.
 # Every other key does, so a --resume must keep it and a finished run only counts as done when it matches.
-NON_RESULT_KEYS = frozenset({"data_root", "download", "device", "log_every", "eval_batch_size", "eval_every", "compile"})
+NON_RESULT_KEYS = frozenset({"data_root", "download", "device", "log_every", "eval_batch_size", "eval_every", "compile",
+                             "allow_unfinished_teacher", "allow_unfinished_original"})
+
+
+def checkpoint_keys(role):
+    """The keys that describe a run's teacher or original file where the file does not (one from another
+    codebase): its architecture and normalisation (empty: the dataset's); and the flag that lets a run use
+    a checkpoint whose training did not finish."""
+    return {f"{role}_arch": "", f"{role}_mean": [], f"{role}_std": [], f"allow_unfinished_{role}": False}
+
+
+def checkpoint_options(cfg, role):
+    """build_from_checkpoint's keyword arguments from a run's config, for its teacher or original."""
+    return {"arch": cfg.get(f"{role}_arch") or None, "mean": cfg.get(f"{role}_mean") or None,
+            "std": cfg.get(f"{role}_std") or None, "allow_unfinished": bool(cfg.get(f"allow_unfinished_{role}"))}
+
+
+# Keys added after runs were recorded, with the value that leaves a run as it was: a recorded config without
+# them reads as having these values (a --resume of such a run is not refused for them).
+ADDED_KEYS = {**checkpoint_keys("teacher"), **checkpoint_keys("original"),
+              "subset_seed": 0, "labels": True, "transfer": "", "eval_every": 1}
 
 CHOICES = {
     "dataset": tuple(DATASETS),
