@@ -100,8 +100,12 @@ def collect(exp_root):
         raise UserError(f"{exp_root}/steps.json not found; run reproduce.py first (it writes the manifest)")
     res = {"preset": manifest["preset"], "teachers": {}, "students": {}, "dfad": {}, "missing": [], "compute": {},
            "runs": {}}
+    if manifest.get("threat"):  # a threat model's students, against the teachers of another preset folder
+        res["threat"] = manifest["threat"]
+    teachers_root = os.path.normpath(os.path.join(exp_root, manifest.get("teachers_from", ".")))
     for step in manifest["steps"]:
-        role, run = step["role"], _run(exp_root, step["name"])
+        role = step["role"]
+        run = _run(teachers_root if role["kind"] == "teacher" else exp_root, step["name"])
         if run is None:
             res["missing"].append(step["name"])
             continue
@@ -145,17 +149,41 @@ def collect(exp_root):
     for s in res["students"].values():
         scratch = s.get("scratch", {}).get("acc")
         ls = s.get("ls", {})
+        floor = hard_label_floor(s)
+        bar = floor if _bar_name(res) == "hardlabel" else ls
         for attacks in s["kd"].values():
             for a in attacks.values():
                 a["delta_scratch"] = None if scratch is None else a["acc"] - scratch
                 a["delta_ls"] = None if not ls else a["acc"] - ls["acc"]
-                test = verdict(a["accs"], ls.get("accs", {}))
+                if "threat" in res:
+                    a["delta_floor"] = None if not floor else a["acc"] - floor["acc"]
+                if a is bar:  # the bar itself: no verdict against itself
+                    a["verdict"], a["harmful"], a["p"], a["t"], a["n_paired"] = None, False, None, None, 0
+                    continue
+                test = verdict(a["accs"], bar.get("accs", {}))
                 a["verdict"], a["harmful"], a["p"], a["t"], a["n_paired"] = (
                     test["verdict"], test["harmful"], test["p"], test["t"], test["n"])
     _dfad_against_original(res["dfad"])
     res["seeds"] = sorted({run["role"].get("seed", 0) for run in res["runs"].values()})
     res["frontier"] = frontier(res)
     return res
+
+
+BAR_NAMES = {"ls": "label smoothing 0.1 on the true labels", "hardlabel": "the hard-label floor (KD on the original's argmax alone)"}
+
+
+def _bar_name(res):
+    """The verdicts' bar: 'ls' (label smoothing), or 'hardlabel' for a thief without labels (METHOD.md section 10)."""
+    return (res.get("threat") or {}).get("bar", "ls")
+
+
+def hard_label_floor(student):
+    """The hard-label floor of a student architecture: its hard-label KD from the original ({} when not run)."""
+    return student["kd"].get("original", {}).get("hardlabel") or {}
+
+
+def _bar_of(res, student):
+    return hard_label_floor(student) if _bar_name(res) == "hardlabel" else (student.get("ls") or {})
 
 
 def _dfad_against_original(dfad):
@@ -239,6 +267,13 @@ def markdown(res, extra=None):
     lines += ["Final-epoch top-1 test accuracy (%); student rows are mean ± std (n seeds) over seeds "
               f"{', '.join(map(str, seeds))}. KD rows: the thief's best temperature, picked on the test split (an "
               "upper bound for the attack).", "", RULE, ""]
+    threat = res.get("threat")
+    if threat:
+        lines += [f"**Threat model `{threat['name']}`: {threat['title']}.** Every student arm holds the same "
+                  f"{threat['images'] or 'training'} images (a class-balanced draw with the student's seed); the "
+                  f"thief {'has' if threat['labels'] else 'has no'} labels. Verdicts are against "
+                  f"{BAR_NAMES[threat['bar']]}; every row also shows its Δ against the other bar "
+                  f"(METHOD.md section 10).", ""]
     lines += ["## Teachers", "",
               "| teacher | test acc | Δ vs original | Kendall τ vs original (non-target order) | reversed top-1 | "
               "non-target entropy | ECE |", "|---|---|---|---|---|---|---|"]
@@ -250,6 +285,21 @@ def markdown(res, extra=None):
                          f"{_fmt(t['kendall'], '{:.3f}')} | {_fmt(t['reversed_top1'], '{:.3f}')} | "
                          f"{_fmt(t['nt_entropy'], '{:.3f}')} | {_fmt(t['ece'], '{:.3f}')} |")
     for arch, s in res["students"].items():
+        if threat:
+            floor_is_bar = threat["bar"] == "hardlabel"
+            lines += ["", f"## Student `{arch}`", "",
+                      f"Scratch: **{_seeded(s.get('scratch'))}**, label smoothing 0.1"
+                      f"{'' if floor_is_bar else ' (the bar)'}: **{_seeded(s.get('ls'))}**, hard-label floor"
+                      f"{' (the bar)' if floor_is_bar else ''}: **{_seeded(hard_label_floor(s))}**.", "",
+                      "| teacher | attack | student acc | best τ | Δ vs label smoothing | Δ vs hard-label floor | "
+                      "verdict (p) |", "|---|---|---|---|---|---|---|"]
+            for teacher in _teacher_order(res):
+                for attack, a in s["kd"].get(teacher, {}).items():
+                    cell = "the bar" if a is _bar_of(res, s) else _verdict_cell(a)
+                    lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {_seeded(a)}{_mark(a)} | "
+                                 f"{_fmt(a['tau'], '{:g}')} | {_fmt(a['delta_ls'], signed=True)} | "
+                                 f"{_fmt(a.get('delta_floor'), signed=True)} | {cell} |")
+            continue
         lines += ["", f"## Student `{arch}`", "",
                   f"Scratch: **{_seeded(s.get('scratch'))}**, label smoothing 0.1 (the bar): "
                   f"**{_seeded(s.get('ls'))}**.", "",
@@ -390,7 +440,7 @@ def frontier(res):
     every attack when each attack's verdict is KD-resistant (METHOD.md section 8)."""
     out = []
     for arch, s in res["students"].items():
-        bar = (s.get("ls") or {}).get("acc")
+        bar = _bar_of(res, s).get("acc")
         for teacher in _teacher_order(res):
             attacks = {a: r for a, r in s["kd"].get(teacher, {}).items() if r.get("acc") is not None}
             t = res["teachers"].get(teacher)
@@ -866,6 +916,81 @@ def _epoch_ticks(ax, epochs):
 
 
 @cli_main
+def threat_summary(out_root, folders):
+    """Per teacher and threat model, the strongest attack (its stolen student the most accurate) against that
+    threat model's bar, from the threat-model folders written by reproduce.py --threat. Writes OUT_ROOT/summary.md,
+    summary.json and fig_threats.png (each teacher's strongest-attack Δ against the thief's images); returns the
+    summary dict."""
+    models_, teachers = [], []
+    for folder in folders:
+        res = collect(folder)
+        threat = res.get("threat")
+        if not threat:
+            raise UserError(f"{folder}/steps.json names no threat model; pass folders written by "
+                            f"reproduce.py --threat NAME")
+        entry = {"folder": folder, "threat": threat, "seeds": res.get("seeds"), "rows": {}}
+        for r in res["frontier"]:
+            entry["rows"][f"{r['arch']}/{r['teacher']}"] = {
+                "arch": r["arch"], "teacher": r["teacher"], "strongest": r["strongest"], "acc": r["acc"],
+                "std": r["std"], "n": r["n"], "bar": r["bar"], "delta": r["delta_ls"], "verdict": r["verdict"],
+                "p": r["p"], "attacks": r["attacks"], "resists_all": r["resists_all"]}
+            if (r["arch"], r["teacher"]) not in teachers:
+                teachers.append((r["arch"], r["teacher"]))
+        models_.append(entry)
+    summary = {"threat_models": models_}
+    lines = ["# What the thief steals, threat model by threat model", "",
+             "Each cell: the strongest attack on the teacher (the stolen student with the highest mean accuracy), its "
+             "Δ against the threat model's bar (label smoothing with labels, the hard-label floor without) and its "
+             "verdict (METHOD.md sections 8 and 10); **holds** when every attack is KD-resistant. Columns: "
+             + "; ".join(f"`{m['threat']['name']}` = {m['threat']['title']} ({m['folder']})" for m in models_) + ".",
+             "", "| student | teacher | " + " | ".join(f"`{m['threat']['name']}`" for m in models_) + " |",
+             "|---|---|" + "---|" * len(models_)]
+    for arch, teacher in teachers:
+        cells = []
+        for m in models_:
+            r = m["rows"].get(f"{arch}/{teacher}")
+            if r is None or r["delta"] is None:
+                cells.append("–")
+                continue
+            word = "holds" if r["resists_all"] else (r["verdict"] or "no bar")
+            cells.append(f"{r['strongest']} {r['delta']:+.2f} (n={r['n']}), {word}")
+        lines.append(f"| {arch} | {TEACHER_NAMES[teacher]} | " + " | ".join(cells) + " |")
+    lines += ["", "Figure: `fig_threats.png` (strongest-attack Δ against the thief's images, with and without labels).",
+              f"Rebuild with `python report.py {out_root} --threats {' '.join(folders)}`.", ""]
+    os.makedirs(out_root, exist_ok=True)
+    atomic_write_json(os.path.join(out_root, "summary.json"), summary)
+    atomic_write_text(os.path.join(out_root, "summary.md"), "\n".join(lines))
+    _threat_figure(models_, teachers, os.path.join(out_root, "fig_threats.png"))
+    return summary
+
+
+def _threat_figure(models_, teachers, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, labels in zip(axes, (True, False)):
+        for i, (arch, teacher) in enumerate(teachers):
+            pts = sorted((m["threat"]["images"] or 50000, m["rows"][f"{arch}/{teacher}"]["delta"])
+                         for m in models_ if m["threat"]["labels"] is labels and f"{arch}/{teacher}" in m["rows"]
+                         and m["rows"][f"{arch}/{teacher}"]["delta"] is not None)
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=PALETTE[i % len(PALETTE)],
+                        label=f"{TEACHER_NAMES[teacher]} ({arch})")
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_title("thief with labels: Δ vs label smoothing" if labels else "thief without labels: Δ vs hard-label floor",
+                     fontsize=9)
+        ax.set_xlabel("thief's training images")
+    axes[0].set_ylabel("strongest attack's student − bar (points)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     import argparse
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -880,9 +1005,19 @@ def main(argv=None):
                              "fig_convergence.png (final accuracy against epochs) instead of the results table")
     parser.add_argument("--with", dest="others", nargs="+", default=[], metavar="FOLDER",
                         help="with --curve: more points of the same arms from these folders (e.g. exps/mini)")
+    parser.add_argument("--threats", nargs="+", default=None, metavar="FOLDER",
+                        help="write EXP_ROOT/summary.md, summary.json and fig_threats.png: each teacher's strongest "
+                             "attack in each of these threat-model folders (reproduce.py --threat)")
     parser.error = lambda message: (_ for _ in ()).throw(UserError(f"{message}; usage: python report.py "
                                                                    f"exps/<preset> [--compare REF] [--strict]"))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threats:
+        for folder in args.threats:
+            if not os.path.isfile(os.path.join(folder, "steps.json")):
+                raise UserError(f"--threats {folder}: no steps.json there; pass folders written by reproduce.py --threat")
+        threat_summary(args.exp_root, args.threats)
+        print(open(os.path.join(args.exp_root, "summary.md")).read(), end="")
+        return 0
     for folder in (args.exp_root, args.compare):
         if folder is not None and not os.path.isdir(folder):
             raise UserError(f"{folder} is not a folder; pass a preset folder, e.g. exps/mini")

@@ -43,6 +43,11 @@ NON_RESULT_KEYS = _RUN_NON_RESULT_KEYS | {"_comment"}
 CHECKPOINT_KEYS = ("original", "teacher")
 
 
+# Student epochs of the threat models, chosen by the doubling rule on their curves (exps/threat_curve, README).
+P10_EPOCHS = 120
+P2_EPOCHS = 300
+
+
 def battery_teachers(extra=()):
     """The teachers every attack is run against: the original, then each defence of the registry's battery,
     then the defences outside it asked for (`extra`: reproduce.py --defences, e.g. variants being screened)."""
@@ -65,6 +70,10 @@ PRESETS = {
         "student": {"epochs": 1, "lr": 0.05},
         "taus": [4.0],
         "dfad": {"epochs": 1, "iters_per_epoch": 2, "k": 2, "batch_size": 16, "lr": 0.05},
+        "threats": {
+            "s50": {"title": "50 labelled images", "subset": 50, "labels": True, "student": {"epochs": 2}},
+            "s50nl": {"title": "50 images, no labels", "subset": 50, "labels": False, "student": {"epochs": 2}},
+        },
     },
     # CPU scale (2 cores): METHOD.md section 6 settings for the teachers; students and the thief's tau cut
     # so a seed of the battery fits an afternoon with --jobs 2 (README).
@@ -83,6 +92,21 @@ PRESETS = {
         # the student of the original passes 40% (exps/mini_dfad_curve, README); about 12 min a run, one thread
         "dfad": {"epochs": 8, "iters_per_epoch": 50, "k": 5, "batch_size": 128, "lr": 0.1,
                  "schedule": "step", "milestones": [8]},
+        # The thief's threat models (METHOD.md section 10): reproduce.py --threat NAME trains the student arms
+        # into exps/mini_<NAME> (the full-data one into exps/mini_long), against the teachers of exps/mini.
+        # Each schedule is the one chosen by the doubling rule on its own curve (exps/threat_curve).
+        "threats": {
+            "full": {"title": "all 50,000 labelled images", "subset": 0, "labels": True, "root": "mini_long",
+                     "suffix": "_e24", "student": {"epochs": 24}},
+            "p10": {"title": "5,000 labelled images (10%)", "subset": 5000, "labels": True,
+                    "student": {"epochs": P10_EPOCHS, "eval_every": 10}},
+            "p10nl": {"title": "5,000 images (10%), no labels", "subset": 5000, "labels": False,
+                      "student": {"epochs": P10_EPOCHS, "eval_every": 10}},
+            "p2": {"title": "1,000 labelled images (2%)", "subset": 1000, "labels": True,
+                   "student": {"epochs": P2_EPOCHS, "eval_every": 25}},
+            "p2nl": {"title": "1,000 images (2%), no labels", "subset": 1000, "labels": False,
+                     "student": {"epochs": P2_EPOCHS, "eval_every": 25}},
+        },
     },
     # Paper scale (GPU): ResNet-18 teachers as in the Nasty Teacher paper, their CIFAR-10 students.
     "paper": {
@@ -107,17 +131,38 @@ def seeded(name, seed):
     return name if seed == 0 else f"{name}_seed{seed}"
 
 
-def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None):
+def threat_model(preset, name):
+    """The threat model `name` of a preset (its dict), or a UserError naming the preset's threat models."""
+    threats = PRESETS[preset].get("threats", {})
+    if name not in threats:
+        known = ", ".join(threats) or "none"
+        raise UserError(f"--threat: preset {preset} has no threat model '{name}'; choose one of: {known}")
+    return threats[name]
+
+
+def threat_record(preset, name):
+    """What steps.json and the report say about a threat model: its name, title, images, labels and bar."""
+    t = threat_model(preset, name)
+    return {"name": name, "title": t["title"], "images": t["subset"] or None, "labels": t["labels"],
+            "bar": "ls" if t["labels"] else "hardlabel"}
+
+
+def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None):
     """The steps of a preset: a list of dicts {name, script, params, role}. Teachers are trained once (seed
     0); every student arm (scratch, label smoothing, each attack x teacher) and DFAD once per seed.
     defences: registered defences outside the battery to screen as well (battery_teachers): every attack
     against them with the first seed alone; a defence joins the battery (Defence.battery) for the full protocol.
     amp: the precision of every student arm and DFAD run (the config's amp: auto, off, bf16, fp16), e.g. off to
     measure a seed without a fast low precision; None keeps the preset's. Teachers keep the preset's either
-    way: they are trained once and shared by every seed."""
+    way: they are trained once and shared by every seed.
+    threat: a threat model of the preset (METHOD.md section 10): every student arm holds its images (a subset
+    drawn with the arm's seed) and labels or not, on its schedule; the label-free one has no scratch student (its
+    bar is hard-label KD from the original, which is in the battery; label smoothing stays as the literature's
+    bar); DFAD holds no images, so it is not planned again."""
     teachers = battery_teachers(defences)
     in_battery = set(battery_teachers())
     p = PRESETS[preset]
+    t = threat_model(preset, threat) if threat else None
     dataset = dataset or p["dataset"]
     base = dict(p["train"], dataset=dataset, seed=0)
     steps = []
@@ -139,13 +184,22 @@ def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None):
         def arm(name, role, **params):
             if amp is not None:
                 params["amp"] = amp
+            if t is not None:
+                name += t.get("suffix", "")
+                role = dict(role, threat=threat)
+                if t["subset"]:
+                    params.update(subset=t["subset"], subset_seed=seed)
+                if not t["labels"] and role["kind"] == "kd":
+                    params["labels"] = False
             add(seeded(name, seed), script_of[role["kind"]], dict(role, seed=seed), **params, seed=seed)
 
+        student_cfg = dict(p["student"], **(t["student"] if t else {}))
         for student in p["students"]:
-            arm(f"scratch_{student}", {"kind": "student", "arch": student, "source": "scratch"},
-                model=student, **p["student"])
+            if t is None or t["labels"]:
+                arm(f"scratch_{student}", {"kind": "student", "arch": student, "source": "scratch"},
+                    model=student, **student_cfg)
             arm(f"ls_{student}", {"kind": "student", "arch": student, "source": "ls"},
-                model=student, label_smoothing=0.1, **p["student"])
+                model=student, label_smoothing=0.1, **student_cfg)
             for teacher in teachers:
                 if teacher not in in_battery and seed != min(seeds):
                     continue  # a defence being screened is attacked with the first seed only (issue 16)
@@ -153,21 +207,22 @@ def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None):
                     sweep = {"tau_sweep": p["taus"]} if len(p["taus"]) > 1 else {"tau": p["taus"][0]}
                     arm(f"kd_{attack}_{teacher}_{student}",
                         {"kind": "kd", "arch": student, "teacher": teacher, "attack": attack},
-                        model=student, teacher=teacher_ckpt[teacher], attack=attack, **sweep, **p["student"],
+                        model=student, teacher=teacher_ckpt[teacher], attack=attack, **sweep, **student_cfg,
                         **p.get("attacks", {}).get(attack, {}))
-        for teacher in ["original"] + [n for n in teachers[1:] if DEFENCES[n].dfad]:
+        for teacher in ["original"] + [n for n in teachers[1:] if DEFENCES[n].dfad] if t is None else []:
             student = p["dfad_student"]
             arm(f"dfad_{teacher}_{student}", {"kind": "dfad", "arch": student, "teacher": teacher},
                 model=student, teacher=teacher_ckpt[teacher], **p["dfad"])
     return steps
 
 
-def _resolve_paths(step, exp_root):
-    """Checkpoint references inside a preset are relative to the preset folder."""
+def _resolve_paths(step, teachers_root):
+    """Checkpoint references inside a preset are relative to the folder of its teachers (the preset folder, or
+    for a threat model the preset folder its teachers come from)."""
     params = dict(step["params"])
     for key in CHECKPOINT_KEYS:
         if key in params:
-            params[key] = os.path.join(exp_root, params[key])
+            params[key] = os.path.join(teachers_root, params[key])
     return params
 
 
@@ -522,6 +577,12 @@ def main(argv=None):
                         help="precision of the student steps (every arm and DFAD, every seed): off trains them in fp32, "
                              "e.g. to time a seed on a machine without fast bf16 (default: the preset's, auto); "
                              "teachers keep the preset's")
+    parser.add_argument("--threat", default=None, metavar="NAME",
+                        help="train the student arms of this threat model of the preset (what the thief holds: "
+                             "mini has full, p10, p10nl, p2, p2nl; METHOD.md section 10) into exps/<preset>_<NAME>, "
+                             "against the teachers of exps/<preset> (trained there first if missing)")
+    parser.add_argument("--teachers_from", default=None, metavar="DIR",
+                        help="with --threat: the preset folder whose teachers are attacked (default exps/<preset>)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="steps run at once, each in its own process (default 1: one after another, in this process)")
     parser.add_argument("--no_battery", action="store_true",
@@ -540,8 +601,16 @@ def main(argv=None):
     if args.compare and not os.path.isfile(os.path.join(args.compare, "steps.json")):
         raise UserError(f"--compare {args.compare}: no steps.json there; pass a preset folder written by reproduce.py, "
                         f"e.g. exps/mini")
-    exp_root = args.exp_root or os.path.join(
-        "exps", args.preset if not args.dataset else f"{args.preset}_{args.dataset}")
+    preset_root = os.path.join("exps", args.preset if not args.dataset else f"{args.preset}_{args.dataset}")
+    threat = threat_model(args.preset, args.threat) if args.threat else None
+    if threat is None:
+        exp_root = args.exp_root or preset_root
+        teachers_root = exp_root
+    else:
+        exp_root = args.exp_root or os.path.join("exps", threat.get("root", f"{args.preset}_{args.threat}"))
+        teachers_root = args.teachers_from or preset_root
+    if args.teachers_from and threat is None:
+        raise UserError("--teachers_from goes with --threat (a threat model's students against another folder's teachers)")
     if args.download and not args.dry_run:
         fetch_dataset(args.dataset or PRESETS[args.preset]["dataset"], args.data_root)
     if not os.path.isdir(args.data_root):
@@ -554,12 +623,16 @@ def main(argv=None):
     screened += [s["role"]["teacher"] for s in old_steps  # defences screened before stay in the plan
                  if s["role"].get("kind") == "teacher" and s["role"]["teacher"] in DEFENCES
                  and s["role"]["teacher"] not in battery_teachers(screened)]
-    steps = plan(args.preset, args.dataset, sorted(set(seeds) | set(known)), screened, args.amp)
+    steps = plan(args.preset, args.dataset, sorted(set(seeds) | set(known)), screened, args.amp, args.threat)
     run_seeds = set(seeds) if args.seeds is not None else set(seeds) | set(known)
     if not args.dry_run:  # a dry run changes nothing, not even the plan the report reads
         os.makedirs(exp_root, exist_ok=True)
-        atomic_write_json(os.path.join(exp_root, "steps.json"),
-                          {"preset": args.preset, "steps": [{k: s[k] for k in ("name", "script", "role")} for s in steps]})
+        manifest = {"preset": args.preset}
+        if threat is not None:
+            manifest.update(threat=threat_record(args.preset, args.threat),
+                            teachers_from=os.path.relpath(teachers_root, exp_root))
+        manifest["steps"] = [{k: s[k] for k in ("name", "script", "role")} for s in steps]
+        atomic_write_json(os.path.join(exp_root, "steps.json"), manifest)
     selected = [s for s in steps if (not args.only or args.only in s["name"])
                 and (s["role"]["kind"] == "teacher" or s["role"].get("seed", 0) in run_seeds)]
     t0 = time.time()
@@ -569,8 +642,8 @@ def main(argv=None):
     digests = {}  # teacher step -> digest of the weights its dependents will load (None: trained in this run)
     for step in steps:
         name = step["name"]
-        folder = os.path.join(exp_root, name)
-        params = _resolve_paths(step, exp_root)
+        folder = os.path.join(teachers_root if step["role"]["kind"] == "teacher" else exp_root, name)
+        params = _resolve_paths(step, teachers_root)
         deps = {key: (dep, digests.get(dep)) for key, dep in _dependency_keys(step).items()}
         state, reason = step_state(folder, params, deps, weights_needed=name in loaded)
         chosen = step in selected

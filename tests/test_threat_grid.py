@@ -1,0 +1,97 @@
+"""reproduce.py --threat and report.py --threats: the threat models as an axis of the reproduction."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import reproduce
+import report
+from conftest import ROOT, file_bytes, read_json, run_main
+
+
+def test_a_threat_model_plans_every_student_arm_on_its_images_and_labels():
+    for name, labels in (("p10", True), ("p10nl", False)):
+        steps = reproduce.plan("mini", seeds=[0, 1, 2], threat=name)
+        students = [s for s in steps if s["role"]["kind"] != "teacher"]
+        assert students and all(s["role"]["threat"] == name for s in students)
+        assert not any(s["role"]["kind"] == "dfad" for s in steps)  # DFAD holds no images
+        for s in students:
+            p = s["params"]
+            assert p["subset"] == 5000 and p["subset_seed"] == p["seed"] == s["role"]["seed"]
+            assert p["epochs"] == reproduce.P10_EPOCHS
+            assert p.get("labels", True) is (labels or s["role"]["kind"] != "kd")  # LS keeps its labels
+        sources = {s["role"]["source"] for s in students if s["role"]["kind"] == "student"}
+        assert sources == ({"scratch", "ls"} if labels else {"ls"})
+        kd = [s for s in students if s["role"]["kind"] == "kd"]
+        assert len(kd) == 3 * len(reproduce.battery_teachers()) * len(reproduce.battery_attacks())
+        assert any(s["role"]["teacher"] == "original" and s["role"]["attack"] == "hardlabel" for s in kd)  # the floor
+    full = reproduce.plan("mini", seeds=[0], threat="full")
+    assert all("subset" not in s["params"] for s in full)
+    assert {s["name"] for s in full} >= {"ls_cnn_e24", "kd_tckd_nasty_cnn_e24"}  # the long schedule's folders
+
+
+def test_an_unknown_threat_model_is_one_line(capsys):
+    assert run_main(reproduce.main, ["--preset", "mini", "--threat", "p5", "--dry_run"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "no threat model 'p5'" in err[0] and "p10nl" in err[0]
+
+
+@pytest.fixture(scope="module")
+def threat_runs(tmp_path_factory, tiny_chain, cifar_root):
+    """The tiny preset's two threat models, seed 0, against the tiny chain's teachers."""
+    exp_root, _ = tiny_chain
+    out = {}
+    base = tmp_path_factory.mktemp("threats")
+    for name in ("s50", "s50nl"):
+        root = str(base / name)
+        done = subprocess.run([sys.executable, "reproduce.py", "--preset", "tiny", "--threat", name, "--data_root",
+                               cifar_root, "--exp_root", root, "--teachers_from", exp_root, "--jobs", "2"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        out[name] = root
+    return exp_root, out, str(base / "summary")
+
+
+def test_threat_model_runs_use_the_preset_teachers_and_the_threat_bar(threat_runs):
+    teachers_root, roots, _ = threat_runs
+    for name, labels in (("s50", True), ("s50nl", False)):
+        root = roots[name]
+        manifest = read_json(os.path.join(root, "steps.json"))
+        assert manifest["threat"]["name"] == name and manifest["threat"]["bar"] == ("ls" if labels else "hardlabel")
+        assert not any(d.startswith("teacher_") for d in os.listdir(root))  # teachers are the preset's, not retrained
+        m = read_json(os.path.join(root, "kd_vanilla_nasty_cnn_small", "metrics.json"))
+        assert m["thief"]["images"] == 50 and m["thief"]["labels"] is labels
+        assert m["inputs"]["teacher"]["path"].startswith(teachers_root)
+        ls = read_json(os.path.join(root, "ls_cnn_small", "metrics.json"))
+        assert ls["thief"]["indices_sha256"] == m["thief"]["indices_sha256"]  # one seed, one set of images
+        res = read_json(os.path.join(root, "results.json"))
+        s = res["students"]["cnn_small"]
+        floor = s["kd"]["original"]["hardlabel"]
+        nasty = s["kd"]["nasty"]["vanilla"]
+        assert nasty["delta_floor"] == pytest.approx(nasty["acc"] - floor["acc"])
+        assert nasty["delta_ls"] == pytest.approx(nasty["acc"] - s["ls"]["acc"])
+        assert (floor["verdict"] is None) is (not labels)  # without labels the floor is the bar, not a row judged
+        text = open(os.path.join(root, "results.md")).read()
+        assert f"Threat model `{name}`" in text and "Δ vs hard-label floor" in text
+        assert ("hard-label floor (the bar)" in text) is (not labels)
+
+
+def test_the_summary_has_a_column_per_threat_model(threat_runs):
+    _, roots, out = threat_runs
+    assert run_main(report.main, [out, "--threats", roots["s50"], roots["s50nl"]]) == 0
+    text = open(os.path.join(out, "summary.md")).read()
+    assert "`s50`" in text and "`s50nl`" in text and os.path.isfile(os.path.join(out, "fig_threats.png"))
+    summary = read_json(os.path.join(out, "summary.json"))
+    assert [m["threat"]["name"] for m in summary["threat_models"]] == ["s50", "s50nl"]
+    row = summary["threat_models"][1]["rows"]["cnn_small/nasty"]
+    assert row["strongest"] in ("vanilla", "rereverse", "dkd", "tckd", "hardlabel", "markov") and row["n"] == 1
+
+
+def test_the_summary_refuses_a_folder_without_a_threat_model(tiny_chain, tmp_path, capsys):
+    exp_root, _ = tiny_chain
+    before = file_bytes(exp_root)
+    assert run_main(report.main, [str(tmp_path / "out"), "--threats", exp_root]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "names no threat model" in err[0]
+    assert file_bytes(exp_root) == before
