@@ -868,7 +868,7 @@ def _epoch_ticks(ax, epochs):
 @cli_main
 def main(argv=None):
     import argparse
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("exp_root", help="a preset folder written by reproduce.py, e.g. exps/mini")
     parser.add_argument("--compare", metavar="REF", default=None,
                         help="another preset folder (e.g. the committed exps/mini): write EXP_ROOT/comparison.md "

@@ -13,7 +13,7 @@ import sys
 import torch
 
 import models
-from utils.checkpoint import build_from_checkpoint
+from utils.checkpoint import build_from_checkpoint, finished_weights
 from utils.config import TRAIN_DEFAULTS, parse_config, resolve_config, write_config
 from utils.engine import Engine, Task
 from utils.errors import UserError, cli_main
@@ -181,10 +181,11 @@ class DFADTask(Task):
 
 @cli_main
 def main(argv=None):
-    args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv)
-    cfg = resolve_config(args, DEFAULTS)
-    check_dfad_config(cfg, os.path.join(args.save_path, "params.json"))
-    engine = Engine(cfg, args.save_path, "train_dfad.py", resume=args.resume)
+    args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv, choices={"g_optimizer": G_OPTIMIZERS},
+                           script="train_dfad.py")
+    cfg = resolve_config(args, DEFAULTS, checks=[check_dfad_config])
+    cfg["teacher"] = finished_weights(cfg["teacher"], "teacher")
+    engine = Engine(cfg, args.save_path, "train_dfad.py", resume=args.resume, overwrite=args.overwrite)
     if cfg["batch_size"] % engine.world_size:
         raise UserError(f"batch_size {cfg['batch_size']} must be divisible by the {engine.world_size} processes")
     teacher, ckpt = build_from_checkpoint(cfg["teacher"], "teacher", dataset=cfg["dataset"],

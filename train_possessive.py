@@ -15,8 +15,8 @@ import sys
 import torch
 
 import models
-from utils.checkpoint import build_from_checkpoint, model_record
-from utils.config import TRAIN_DEFAULTS, parse_config, resolve_config, write_config
+from utils.checkpoint import build_from_checkpoint, finished_weights, model_record
+from utils.config import TRAIN_DEFAULTS, close_match, parse_config, resolve_config, write_config
 from utils.diagnostics import (class_response, expected_calibration_error, mean_kl, non_target_entropy,
                                non_target_kendall, reversed_top1_match)
 from utils.engine import Engine, Task
@@ -86,19 +86,21 @@ class PossessiveTask(Task):
 
 def check(cfg, source="config"):
     if cfg["method"] not in DEFENCES:
-        raise UserError(f"'method' must be one of {', '.join(DEFENCES)}, got '{cfg['method']}'")
+        raise UserError(f"{source}: 'method' must be one of {', '.join(DEFENCES)}, got '{cfg['method']}'"
+                        f"{close_match(str(cfg['method']), DEFENCES)}")
     if not cfg["tau"] > 0:
-        raise UserError(f"'tau' must be > 0, got {cfg['tau']}")
+        raise UserError(f"{source}: 'tau' must be > 0, got {cfg['tau']}")
     for defence in DEFENCES.values():  # every key is checked, also those the chosen defence does not read
         defence.check(cfg, source)
 
 
 @cli_main
 def main(argv=None):
-    args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv)
-    cfg = resolve_config(args, DEFAULTS)
-    check(cfg, os.path.join(args.save_path, "params.json"))
-    engine = Engine(cfg, args.save_path, "train_possessive.py", resume=args.resume)
+    args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv, choices={"method": METHODS},
+                           script="train_possessive.py")
+    cfg = resolve_config(args, DEFAULTS, checks=[check])
+    cfg["original"] = finished_weights(cfg["original"], "original")
+    engine = Engine(cfg, args.save_path, "train_possessive.py", resume=args.resume, overwrite=args.overwrite)
     original, ckpt = build_from_checkpoint(cfg["original"], "original", dataset=cfg["dataset"],
                                            num_classes=engine.info.num_classes)
     engine.add_input("original", cfg["original"], ckpt)

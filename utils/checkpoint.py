@@ -103,6 +103,19 @@ def model_record(model, arch, dataset):
             "dataset": dataset, "mean": list(info.mean), "std": list(info.std)}
 
 
+def finished_weights(path, what):
+    """A run folder given where a checkpoint is expected means its finished weights: DIR/weights.pth when DIR
+    holds a finished run (metrics.json beside it); any other path is returned as it is."""
+    if not path or not os.path.isdir(path):
+        return path
+    weights = os.path.join(path, WEIGHTS_FILE)
+    if os.path.isfile(os.path.join(path, "metrics.json")) and os.path.isfile(weights):
+        print(f"{what} {path} is a finished run folder: using its {weights}", flush=True)
+        return weights
+    raise UserError(f"{what} {path} is a folder that holds no finished run (no metrics.json and {WEIGHTS_FILE}); "
+                    f"give a checkpoint file, or finish that run first")
+
+
 def build_from_checkpoint(path, what, dataset=None, num_classes=None):
     """Rebuild the model stored in a checkpoint, check it against what the command expects, load weights."""
     import models
