@@ -638,7 +638,9 @@ def main(argv=None):
         return 0
     total = time.time() - t0
     import report
-    if not args.only:
+    if not todo:  # nothing ran: the wall time of the last run that trained something still describes the folder
+        extra = None
+    elif not args.only:
         extra = {"reproduce_wall_time_s": round(total, 1), "jobs": args.jobs}
     else:  # a partial run: the last full run's wall time no longer describes the folder (kept if nothing ran)
         extra = {"reproduce_wall_time_s": None, "jobs": None} if todo else None
