@@ -333,3 +333,28 @@ def test_reproduce_dry_run_needs_no_data(tmp_path, capsys):
     assert run_main(reproduce.main, ["--preset", "tiny", "--data_root", str(tmp_path / "none"), "--exp_root",
                                      str(root)]) == 2
     _one_error(capsys.readouterr().err, "data_root .* does not exist")
+
+
+# ------------------------------------------------------------------------------------------ defaults
+def _preset_params(name):
+    return {s["name"]: s["params"] for s in reproduce.plan("mini")}[name]
+
+
+def test_possessive_defaults_are_the_mini_presets_rml_settings(capsys):
+    rml = _preset_params("rml_resnet20")
+    for key in ("init_from_original", "epochs", "lr", "beta", "alpha", "gamma", "tau", "batch_size", "schedule",
+                "optimizer", "weight_decay"):
+        assert train_possessive.DEFAULTS[key] == rml[key], key
+    assert train_possessive.DEFAULTS["method"] == "rml"
+    assert run_main(train_possessive.main, ["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--beta A NUMBER default: 0.3; the mini preset's RML setting" in text
+
+
+def test_dfad_defaults_are_the_mini_presets_settings(capsys):
+    dfad = _preset_params("dfad_original_resnet8")
+    for key in ("epochs", "iters_per_epoch", "k", "batch_size", "lr", "schedule", "milestones"):
+        assert train_dfad.DEFAULTS[key] == dfad[key], key
+    assert train_dfad.DEFAULTS["epochs"] < 500
+    assert run_main(train_dfad.main, ["--help"]) == 0
+    assert "the paper's: epochs 500" in " ".join(capsys.readouterr().out.split())
