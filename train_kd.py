@@ -283,7 +283,8 @@ def _battery_arg(parser):
 @cli_main
 def main(argv=None):
     args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv, extra_args=_battery_arg,
-                           choices={"attack": tuple(ATTACKS)}, script="train_kd.py")
+                           choices={"attack": tuple(ATTACKS), "rereverse_target": ATTACKS["rereverse"].TARGETS},
+                           script="train_kd.py")
     if args.battery:
         if args.save_path:
             raise UserError("give either --save_path (one run) or --battery (several), not both")

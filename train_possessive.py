@@ -21,7 +21,7 @@ from utils.diagnostics import (class_response, expected_calibration_error, mean_
                                non_target_kendall, reversed_top1_match)
 from utils.engine import Engine, Task
 from utils.errors import UserError, cli_main
-from utils.defences import DEFENCES, DefendedModel, defence_keys, key_fingerprint, secret_key
+from utils.defences import DEFENCES, REVERSE_SCOPES, DefendedModel, defence_keys, key_fingerprint, secret_key
 
 # RML: alpha (binary term), beta (reversed non-target term), gamma (Nasty-style maximisation over non-targets),
 # beta_warmup (epochs of linear ramp), reverse_scope; Nasty: omega; Stingy: stingy_ratio (utils/defences.py).
@@ -102,7 +102,7 @@ def check(cfg, source="config"):
 
 @cli_main
 def main(argv=None):
-    args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv, choices={"method": METHODS},
+    args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv, choices={"method": METHODS, "reverse_scope": REVERSE_SCOPES},
                            script="train_possessive.py", notes=HELP_NOTES)
     cfg = resolve_config(args, DEFAULTS, checks=[check])
     cfg["original"] = finished_weights(cfg["original"], "original")

@@ -300,10 +300,13 @@ def test_help_shows_every_choice(capsys):
     import models
     from utils.attacks import ATTACKS
     from utils.defences import DEFENCES
-    for module, extra in ((train_kd, ATTACKS), (train_possessive, DEFENCES), (train_scratch, {}), (train_dfad, {})):
+    from utils.defences import REVERSE_SCOPES
+    for module, extra in ((train_kd, [list(ATTACKS), ATTACKS["rereverse"].TARGETS]),
+                          (train_possessive, [list(DEFENCES), REVERSE_SCOPES]), (train_scratch, []),
+                          (train_dfad, [train_dfad.G_OPTIMIZERS])):
         assert run_main(module.main, ["--help"]) == 0
         text = " ".join(capsys.readouterr().out.split())
-        for options in list(CHOICES.values()) + [models.names()] + ([list(extra)] if extra else []):
+        for options in list(CHOICES.values()) + [models.names()] + extra:
             assert "one of: " + ", ".join(options) in text, (module.__name__, options)
         assert "--overwrite" in text
 
