@@ -208,7 +208,7 @@ def sweep(cfg, save_path, resume=False, overwrite=False):
     """Run the attack once per tau (in-process, one engine each) and record the best in sweep.json.
 
     The folder holds the sweep alone: the files of a single run there (a folder used before without
-    tau_sweep) are refused, or removed with overwrite."""
+    tau_sweep) are refused, or removed with overwrite. With overwrite every tau is trained again."""
     from utils.lock import acquire
     single = [n for n in SINGLE_RUN_FILES if os.path.isfile(os.path.join(save_path, n))]
     if single and not overwrite:
@@ -224,7 +224,8 @@ def sweep(cfg, save_path, resume=False, overwrite=False):
     for tau in taus:
         sub = os.path.join(save_path, f"tau_{_tau_name(tau)}")
         sub_cfg = dict(cfg, tau=tau, tau_sweep=[])
-        plan.append((tau, sub, sub_cfg) + _read_done(sub, sub_cfg, teacher))
+        # --overwrite trains every tau again from the start; without it a finished tau of this config is reused
+        plan.append((tau, sub, sub_cfg) + ((None, None) if overwrite else _read_done(sub, sub_cfg, teacher)))
     is_main = int(os.environ.get("RANK", 0)) == 0
     if is_main:
         acquire(save_path)

@@ -163,6 +163,12 @@ def test_a_sweep_into_a_single_run_folder_is_refused_or_replaces_it(runs, tmp_pa
     left = set(os.listdir(folder))
     assert {"sweep.json", "tau_2", "tau_4"} <= left
     assert not left & {"metrics.json", WEIGHTS_FILE, "last.pth", "best.pth", "log.csv", LOCK_FILE}
+    # the same sweep again reuses its finished taus; with --overwrite it trains them again
+    assert run_main(train_kd.main, argv) == 0
+    assert capsys.readouterr().out.count("exists, skipped") == 2
+    assert run_main(train_kd.main, argv + ["--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped" not in out and out.count("note: --overwrite: the finished run's metrics.json") == 2
 
 
 # ------------------------------------------------------------------------------------------ one writer
