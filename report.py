@@ -915,7 +915,6 @@ def _epoch_ticks(ax, epochs):
     ax.minorticks_off()
 
 
-@cli_main
 def threat_summary(out_root, folders):
     """Per teacher and threat model, the strongest attack (its stolen student the most accurate) against that
     threat model's bar, from the threat-model folders written by reproduce.py --threat. Writes OUT_ROOT/summary.md,
@@ -991,9 +990,10 @@ def _threat_figure(models_, teachers, path):
     os.replace(tmp, path)
 
 
+@cli_main
 def main(argv=None):
     import argparse
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("exp_root", help="a preset folder written by reproduce.py, e.g. exps/mini")
     parser.add_argument("--compare", metavar="REF", default=None,
                         help="another preset folder (e.g. the committed exps/mini): write EXP_ROOT/comparison.md "

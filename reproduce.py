@@ -30,7 +30,7 @@ import time
 
 from utils.checkpoint import (WEIGHTS_FILE, atomic_write_json, atomic_write_text, checkpoint_digest, load_checkpoint,
                               read_json)
-from utils.config import CHOICES, NON_RESULT_KEYS as _RUN_NON_RESULT_KEYS
+from utils.config import CHOICES, NON_RESULT_KEYS as _RUN_NON_RESULT_KEYS, Parser, close_match
 from utils.attacks import ATTACKS
 from utils.defences import DATASET_TAU, DEFENCES, key_problem
 from utils.errors import UserError, cli_main
@@ -376,6 +376,13 @@ def fetch_dataset(dataset, root):
         load_split(dataset, root, train, download=True)
 
 
+def _flag(text):
+    low = text.lower()
+    if low not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+    return low in ("true", "1", "yes")
+
+
 def run_step(script, argv):
     """Run a script's main() in this process (one torch import for the whole chain); return its exit code."""
     module = importlib.import_module(script[:-3])
@@ -551,17 +558,19 @@ def _tail(path, lines=5):
 
 @cli_main
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="mini")
     parser.add_argument("--dataset", choices=sorted(DATASET_TAU), default=None,
                         help="override the preset's dataset (cifar10, cifar100, tinyimagenet)")
     parser.add_argument("--data_root", default="./data")
-    parser.add_argument("--download", action="store_true",
-                        help="fetch the dataset into --data_root first if it is missing (once, before any step)")
+    parser.add_argument("--download", nargs="?", const="true", default="false", type=_flag, metavar="true/false",
+                        help="fetch the dataset into --data_root first if it is missing (once, before any step); "
+                             "given alone it means true, as in the training scripts")
     parser.add_argument("--exp_root", default=None, help="default: exps/<preset> (exps/<preset>_<dataset> if --dataset)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--only", default=None, help="run only the steps whose name contains this text")
-    parser.add_argument("--dry_run", action="store_true", help="list the steps and their state, run nothing")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="list the steps and their state, run nothing (needs no data)")
     parser.add_argument("--compare", metavar="REF", default=None,
                         help="at the end, write EXP_ROOT/comparison.md: every row beside the same row of REF (e.g. "
                              "the committed exps/mini, when --exp_root puts this run elsewhere)")
@@ -613,7 +622,7 @@ def main(argv=None):
         raise UserError("--teachers_from goes with --threat (a threat model's students against another folder's teachers)")
     if args.download and not args.dry_run:
         fetch_dataset(args.dataset or PRESETS[args.preset]["dataset"], args.data_root)
-    if not os.path.isdir(args.data_root):
+    if not args.dry_run and not os.path.isdir(args.data_root):
         raise UserError(f"data_root '{args.data_root}' does not exist; pass --data_root pointing at your dataset copy")
     seeds = _parse_seeds(args.seeds, PRESETS[args.preset].get("seeds", (0,)))
     old = read_json(os.path.join(exp_root, "steps.json"))
@@ -625,16 +634,23 @@ def main(argv=None):
                  and s["role"]["teacher"] not in battery_teachers(screened)]
     steps = plan(args.preset, args.dataset, sorted(set(seeds) | set(known)), screened, args.amp, args.threat)
     run_seeds = set(seeds) if args.seeds is not None else set(seeds) | set(known)
+    selected = [s for s in steps if (not args.only or args.only in s["name"])
+                and (s["role"]["kind"] == "teacher" or s["role"].get("seed", 0) in run_seeds)]
+    if not selected:
+        names = [s["name"] for s in steps]
+        hint = close_match(args.only, names) if args.only else ""
+        raise UserError(f"--only {args.only!r} matches none of the {len(steps)} steps of preset {args.preset}{hint}; "
+                        f"give part of a step name (python reproduce.py --preset {args.preset} --dry_run lists them)")
     if not args.dry_run:  # a dry run changes nothing, not even the plan the report reads
         os.makedirs(exp_root, exist_ok=True)
+        from utils.lock import acquire
+        acquire(exp_root, "experiment root")  # its steps lock their own folders, below it
         manifest = {"preset": args.preset}
         if threat is not None:
             manifest.update(threat=threat_record(args.preset, args.threat),
                             teachers_from=os.path.relpath(teachers_root, exp_root))
         manifest["steps"] = [{k: s[k] for k in ("name", "script", "role")} for s in steps]
         atomic_write_json(os.path.join(exp_root, "steps.json"), manifest)
-    selected = [s for s in steps if (not args.only or args.only in s["name"])
-                and (s["role"]["kind"] == "teacher" or s["role"].get("seed", 0) in run_seeds)]
     t0 = time.time()
     todo = []
     counts = {}
@@ -671,8 +687,9 @@ def main(argv=None):
             print(f"{head}: {state}{why}", flush=True)
         write_params(folder, params, describe(step, args.preset), step["script"])
         argv = ["--save_path", folder, "--data_root", args.data_root, "--device", args.device]
-        if state == "resume":
-            argv.append("--resume")
+        # a stale or new step is trained from the start: a finished run there (older config or teachers) is
+        # replaced knowingly, so the scripts' refusal of a finished folder does not stop the chain
+        argv.append("--resume" if state == "resume" else "--overwrite")
         todo.append({"step": step, "head": head, "argv": argv, "folder": folder,
                      "verb": "resuming" if state == "resume" else "running"})
     print(f"{len(selected)} steps: " + ", ".join(f"{counts[k]} {k}" for k in ("done", "stale", "resume", "new")
@@ -694,7 +711,9 @@ def main(argv=None):
         return 0
     total = time.time() - t0
     import report
-    if not args.only:
+    if not todo:  # nothing ran: the wall time of the last run that trained something still describes the folder
+        extra = None
+    elif not args.only:
         extra = {"reproduce_wall_time_s": round(total, 1), "jobs": args.jobs}
     else:  # a partial run: the last full run's wall time no longer describes the folder (kept if nothing ran)
         extra = {"reproduce_wall_time_s": None, "jobs": None} if todo else None

@@ -21,11 +21,11 @@ import sys
 import torch
 
 import models
-from utils.checkpoint import atomic_write_json, build_from_checkpoint, input_record
-from utils.config import (NON_RESULT_KEYS, TRAIN_DEFAULTS, checkpoint_keys, checkpoint_options, parse_config,
-                          resolve_config, write_config)
+from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, build_from_checkpoint, finished_weights, input_record
+from utils.config import (NON_RESULT_KEYS, TRAIN_DEFAULTS, checkpoint_keys, checkpoint_options, close_match,
+                          parse_config, resolve_config, write_config)
 from utils.constants import DATASETS
-from utils.engine import Engine, Task
+from utils.engine import Engine, Task, refuse_finished, tracked_by_git
 from utils.errors import UserError, cli_main
 from utils.attacks import ATTACKS, attack_keys
 
@@ -39,7 +39,8 @@ SWEEP_PROTOCOL = ("best_tau is picked on the test split: the thief's most favour
 def check_kd_config(cfg, source):
     """The KD keys train_scratch's checks do not cover; raised before anything is written."""
     if cfg["attack"] not in ATTACKS:
-        raise UserError(f"{source}: 'attack' must be one of {', '.join(ATTACKS)}, got '{cfg['attack']}'")
+        raise UserError(f"{source}: 'attack' must be one of {', '.join(ATTACKS)}, got '{cfg['attack']}'"
+                        f"{close_match(str(cfg['attack']), ATTACKS)}")
     if not cfg["tau"] > 0:
         raise UserError(f"{source}: 'tau' must be > 0, got {cfg['tau']}")
     for attack in ATTACKS.values():  # every key is checked, also those the chosen attack does not read
@@ -107,7 +108,7 @@ def load_teacher(cfg):
                                  num_classes=DATASETS[cfg["dataset"]].num_classes, **checkpoint_options(cfg, "teacher"))
 
 
-def prepare(cfg, save_path, resume=False, shared=None):
+def prepare(cfg, save_path, resume=False, shared=None, overwrite=False):
     """(engine, task) of one attack run into save_path, ready for engine.fit or a battery.
 
     shared: the battery's {"teacher": SharedForward, "teacher_acc", "loaders"} once its first student is
@@ -115,7 +116,7 @@ def prepare(cfg, save_path, resume=False, shared=None):
     inputs, and building it draws from the RNG before the student is built, as in a lone run, so the
     student starts from the same weights either way.
     """
-    engine = Engine(cfg, save_path, "train_kd.py", resume=resume)
+    engine = Engine(cfg, save_path, "train_kd.py", resume=resume, overwrite=overwrite)
     teacher, ckpt = load_teacher(cfg)
     engine.add_input("teacher", cfg["teacher"], ckpt)
     if shared:
@@ -124,7 +125,7 @@ def prepare(cfg, save_path, resume=False, shared=None):
         teacher = engine.prepare_frozen(teacher)
         engine.load_data()
     if engine.is_main:
-        write_config(save_path, cfg)
+        write_config(save_path, cfg, ATTACKS[cfg["attack"]].as_used(cfg))
     student = models.build(cfg["model"], engine.info.num_classes)
     if shared:
         teacher_acc = shared["teacher_acc"]
@@ -135,9 +136,9 @@ def prepare(cfg, save_path, resume=False, shared=None):
     return engine, KDTask(student, teacher, cfg, ckpt["arch"], teacher_acc)
 
 
-def train(cfg, save_path, resume=False):
+def train(cfg, save_path, resume=False, overwrite=False):
     """One attack run into save_path; returns its metrics."""
-    engine, task = prepare(cfg, save_path, resume)
+    engine, task = prepare(cfg, save_path, resume, overwrite=overwrite)
     return engine.fit(task)
 
 
@@ -148,20 +149,22 @@ def battery(folders, args):
     cfgs = []
     for folder in folders:
         args.save_path = folder
-        cfg = resolve_config(args, DEFAULTS)
-        check_kd_config(cfg, os.path.join(folder, "params.json"))
+        cfg = resolve_config(args, DEFAULTS, checks=[check_kd_config])
+        cfg["teacher"] = finished_weights(cfg["teacher"], "teacher")
         if cfg["tau_sweep"]:
             raise UserError(f"{folder}/params.json: a tau_sweep run is not trained in a battery; run it alone "
                             f"(--save_path {folder})")
         cfgs.append(cfg)
     bat.check_members(cfgs, folders)
-    for folder in folders:  # every resume is checked before anything is written
+    for folder in folders:  # every resume (and every finished run) is checked before anything is written
         if args.resume and not os.path.isfile(os.path.join(folder, "last.pth")):
             raise UserError(f"cannot resume: {folder}/last.pth not found; run the battery without --resume")
+        if not args.resume and not args.overwrite:
+            refuse_finished(folder, "train_kd.py")
     how = f"python train_kd.py --battery {','.join(folders)} --resume"
     members, shared = [], None
     for cfg, folder in zip(cfgs, folders):
-        engine, task = prepare(cfg, folder, args.resume, shared)
+        engine, task = prepare(cfg, folder, args.resume, shared, overwrite=args.overwrite)
         if shared is None:
             shared = {"teacher": bat.SharedForward(task.teacher), "teacher_acc": task.teacher_acc,
                       "loaders": engine.loaders}
@@ -207,8 +210,19 @@ def _read_done(path, sub_cfg, teacher):
     return done, None
 
 
-def sweep(cfg, save_path, resume=False):
-    """Run the attack once per tau (in-process, one engine each) and record the best in sweep.json."""
+SINGLE_RUN_FILES = ("metrics.json", WEIGHTS_FILE, "last.pth", "best.pth", "log.csv")
+
+
+def sweep(cfg, save_path, resume=False, overwrite=False):
+    """Run the attack once per tau (in-process, one engine each) and record the best in sweep.json.
+
+    The folder holds the sweep alone: the files of a single run there (a folder used before without
+    tau_sweep) are refused, or removed with overwrite. With overwrite every tau is trained again."""
+    from utils.lock import acquire
+    single = [n for n in SINGLE_RUN_FILES if os.path.isfile(os.path.join(save_path, n))]
+    if single and not overwrite:
+        raise UserError(f"{save_path} holds a single run ({', '.join(single)}), not a sweep; add --overwrite to "
+                        f"remove it and run the sweep there, or give the sweep a folder of its own")
     taus = []
     for tau in cfg["tau_sweep"]:
         if float(tau) not in taus:
@@ -219,9 +233,18 @@ def sweep(cfg, save_path, resume=False):
     for tau in taus:
         sub = os.path.join(save_path, f"tau_{_tau_name(tau)}")
         sub_cfg = dict(cfg, tau=tau, tau_sweep=[])
-        plan.append((tau, sub, sub_cfg) + _read_done(sub, sub_cfg, teacher))
+        # --overwrite trains every tau again from the start; without it a finished tau of this config is reused
+        plan.append((tau, sub, sub_cfg) + ((None, None) if overwrite else _read_done(sub, sub_cfg, teacher)))
     is_main = int(os.environ.get("RANK", 0)) == 0
     if is_main:
+        acquire(save_path)
+        if single:
+            tracked = tracked_by_git(save_path, single)
+            for name in single:
+                os.unlink(os.path.join(save_path, name))
+            print(f"--overwrite: removed the single run's {', '.join(single)} from {save_path}, which now holds the "
+                  f"sweep alone" + (f" ({', '.join(tracked)} tracked by git: git checkout -- {save_path} brings "
+                                    f"them back)" if tracked else ""), flush=True)
         write_config(save_path, cfg)
         summary_path = os.path.join(save_path, "sweep.json")
         if os.path.isfile(summary_path) and any(p[3] is None for p in plan):
@@ -236,7 +259,8 @@ def sweep(cfg, save_path, resume=False):
                 atomic_write_json(os.path.join(sub, "params.json"),
                                   dict(sub_cfg, _comment=f"tau {_tau_name(tau)} of the sweep in {save_path}",
                                        _script="train_kd.py"))
-            done = train(sub_cfg, sub, resume=resume and os.path.isfile(os.path.join(sub, "last.pth")))
+            sub_resume = resume and os.path.isfile(os.path.join(sub, "last.pth"))
+            done = train(sub_cfg, sub, resume=sub_resume, overwrite=not sub_resume)
         elif is_main:
             print(f"tau {_tau_name(tau)}: {sub}/metrics.json exists, skipped", flush=True)
         results[tau] = done
@@ -268,7 +292,9 @@ def _battery_arg(parser):
 
 @cli_main
 def main(argv=None):
-    args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv, extra_args=_battery_arg)
+    args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv, extra_args=_battery_arg,
+                           choices={"attack": tuple(ATTACKS), "rereverse_target": ATTACKS["rereverse"].TARGETS},
+                           script="train_kd.py")
     if args.battery:
         if args.save_path:
             raise UserError("give either --save_path (one run) or --battery (several), not both")
@@ -278,12 +304,12 @@ def main(argv=None):
                             f"(one run: --save_path)")
         battery(folders, args)
         return 0
-    cfg = resolve_config(args, DEFAULTS)
-    check_kd_config(cfg, os.path.join(args.save_path, "params.json"))
+    cfg = resolve_config(args, DEFAULTS, checks=[check_kd_config])
+    cfg["teacher"] = finished_weights(cfg["teacher"], "teacher")
     if cfg["tau_sweep"]:
-        sweep(cfg, args.save_path, args.resume)
+        sweep(cfg, args.save_path, args.resume, args.overwrite)
     else:
-        train(cfg, args.save_path, args.resume)
+        train(cfg, args.save_path, args.resume, args.overwrite)
     return 0
 
 

@@ -35,13 +35,13 @@ def list_models():
 @cli_main
 def main(argv=None):
     args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv, lambda p: p.add_argument(
-        "--list-models", action="store_true", help="print the model zoo and exit"))
+        "--list-models", action="store_true", help="print the model zoo and exit"), script="train_scratch.py")
     if args.list_models:
         list_models()
         return 0
     cfg = resolve_config(args, DEFAULTS)
     require_labels(cfg, os.path.join(args.save_path, "params.json"), "train_scratch.py (scratch and label smoothing)")
-    engine = Engine(cfg, args.save_path, "train_scratch.py", resume=args.resume)
+    engine = Engine(cfg, args.save_path, "train_scratch.py", resume=args.resume, overwrite=args.overwrite)
     engine.load_data()
     if engine.is_main:
         write_config(args.save_path, cfg)

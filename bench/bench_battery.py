@@ -90,7 +90,7 @@ def time_battery(members, loader, steps, warmup, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--teacher", default="resnet20")
     p.add_argument("--student", default="cnn")
     p.add_argument("--attacks", nargs="+", default=["vanilla", "rereverse", "dkd", "tckd"])

@@ -141,7 +141,7 @@ def engine_loop(kind, name, teacher_name, images, labels, batch_size, steps, war
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--step", nargs="+", default=["scratch", "kd", "possessive"], choices=["scratch", "kd", "possessive"],
                    help="which script's step: train_scratch (CE), train_kd (teacher forward + student), "
                         "train_possessive (original forward + RML step of a same-architecture teacher)")

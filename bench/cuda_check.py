@@ -400,7 +400,7 @@ RUN = {"tests": check_tests, "tiny": check_tiny, "bench": check_bench, "torchrun
 
 # ------------------------------------------------------------------------------------------ input and output
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu for the rehearsal (default cuda)")
     p.add_argument("--data_root", default=None, help="a real CIFAR-10 copy (cifar-10-batches-py) for the paper epoch "

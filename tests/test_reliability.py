@@ -643,6 +643,8 @@ def test_bad_input_table(tmp_path, cifar_root, teacher, bad_roots, trained, monk
     with open(os.path.join(d, "params.json"), "w") as f:
         json.dump(params, f)
     extra = setup(ctx)
+    if "--resume" not in extra:  # the folder holds a finished run: without this flag it is refused as such
+        extra.append("--overwrite")
     before = _snapshot(d)
     capsys.readouterr()
     code = _run(SCRIPTS[script].main, ["--save_path", d] + extra)

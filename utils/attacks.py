@@ -52,6 +52,11 @@ class Attack:
         self.cfg, self.num_classes, self.tau = cfg, num_classes, cfg["tau"]
 
     @classmethod
+    def as_used(cls, cfg):
+        """{key: the value the attack uses} where it differs from the config's (a clamp), with '_why'."""
+        return {}
+
+    @classmethod
     def check(cls, cfg, source):
         """Raise UserError for a bad value of this attack's keys."""
 
@@ -152,6 +157,13 @@ class DKD(Attack):
     def metrics(self):
         return {"dkd_alpha": self.cfg["dkd_alpha"], "dkd_beta": self.beta(),
                 "dkd_warmup_epochs": dkd_warmup_epochs(self.cfg)}
+
+    @classmethod
+    def as_used(cls, cfg):
+        used = dkd_warmup_epochs(cfg)
+        if used == cfg["dkd_warmup"]:
+            return {}
+        return {"dkd_warmup": used, "_why": f"dkd_warmup is capped at a quarter of the {cfg['epochs']} epochs"}
 
 
 @register

@@ -114,6 +114,19 @@ def model_record(model, arch, dataset):
             "dataset": dataset, "mean": list(info.mean), "std": list(info.std)}
 
 
+def finished_weights(path, what):
+    """A run folder given where a checkpoint is expected means its finished weights: DIR/weights.pth when DIR
+    holds a finished run (metrics.json beside it); any other path is returned as it is."""
+    if not path or not os.path.isdir(path):
+        return path
+    weights = os.path.join(path, WEIGHTS_FILE)
+    if os.path.isfile(os.path.join(path, "metrics.json")) and os.path.isfile(weights):
+        print(f"{what} {path} is a finished run folder: using its {weights}", flush=True)
+        return weights
+    raise UserError(f"{what} {path} is a folder that holds no finished run (no metrics.json and {WEIGHTS_FILE}); "
+                    f"give a checkpoint file, or finish that run first")
+
+
 def unfinished_reason(path, ckpt):
     """Why a checkpoint of this project is not the end of a finished run (None when it is, or when the file
     does not say): a training checkpoint (last.pth, best.pth) holds an epoch short of its config's epochs, or

@@ -4,9 +4,11 @@ Every script declares its keys as a dict of defaults; the default's type is the 
 config is written to DIR/config.json only once it has been checked, so a bad invocation changes nothing.
 """
 import argparse
+import difflib
 import json
 import math
 import os
+import sys
 
 from .constants import DATASETS
 from .errors import UserError
@@ -80,6 +82,34 @@ POSITIVE = ("epochs", "batch_size", "eval_batch_size", "lr", "log_every", "eval_
 NON_NEGATIVE = ("subset", "subset_seed", "test_subset", "weight_decay", "momentum", "label_smoothing", "seed", "warmup")
 
 
+def close_match(word, options):
+    """' (did you mean 'x'?)' for the option closest to a misspelt word, or '' when none is close."""
+    found = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{found[0]}'?)" if found else ""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching (--epoch is not --epochs), whose errors are one line with the close
+    match of a misspelt flag and the way to --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            flags = [a.split("=")[0] for a in message.split(":", 1)[1].split() if a.startswith("--")]
+            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            for flag in flags:
+                found = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+                if found:
+                    hint = f" (did you mean {found[0]}?)"
+                    break
+        print(f"error: command line: {message}{hint}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
+
+
 def _type_name(value):
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
         type(value), type(value).__name__)
@@ -127,7 +157,7 @@ def _parse_cli_value(key, text, default):
     return [value] if isinstance(default, list) and not isinstance(value, list) else value
 
 
-def read_params(save_path, defaults):
+def read_params(save_path, defaults, script=None):
     path = os.path.join(save_path, "params.json")
     if not os.path.isfile(path):
         raise UserError(f"{path} not found; create it (copy one from exps/) or point --save_path at an experiment folder")
@@ -138,16 +168,22 @@ def read_params(save_path, defaults):
         raise UserError(f"{path} is not valid JSON ({e}); fix the file") from None
     if not isinstance(params, dict):
         raise UserError(f"{path} must hold a JSON object of key: value pairs")
+    owner = params.get("_script")
+    if script and isinstance(owner, str) and owner.endswith(".py") and os.path.basename(owner) != script:
+        raise UserError(f"{path} is the folder of a {owner} run (its '_script'), not of {script}; run python {owner} "
+                        f"--save_path {save_path}, or give {script} a folder of its own")
     unknown = sorted(k for k in params if k not in defaults and not k.startswith("_"))
     if unknown:
-        raise UserError(f"{path}: unknown key '{unknown[0]}'; valid keys: {', '.join(sorted(defaults))}")
+        raise UserError(f"{path}: unknown key '{unknown[0]}'{close_match(unknown[0], defaults)}; fix or remove it "
+                        f"(python {script or 'SCRIPT'} --help lists the keys)")
     return {k: _coerce(k, v, defaults[k], path) for k, v in params.items() if not k.startswith("_")}
 
 
 def validate(cfg, source="config"):
     for key, options in CHOICES.items():
         if key in cfg and cfg[key] not in options:
-            raise UserError(f"{source}: '{key}' must be one of {', '.join(options)}, got '{cfg[key]}'")
+            raise UserError(f"{source}: '{key}' must be one of {', '.join(options)}, got '{cfg[key]}'"
+                            f"{close_match(str(cfg[key]), options)}")
     for key in POSITIVE:
         if key in cfg and not cfg[key] > 0:
             raise UserError(f"{source}: '{key}' must be > 0, got {cfg[key]}")
@@ -157,8 +193,9 @@ def validate(cfg, source="config"):
     if "model" in cfg:
         import models
         if cfg["model"] not in models.MODELS and cfg["model"] not in models.ALIASES:
-            raise UserError(f"{source}: unknown model '{cfg['model']}'; choose one of: {', '.join(models.names())} "
-                            f"(python train_scratch.py --list-models)")
+            raise UserError(f"{source}: unknown model '{cfg['model']}'"
+                            f"{close_match(cfg['model'], list(models.names()) + list(models.ALIASES))}; choose one of: "
+                            f"{', '.join(models.names())} (python train_scratch.py --list-models)")
     if cfg.get("schedule") == "step" and not all(isinstance(m, int) and m > 0 for m in cfg.get("milestones", [])):
         raise UserError(f"{source}: 'milestones' must be a list of positive epoch numbers")
     if cfg.get("transfer"):
@@ -190,41 +227,89 @@ def thief_record(cfg, indices_sha256, images):
             "indices_sha256": indices_sha256, "labels": bool(cfg.get("labels", True))}
 
 
-def parse_config(description, defaults, argv=None, extra_args=None):
-    """Parse `--save_path DIR [--key value ...] [--resume]` into (cfg dict, args namespace).
+def key_choices(extra=None):
+    """{key: its allowed values} for --help: CHOICES, the model zoo and a script's own (attack, method)."""
+    import models
+    out = dict(CHOICES, model=tuple(models.names()))
+    out.update(extra or {})
+    return out
 
-    extra_args: callable(parser) adding script-only flags (e.g. --list-models).
+
+def parse_config(description, defaults, argv=None, extra_args=None, choices=None, script=None, notes=None):
+    """Parse `--save_path DIR [--key value ...] [--resume | --overwrite]` into (args namespace, parser).
+
+    extra_args: callable(parser) adding script-only flags (e.g. --list-models); choices: {key: values} the
+    script accepts beyond CHOICES (shown in --help); notes: {key: text} added to a key's help.
+    A true/false key given alone means true (--download is --download true).
     """
-    parser = argparse.ArgumentParser(description=description,
-                                     epilog="Any key of params.json can be overridden, e.g. --epochs 2.")
+    choices = key_choices(choices)
+    parser = Parser(prog=script, description=description,
+                    epilog="Any key of params.json can be overridden, e.g. --epochs 2. Values on the command line "
+                           "win over params.json, which wins over the defaults shown here.")
     parser.add_argument("--save_path", help="experiment folder holding params.json; outputs go there")
     parser.add_argument("--resume", action="store_true", help="continue from SAVE_PATH/last.pth")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train a finished run (metrics.json) again from the start; its results are kept until "
+                             "the new run writes its first checkpoint (without it a finished folder is refused)")
     if extra_args:
         extra_args(parser)
     group = parser.add_argument_group("config keys (override params.json)")
     for key, default in defaults.items():
+        text = f"default: {json.dumps(default)}"
+        if key in choices:
+            text += f"; one of: {', '.join(choices[key])}"
+        if notes and key in notes:
+            text += f"; {notes[key]}"
+        extra = {"nargs": "?", "const": "true"} if isinstance(default, bool) else {}
         group.add_argument(f"--{key}", dest=f"cfg_{key}", default=None, metavar=_type_name(default).upper()
-                           if default is not None else "STR", help=f"default: {json.dumps(default)}")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse already printed its one-line usage error
-        raise SystemExit(0 if e.code == 0 else 2) from None
+                           if default is not None else "STR", help=text.replace("%", "%%"), **extra)
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("give either --resume (continue the run) or --overwrite (train it again from the start), "
+                     "not both")
+    args.script = script
     return args, parser
 
 
-def resolve_config(args, defaults):
+def check_sources(cfg, base, cli_keys, params_path, checks):
+    """Run each check(cfg, source) so that its error names where the bad value came from: params.json (or the
+    defaults) when the error is there without the command-line values too, else the command line."""
+    for check in checks:
+        try:
+            check(cfg, params_path)
+        except UserError as e:
+            if cli_keys:
+                try:
+                    check(base, params_path)
+                    fault = None
+                except UserError as e0:
+                    fault = str(e0)
+                if fault != str(e):  # the command-line values brought the error in
+                    check(cfg, "command line")
+            raise
+
+
+def resolve_config(args, defaults, checks=()):
+    """defaults < params.json < command line, checked by validate() and then by `checks` (each a
+    check(cfg, source) of the script's own keys), every error naming its source."""
     if not args.save_path:
         raise UserError("--save_path is required: an experiment folder holding params.json (see exps/)")
     cfg = dict(defaults)
-    cfg.update(read_params(args.save_path, defaults))
+    cfg.update(read_params(args.save_path, defaults, getattr(args, "script", None)))
+    base = dict(cfg)
+    cli_keys = []
     for key, default in defaults.items():
         text = getattr(args, f"cfg_{key}")
         if text is not None:
             cfg[key] = _coerce(key, _parse_cli_value(key, text, default), default, "command line")
-    validate(cfg, os.path.join(args.save_path, "params.json"))
+            cli_keys.append(key)
+    check_sources(cfg, base, cli_keys, os.path.join(args.save_path, "params.json"), (validate,) + tuple(checks))
     return cfg
 
 
-def write_config(save_path, cfg):
+def write_config(save_path, cfg, as_used=None):
+    """DIR/config.json: the resolved config; as_used: {key: value the run actually uses, '_why': why} where a
+    script clamps a value, written next to the keys as '_as_used' (read_params ignores '_' keys)."""
     from .checkpoint import atomic_write_text
-    atomic_write_text(os.path.join(save_path, "config.json"), json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    out = dict(cfg, _as_used=as_used) if as_used else cfg
+    atomic_write_text(os.path.join(save_path, "config.json"), json.dumps(out, indent=2, sort_keys=True) + "\n")

@@ -42,7 +42,7 @@ def _read_pickle(path):
             return _SafeUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
     except Exception as e:  # truncated, garbled or hostile file
         raise UserError(f"cannot read {path}: {type(e).__name__}: {e}; the file is truncated or corrupt, "
-                        f"re-create the dataset folder (or pass --download true)") from None
+                        f"re-create the dataset folder (or pass --download)") from None
 
 
 def _check_batch(path, d, label_key, num_classes):
@@ -88,7 +88,7 @@ def _load_cifar(dataset, root, train, download):
         missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise UserError(f"{dataset}: missing {os.path.join(folder, missing[0])}; point --data_root at the folder "
-                        f"holding {info.folder}/ (or pass --download true)")
+                        f"holding {info.folder}/ (or pass --download)")
     datas, labels = [], []
     for f in files:
         path = os.path.join(folder, f)

@@ -107,7 +107,8 @@ class RML(Defence):
     @classmethod
     def check(cls, cfg, source):
         if cfg["reverse_scope"] not in REVERSE_SCOPES:
-            raise UserError(f"'reverse_scope' must be one of {', '.join(REVERSE_SCOPES)}, got '{cfg['reverse_scope']}'")
+            raise UserError(f"{source}: 'reverse_scope' must be one of {', '.join(REVERSE_SCOPES)}, "
+                            f"got '{cfg['reverse_scope']}'")
         _non_negative(cfg, ("alpha", "beta", "gamma", "beta_warmup"), source)
 
     @classmethod

@@ -47,6 +47,28 @@ def lr_factor(cfg, progress):
     return max((total - progress) / max(total - rise, 1e-8), 0.0)
 
 
+def refuse_finished(save_path, script):
+    """A finished run (metrics.json) is never replaced by accident: without --resume or --overwrite, stop here,
+    before anything is written."""
+    if os.path.isfile(os.path.join(save_path, "metrics.json")):
+        raise UserError(f"{save_path} holds a finished run (metrics.json) and stays as it is; nothing is left to do "
+                        f"(--resume finds it finished); to train it again from the start add --overwrite (the old "
+                        f"results are kept until the new run's first checkpoint), or use another --save_path")
+
+
+def tracked_by_git(folder, names):
+    """Which of folder/names are tracked by git (a released run); [] when git or a repository is not there."""
+    import subprocess
+    try:
+        out = subprocess.run(["git", "ls-files", "--", *names], cwd=folder, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if out.returncode != 0:
+        return []
+    listed = set(out.stdout.split())
+    return [os.path.join(folder, n) for n in names if n in listed]
+
+
 def cpu_supports_bf16():
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -102,10 +124,18 @@ class Task:
 
 
 class Engine:
-    def __init__(self, cfg, save_path, script, resume=False):
+    def __init__(self, cfg, save_path, script, resume=False, overwrite=False):
         """A --resume must keep every key of cfg except NON_RESULT_KEYS (checked here, before anything is
-        written), and the weights of every checkpoint the run loads (checked by add_input)."""
+        written), and the weights of every checkpoint the run loads (checked by add_input). A finished run
+        (metrics.json) is trained again only with overwrite, and its results are kept until the new run
+        writes its first checkpoint. The folder is locked for this process (utils/lock.py)."""
         self.cfg, self.save_path, self.script, self.resume = cfg, save_path, script, resume
+        if resume and overwrite:
+            raise UserError("give either --resume (continue the run) or --overwrite (train it again from the "
+                            "start), not both")
+        if not resume and not overwrite:
+            refuse_finished(save_path, script)
+        self._replaced = []  # results of the finished run being overwritten, removed at the first checkpoint
         self.inputs = {}
         self.parts = {}
         self.export_record = None  # what weights.pth holds, when not the trained model (see publish)
@@ -169,6 +199,8 @@ class Engine:
             raise UserError(f"cannot create save_path {self.save_path} ({e.strerror})") from None
         if not os.access(self.save_path, os.W_OK):
             raise UserError(f"save_path {self.save_path} is not writable; choose another --save_path")
+        from .lock import acquire
+        acquire(self.save_path)
         for name in os.listdir(self.save_path):  # left by a write that a SIGKILL cut short
             if name.startswith(".tmp-"):
                 try:
@@ -258,6 +290,7 @@ class Engine:
 
     def save(self, name, epoch, step=0):
         self._check_weights(name)
+        self._clear_results()
         if self.is_main:
             save_checkpoint(os.path.join(self.save_path, name), self._state(epoch, step))
 
@@ -279,7 +312,7 @@ class Engine:
         if ckpt["epoch"] >= old.get("epochs", 0) and os.path.isfile(os.path.join(self.save_path, "metrics.json")):
             raise UserError(f"cannot resume: the run in {self.save_path} is finished ({ckpt['epoch']} of "
                             f"{old.get('epochs')} epochs, metrics.json written) and stays as it is; train in "
-                            f"another --save_path, or start without --resume to replace it")
+                            f"another --save_path, or use --overwrite instead of --resume to train it again")
         return ckpt
 
     def add_input(self, role, path, ckpt):
@@ -365,7 +398,7 @@ class Engine:
         self.history, self.train_time, self.images_seen = [], 0.0, 0
         self.commit = git_commit()
         start_epoch, start_step = 0, 0
-        self._clear_results()
+        self._plan_replace()
         if self.resume:
             start_epoch, start_step = self._load_resume()
             self.log(f"resumed from {os.path.join(self.save_path, 'last.pth')} at epoch {start_epoch} step {start_step}")
@@ -388,12 +421,28 @@ class Engine:
                  f"{cfg['epochs']} epochs x {steps} steps, batch {cfg['batch_size']}")
         return start_epoch, start_step, steps
 
+    def _plan_replace(self):
+        """The results of an earlier run in this folder stop describing it once this run has a checkpoint of
+        its own: until then they stay (an overwrite stopped early loses nothing), then they are removed."""
+        if not self.is_main:
+            return
+        self._replaced = [n for n in ("metrics.json", WEIGHTS_FILE) if os.path.isfile(os.path.join(self.save_path, n))]
+        if not self._replaced:
+            return
+        self.log(f"note: --overwrite: the finished run's {' and '.join(self._replaced)} in {self.save_path} stay "
+                 f"until this run writes its first checkpoint, then they are removed")
+        tracked = tracked_by_git(self.save_path, self._replaced)
+        if tracked:
+            self.log(f"note: {', '.join(tracked)} {'is' if len(tracked) == 1 else 'are'} tracked by git; this run "
+                     f"replaces {'it' if len(tracked) == 1 else 'them'} (git checkout -- {self.save_path} brings the "
+                     f"committed files back)")
+
     def _clear_results(self):
-        """The results of an earlier run in this folder no longer describe it once this one starts."""
-        if self.is_main:
-            for name in ("metrics.json", WEIGHTS_FILE):
-                if os.path.isfile(os.path.join(self.save_path, name)):
-                    os.unlink(os.path.join(self.save_path, name))
+        """Remove the overwritten run's results (see _plan_replace), once."""
+        for name in self._replaced:
+            if os.path.isfile(os.path.join(self.save_path, name)):
+                os.unlink(os.path.join(self.save_path, name))
+        self._replaced = []
 
     def publish(self, task, model, record):
         """Finish a run that trains nothing (a training-free defence): score `model` once, write metrics.json
@@ -405,12 +454,13 @@ class Engine:
         self.history, self.train_time, self.images_seen = [], 0.0, 0
         self.commit = git_commit()
         self.export_record = record
-        self._clear_results()
+        self._plan_replace()
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(self.save_path, "tb"))
         wall0 = time.time()
         acc, diag = self.evaluate()
+        self._clear_results()
         self.history = [dict({"epoch": 0, "test_acc": acc}, **{f"test_{k}": v for k, v in diag.items()})]
         self.best_acc, self.best_epoch = acc, 0
         self.log(f"{self.script}: {self.cfg['model']} answering through a training-free defence, nothing trained; "

@@ -8,15 +8,20 @@ class UserError(Exception):
 
 
 def cli_main(fn):
-    """Decorate a script's main(): UserError -> 'error: ...' on stderr and exit 2, never a traceback."""
+    """Decorate a script's main(): UserError -> 'error: ...' on stderr and exit 2, never a traceback. The folder
+    locks main() took (utils/lock.py) are released however it ends."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from . import lock
+        taken = len(lock.held())
         try:
             return fn(*args, **kwargs)
         except UserError as e:
             msg = " ".join(str(e).split())  # keep it on one line
             print(f"error: {msg}", file=sys.stderr)
             sys.exit(2)
+        finally:
+            lock.release_since(taken)
 
     return wrapper
