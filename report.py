@@ -463,7 +463,8 @@ def _frontier_lines(res):
     lines = ["", "## Defences at a glance: the strongest attack on each teacher", "",
              "Each teacher's accuracy beside the stolen student of the attack that steals the most from it (highest "
              "mean accuracy); the goal is a teacher within 0.5 point of the original whose strongest attack stays at "
-             "or below the label-smoothing bar (`fig_frontier.png`).", "",
+             f"or below {'the label-smoothing bar' if _bar_name(res) == 'ls' else 'the bar, ' + BAR_NAMES[_bar_name(res)]} "
+             "(`fig_frontier.png`).", "",
              "| student | teacher | teacher acc (Δ vs original) | strongest attack | its student | Δ vs bar | verdict (p) "
              "| every attack KD-resistant |", "|---|---|---|---|---|---|---|---|"]
     for r in rows_:
@@ -686,7 +687,16 @@ def _curve_arm(m):
         label = f"{m.get('attack')} KD from {os.path.basename(os.path.dirname(teacher.get('path', '?')))}"
     else:
         label = "label smoothing" if cfg.get("label_smoothing") else "scratch"
-    return ident, f"{label} ({m.get('model')})"
+    subset, source = _thief(cfg)[0], cfg.get("transfer") or ""
+    held = (f", {subset:,} {source + ' ' if source else ''}images" if subset else "") + (
+        ", no labels" if cfg.get("labels") is False else "")
+    return ident, f"{label} ({m.get('model')}{held})"
+
+
+def _thief(cfg):
+    """What the thief held, as a curve compares it: (images, their draw, transfer set); full data is (0, None, '')."""
+    subset = cfg.get("subset") or 0
+    return subset, cfg.get("subset_seed", 0) if subset else None, cfg.get("transfer") or ""
 
 
 def _same_arm(a, b):
@@ -788,7 +798,9 @@ def schedule(arms):
         if arm["ident"]["script"] != "train_kd.py":
             continue
         model = arm["ident"]["config"].get("model")
-        bar = next((b for b in arms if _is_bar(b) and b["ident"]["config"].get("model") == model), None)
+        held = _thief(arm["ident"]["config"])
+        bar = next((b for b in arms if _is_bar(b) and b["ident"]["config"].get("model") == model
+                    and _thief(b["ident"]["config"]) == held), None)
         if bar is None:
             continue
         rows = []

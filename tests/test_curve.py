@@ -124,3 +124,19 @@ def test_schedule_frontier_takes_the_strongest_attack_per_teacher_and_schedule(t
             in text)
     with open(os.path.join(long, "fig_frontier_schedule.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_data_size_is_its_own_arm_against_its_own_bar(tmp_path):
+    """A thief's curve on 1,000 images and one on 5,000 are two arms, each KD point paired with the
+    label-smoothing student that held the same images, and the labels say how many."""
+    curve = str(tmp_path / "curve")
+    for n, (ls, kd) in ((1000, (54.0, 62.0)), (5000, (72.0, 78.0))):
+        for e in (60, 120):
+            _run(curve, f"ls_n{n}_e{e}", e, ls, label_smoothing=0.1, subset=n, subset_seed=0)
+            _run(curve, f"kd_n{n}_e{e}", e, kd, attack="vanilla", tau=4.0, subset=n, subset_seed=0)
+    out = report.curve(curve)
+    labels = {a["label"] for a in out["arms"]}
+    assert "label smoothing (cnn, 1,000 images)" in labels and "vanilla KD from teacher_resnet20 (cnn, 5,000 images)" in labels
+    diffs = {s["label"]: [r["diff"] for r in s["rows"]] for s in out["schedule"]}
+    assert diffs["vanilla KD from teacher_resnet20 (cnn, 1,000 images)"] == [8.0, 8.0]
+    assert diffs["vanilla KD from teacher_resnet20 (cnn, 5,000 images)"] == [6.0, 6.0]
