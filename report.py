@@ -149,8 +149,7 @@ def collect(exp_root):
     for s in res["students"].values():
         scratch = s.get("scratch", {}).get("acc")
         ls = s.get("ls", {})
-        floor = hard_label_floor(s)
-        bar = floor if _bar_name(res) == "hardlabel" else ls
+        floor, bar = hard_label_floor(s), _bar_of(res, s)
         for attacks in s["kd"].values():
             for a in attacks.values():
                 a["delta_scratch"] = None if scratch is None else a["acc"] - scratch

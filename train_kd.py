@@ -23,7 +23,7 @@ import torch
 import models
 from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, build_from_checkpoint, finished_weights, input_record
 from utils.config import (NON_RESULT_KEYS, TRAIN_DEFAULTS, checkpoint_keys, checkpoint_options, close_match,
-                          parse_config, resolve_config, write_config)
+                          parse_config, resolve_config, thief_has_labels, write_config)
 from utils.constants import DATASETS
 from utils.engine import Engine, Task, refuse_finished, tracked_by_git
 from utils.errors import UserError, cli_main
@@ -63,7 +63,7 @@ class KDTask(Task):
         num_classes = num_classes or DATASETS[cfg["dataset"]].num_classes
         self.attack = ATTACKS[cfg["attack"]](cfg, num_classes)
         self.tau = cfg["tau"]
-        self.labels = cfg["labels"] and not cfg["transfer"]
+        self.labels = thief_has_labels(cfg)
         self.teacher_path, self.teacher_arch, self.teacher_acc = cfg["teacher"], teacher_arch, teacher_acc
         self.engine = None
         self._parts = None

@@ -213,18 +213,16 @@ def validate(cfg, source="config"):
         raise UserError(f"{source}: 'device' must be auto, cpu, cuda or cuda:N, got '{dev}'")
 
 
+def thief_has_labels(cfg):
+    """Whether the thief holds the true labels of its training images (never for transfer data)."""
+    return bool(cfg.get("labels", True)) and not cfg.get("transfer")
+
+
 def require_labels(cfg, source, what):
     """Refuse a label-free threat model for a script whose loss is defined by the true labels."""
-    if not cfg.get("labels", True) or cfg.get("transfer"):
+    if not thief_has_labels(cfg):
         raise UserError(f"{source}: {what} trains on the true labels, so 'labels' must be true and 'transfer' empty; "
                         f"a thief without labels is a train_kd.py run (its bar: --attack hardlabel from the original)")
-
-
-def thief_record(cfg, indices_sha256, images):
-    """What the thief held (metrics.json 'thief'): the images' source and count, the draw, the labels."""
-    return {"source": cfg.get("transfer") or cfg["dataset"], "images": images,
-            "subset_seed": cfg["subset_seed"] if cfg.get("subset") else None,
-            "indices_sha256": indices_sha256, "labels": bool(cfg.get("labels", True))}
 
 
 def key_choices(extra=None):

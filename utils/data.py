@@ -10,6 +10,7 @@ import pickle
 import numpy as np
 import torch
 
+from .config import thief_has_labels
 from .constants import DATASETS
 from .errors import UserError
 
@@ -175,6 +176,14 @@ def indices_digest(indices):
 UNKNOWN_LABEL = -1  # what a label-free thief's loader yields in place of a label
 
 
+def thief_record(cfg, indices):
+    """What the thief held (metrics.json 'thief'): the images' source and count, their draw and its digest,
+    and whether it has their labels."""
+    return {"source": cfg.get("transfer") or cfg["dataset"], "images": len(indices),
+            "subset_seed": cfg["subset_seed"] if cfg.get("subset") else None,
+            "indices_sha256": indices_digest(indices), "labels": thief_has_labels(cfg)}
+
+
 class DeviceLoader:
     """Iterate over (normalised float images, labels) batches of a split held as uint8 on the device.
 
@@ -263,12 +272,11 @@ def build_loaders(cfg, device, rank=0, world_size=1, train=True):
         if cfg["subset"]:
             idx = class_balanced_subset(labels, cfg["subset"], DATASETS[source].num_classes, cfg.get("subset_seed", 0))
             images, labels = images[idx], labels[idx]
-        if not cfg.get("labels", True) or cfg.get("transfer"):
+        if not thief_has_labels(cfg):
             labels = torch.full_like(labels, UNKNOWN_LABEL)  # nothing downstream can read a true label
         loaders["train"] = DeviceLoader(images, labels, cfg["batch_size"], device, info.mean, info.std, True,
                                         cfg["seed"], rank, world_size, cfg["channels_last"])
-        from .config import thief_record
-        loaders["train"].thief = thief_record(cfg, indices_digest(idx), len(idx))
+        loaders["train"].thief = thief_record(cfg, idx)
     images, labels = load_split(cfg["dataset"], cfg["data_root"], False, cfg["download"])
     if cfg.get("test_subset"):
         images, labels = images[:cfg["test_subset"]], labels[:cfg["test_subset"]]
