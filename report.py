@@ -149,7 +149,7 @@ def collect(exp_root):
     for s in res["students"].values():
         scratch = s.get("scratch", {}).get("acc")
         ls = s.get("ls", {})
-        floor, bar = hard_label_floor(s), _bar_of(res, s)
+        floor, bar = _floor_of(res, s), _bar_of(res, s)
         for attacks in s["kd"].values():
             for a in attacks.values():
                 a["delta_scratch"] = None if scratch is None else a["acc"] - scratch
@@ -176,13 +176,31 @@ def _bar_name(res):
     return (res.get("threat") or {}).get("bar", "ls")
 
 
-def hard_label_floor(student):
-    """The hard-label floor of a student architecture: its hard-label KD from the original ({} when not run)."""
-    return student["kd"].get("original", {}).get("hardlabel") or {}
+def _floor_teacher(res):
+    """Whose argmax the hard-label floor learns from: the original's, or (judge.py without an original) the
+    judged teacher's own, as the threat model's record says."""
+    return (res.get("threat") or {}).get("floor_teacher", "original")
+
+
+def hard_label_floor(student, teacher="original"):
+    """The hard-label floor of a student architecture: its hard-label KD from `teacher` ({} when not run)."""
+    return student["kd"].get(teacher, {}).get("hardlabel") or {}
+
+
+def _bar_text(res):
+    """The verdicts' bar in words."""
+    name, teacher = _bar_name(res), _floor_teacher(res)
+    if name == "hardlabel" and teacher != "original":
+        return f"the hard-label floor (KD on the argmax of the judged teacher, {TEACHER_NAMES[teacher]}, alone)"
+    return BAR_NAMES[name]
+
+
+def _floor_of(res, student):
+    return hard_label_floor(student, _floor_teacher(res))
 
 
 def _bar_of(res, student):
-    return hard_label_floor(student) if _bar_name(res) == "hardlabel" else (student.get("ls") or {})
+    return _floor_of(res, student) if _bar_name(res) == "hardlabel" else (student.get("ls") or {})
 
 
 def _dfad_against_original(dfad):
@@ -247,6 +265,8 @@ def provenance(res, manifest):
 def _loads(step, teachers):
     """{key: step name} of the steps whose weights a step loads; teachers: {teacher name: its step}."""
     role = step["role"]
+    if "loads" in role:  # a step that names what it loads (judge.py's teachers)
+        return dict(role["loads"])
     if role["kind"] == "teacher" and role.get("teacher") != "original":
         return {"original": teachers.get("original")}
     if role["kind"] in ("kd", "dfad"):
@@ -271,7 +291,7 @@ def markdown(res, extra=None):
         lines += [f"**Threat model `{threat['name']}`: {threat['title']}.** Every student arm holds the same "
                   f"{threat['images'] or 'training'} images (a class-balanced draw with the student's seed); the "
                   f"thief {'has' if threat['labels'] else 'has no'} labels. Verdicts are against "
-                  f"{BAR_NAMES[threat['bar']]}; every row also shows its Δ against the other bar "
+                  f"{_bar_text(res)}; every row also shows its Δ against the other bar "
                   f"(METHOD.md section 10).", ""]
     lines += ["## Teachers", "",
               "| teacher | test acc | Δ vs original | Kendall τ vs original (non-target order) | reversed top-1 | "
@@ -289,7 +309,7 @@ def markdown(res, extra=None):
             lines += ["", f"## Student `{arch}`", "",
                       f"Scratch: **{_seeded(s.get('scratch'))}**, label smoothing 0.1"
                       f"{'' if floor_is_bar else ' (the bar)'}: **{_seeded(s.get('ls'))}**, hard-label floor"
-                      f"{' (the bar)' if floor_is_bar else ''}: **{_seeded(hard_label_floor(s))}**.", "",
+                      f"{' (the bar)' if floor_is_bar else ''}: **{_seeded(_floor_of(res, s))}**.", "",
                       "| teacher | attack | student acc | best τ | Δ vs label smoothing | Δ vs hard-label floor | "
                       "verdict (p) |", "|---|---|---|---|---|---|---|"]
             for teacher in _teacher_order(res):
@@ -462,7 +482,7 @@ def _frontier_lines(res):
     lines = ["", "## Defences at a glance: the strongest attack on each teacher", "",
              "Each teacher's accuracy beside the stolen student of the attack that steals the most from it (highest "
              "mean accuracy); the goal is a teacher within 0.5 point of the original whose strongest attack stays at "
-             f"or below {'the label-smoothing bar' if _bar_name(res) == 'ls' else 'the bar, ' + BAR_NAMES[_bar_name(res)]} "
+             f"or below {'the label-smoothing bar' if _bar_name(res) == 'ls' else 'the bar, ' + _bar_text(res)} "
              "(`fig_frontier.png`).", "",
              "| student | teacher | teacher acc (Δ vs original) | strongest attack | its student | Δ vs bar | verdict (p) "
              "| every attack KD-resistant |", "|---|---|---|---|---|---|---|---|"]
@@ -543,9 +563,10 @@ def figures(res, exp_root, response_class=3):
         t = res["teachers"].get(key)
         if t and t.get("class_response"):
             responses[TEACHER_NAMES[key]] = t["class_response"]
-            responses.setdefault("original", t["original_class_response"])
+            if t.get("original_class_response"):  # a teacher judged without its original has none
+                responses.setdefault("original", t["original_class_response"])
     if responses:
-        order = ["original"] + [k for k in responses if k != "original"]
+        order = ["original"] * ("original" in responses) + [k for k in responses if k != "original"]
         fig, axes = plt.subplots(1, len(order), figsize=(4 * len(order), 3.2), sharey=True)
         axes = axes if len(order) > 1 else [axes]
         tau = next(t.get("response_tau") for t in res["teachers"].values() if t.get("response_tau"))
@@ -556,7 +577,7 @@ def figures(res, exp_root, response_class=3):
             if len(row) == 10:
                 ax.set_xticks(range(10), CIFAR10_CLASSES, rotation=70, fontsize=7)
         axes[0].set_ylabel(f"mean softmax at τ={tau:g}")
-        cls = CIFAR10_CLASSES[response_class] if len(responses["original"]) == 10 else str(response_class)
+        cls = CIFAR10_CLASSES[response_class] if len(responses[order[0]]) == 10 else str(response_class)
         fig.suptitle(f"Mean response to test images of class '{cls}'")
         fig.tight_layout()
         fig.savefig(os.path.join(exp_root, "fig_response.png"), dpi=110)

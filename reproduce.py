@@ -164,14 +164,14 @@ def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None):
     teachers = battery_teachers(defences)
     in_battery = set(battery_teachers())
     p = PRESETS[preset]
-    t = threat_model(preset, threat) if threat else None
+    if threat:
+        threat_model(preset, threat)  # an unknown threat model is refused before anything is planned
     dataset = dataset or p["dataset"]
     base = dict(p["train"], dataset=dataset, seed=0)
     steps = []
 
     def add(name, script, role, **params):
         steps.append({"name": name, "script": script, "role": role, "params": dict(base, **params)})
-
 
     arch = p["teacher_model"]
     add(f"teacher_{arch}", "train_scratch.py", {"kind": "teacher", "teacher": "original"},
@@ -181,6 +181,28 @@ def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None):
         add(f"{name}_{arch}", "train_possessive.py", {"kind": "teacher", "teacher": name}, model=arch, method=name,
             original=teacher_ckpt["original"], **DEFENCES[name].battery_params(p, dataset))
         teacher_ckpt[name] = f"{name}_{arch}/{WEIGHTS_FILE}"
+    dfad_teachers = ["original"] + [n for n in teachers[1:] if DEFENCES[n].dfad]
+    steps += student_steps(preset, dataset, seeds, teacher_ckpt, amp=amp, threat=threat,
+                           first_seed_only=[n for n in teachers if n not in in_battery],
+                           dfad_teachers=dfad_teachers)
+    return steps
+
+
+def student_steps(preset, dataset, seeds, teacher_ckpt, amp=None, threat=None, first_seed_only=(), dfad_teachers=(),
+                  students=None):
+    """Every student arm of a preset for each seed: scratch and label smoothing, every attack of the battery
+    against every teacher of `teacher_ckpt` ({teacher name: its weights, relative to the teachers' folder}),
+    and DFAD against `dfad_teachers` (none under a threat model: DFAD holds no images). Teachers in
+    `first_seed_only` (defences being screened) are attacked with the first seed alone. students: the student
+    architectures (default: the preset's). plan() and judge.py build their student steps with it."""
+    p = PRESETS[preset]
+    t = threat_model(preset, threat) if threat else None
+    base = dict(p["train"], dataset=dataset or p["dataset"], seed=0)
+    steps = []
+
+    def add(name, script, role, **params):
+        steps.append({"name": name, "script": script, "role": role, "params": dict(base, **params)})
+
     script_of = {"student": "train_scratch.py", "kd": "train_kd.py", "dfad": "train_dfad.py"}
     for seed in seeds:
         def arm(name, role, **params):
@@ -196,22 +218,22 @@ def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None):
             add(seeded(name, seed), script_of[role["kind"]], dict(role, seed=seed), **params, seed=seed)
 
         student_cfg = dict(p["student"], **(t["student"] if t else {}))
-        for student in p["students"]:
+        for student in students or p["students"]:
             if t is None or t["labels"]:
                 arm(f"scratch_{student}", {"kind": "student", "arch": student, "source": "scratch"},
                     model=student, **student_cfg)
             arm(f"ls_{student}", {"kind": "student", "arch": student, "source": "ls"},
                 model=student, label_smoothing=0.1, **student_cfg)
-            for teacher in teachers:
-                if teacher not in in_battery and seed != min(seeds):
-                    continue  # a defence being screened is attacked with the first seed only (issue 16)
+            for teacher in teacher_ckpt:
+                if teacher in first_seed_only and seed != min(seeds):
+                    continue  # a defence being screened is attacked with the first seed only
                 for attack in battery_attacks():
                     sweep = {"tau_sweep": p["taus"]} if len(p["taus"]) > 1 else {"tau": p["taus"][0]}
                     arm(f"kd_{attack}_{teacher}_{student}",
                         {"kind": "kd", "arch": student, "teacher": teacher, "attack": attack},
                         model=student, teacher=teacher_ckpt[teacher], attack=attack, **sweep, **student_cfg,
                         **p.get("attacks", {}).get(attack, {}))
-        for teacher in ["original"] + [n for n in teachers[1:] if DEFENCES[n].dfad] if t is None else []:
+        for teacher in dfad_teachers if t is None else []:
             student = p["dfad_student"]
             arm(f"dfad_{teacher}_{student}", {"kind": "dfad", "arch": student, "teacher": teacher},
                 model=student, teacher=teacher_ckpt[teacher], **p["dfad"])
@@ -404,7 +426,7 @@ def dependencies(step):
     return set(_dependency_keys(step).values())
 
 
-def _parse_seeds(text, default=(0,)):
+def parse_seeds(text, default=(0,)):
     if text is None:
         return list(default)
     try:
@@ -559,6 +581,76 @@ def _tail(path, lines=5):
 
 
 @cli_main
+def run_plan(steps, selected, exp_root, teachers_root, manifest, data_root, device="auto", jobs=1, dry_run=False,
+             battery=True):
+    """Bring the `selected` steps of a plan up to date: a finished step is skipped, an interrupted one resumes,
+    a stale or new one is trained from the start. Students go to exp_root, teachers to teachers_root;
+    manifest (steps.json without its steps: preset, threat model, where the teachers are) is written there
+    with every step of the plan, so the report reads it. dry_run: print each step's state, change nothing.
+    Returns the jobs that ran (a battery counts once)."""
+    t0 = time.time()
+    if not dry_run:  # a dry run changes nothing, not even the plan the report reads
+        os.makedirs(exp_root, exist_ok=True)
+        from utils.lock import acquire
+        acquire(exp_root, "experiment root")  # its steps lock their own folders, below it
+        manifest = dict(manifest, steps=[{k: s[k] for k in ("name", "script", "role")} for s in steps])
+        atomic_write_json(os.path.join(exp_root, "steps.json"), manifest)
+    todo = []
+    counts = {}
+    loaded = {d for s in steps for d in dependencies(s)}  # steps whose weights later steps load
+    digests = {}  # teacher step -> digest of the weights its dependents will load (None: trained in this run)
+    for step in steps:
+        name = step["name"]
+        folder = os.path.join(teachers_root if step["role"]["kind"] == "teacher" else exp_root, name)
+        params = _resolve_paths(step, teachers_root)
+        deps = {key: (dep, digests.get(dep)) for key, dep in _dependency_keys(step).items()}
+        state, reason = step_state(folder, params, deps, weights_needed=name in loaded)
+        chosen = step in selected
+        if name in loaded:
+            if state == "done":
+                digests[name] = finished_record(folder, params)["weights_sha256"]
+            elif not chosen:  # not run now: its dependents load whatever file is there
+                digests[name] = weights_digest(os.path.join(folder, WEIGHTS_FILE))
+            else:
+                digests[name] = None
+        if not chosen:
+            continue
+        counts[state] = counts.get(state, 0) + 1
+        head = f"[{selected.index(step) + 1}/{len(selected)}] {step['script']} {folder}"
+        why = f" ({reason})" if reason else ""
+        if dry_run:
+            print(f"{head}: {state}{why}")
+            continue
+        if state == "done":
+            print(f"{head}: done, skipped", flush=True)
+            continue
+        if state == "stale":
+            print(f"{head}: stale{why}; training it again", flush=True)
+        elif reason:
+            print(f"{head}: {state}{why}", flush=True)
+        write_params(folder, params, step.get("comment") or describe(step, manifest["preset"]), step["script"])
+        argv = ["--save_path", folder, "--data_root", data_root, "--device", device]
+        # a stale or new step is trained from the start: a finished run there (older config or teachers) is
+        # replaced knowingly, so the scripts' refusal of a finished folder does not stop the chain
+        argv.append("--resume" if state == "resume" else "--overwrite")
+        todo.append({"step": step, "head": head, "argv": argv, "folder": folder,
+                     "verb": "resuming" if state == "resume" else "running"})
+    print(f"{len(selected)} steps: " + ", ".join(f"{counts[k]} {k}" for k in ("done", "stale", "resume", "new")
+                                                 if counts.get(k)), flush=True)
+    if battery:
+        todo = batteries(todo)
+    if jobs == 1:
+        for job in todo:
+            print(f"{job['head']}: {job['verb']} ({(time.time() - t0) / 60:.1f} min so far)", flush=True)
+            code = run_step(job["step"]["script"], job["argv"])
+            if code != 0:
+                raise UserError(f"step {' + '.join(job_names(job))} failed (exit {code}); fix the cause and re-run the same "
+                                f"command: finished steps are skipped and this one resumes")
+    elif todo:
+        run_parallel(todo, jobs, t0)
+    return todo
+
+
 def main(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="mini")
@@ -626,7 +718,7 @@ def main(argv=None):
         fetch_dataset(args.dataset or PRESETS[args.preset]["dataset"], args.data_root)
     if not args.dry_run and not os.path.isdir(args.data_root):
         raise UserError(f"data_root '{args.data_root}' does not exist; pass --data_root pointing at your dataset copy")
-    seeds = _parse_seeds(args.seeds, PRESETS[args.preset].get("seeds", (0,)))
+    seeds = parse_seeds(args.seeds, PRESETS[args.preset].get("seeds", (0,)))
     old = read_json(os.path.join(exp_root, "steps.json"))
     old_steps = old["steps"] if isinstance(old, dict) and "steps" in old else []
     known = sorted({s["role"].get("seed", 0) for s in old_steps})
@@ -643,70 +735,13 @@ def main(argv=None):
         hint = close_match(args.only, names) if args.only else ""
         raise UserError(f"--only {args.only!r} matches none of the {len(steps)} steps of preset {args.preset}{hint}; "
                         f"give part of a step name (python reproduce.py --preset {args.preset} --dry_run lists them)")
-    if not args.dry_run:  # a dry run changes nothing, not even the plan the report reads
-        os.makedirs(exp_root, exist_ok=True)
-        from utils.lock import acquire
-        acquire(exp_root, "experiment root")  # its steps lock their own folders, below it
-        manifest = {"preset": args.preset}
-        if threat is not None:
-            manifest.update(threat=threat_record(args.preset, args.threat),
-                            teachers_from=os.path.relpath(teachers_root, exp_root))
-        manifest["steps"] = [{k: s[k] for k in ("name", "script", "role")} for s in steps]
-        atomic_write_json(os.path.join(exp_root, "steps.json"), manifest)
+    manifest = {"preset": args.preset}
+    if threat is not None:
+        manifest.update(threat=threat_record(args.preset, args.threat),
+                        teachers_from=os.path.relpath(teachers_root, exp_root))
     t0 = time.time()
-    todo = []
-    counts = {}
-    loaded = {d for s in steps for d in dependencies(s)}  # steps whose weights later steps load
-    digests = {}  # teacher step -> digest of the weights its dependents will load (None: trained in this run)
-    for step in steps:
-        name = step["name"]
-        folder = os.path.join(teachers_root if step["role"]["kind"] == "teacher" else exp_root, name)
-        params = _resolve_paths(step, teachers_root)
-        deps = {key: (dep, digests.get(dep)) for key, dep in _dependency_keys(step).items()}
-        state, reason = step_state(folder, params, deps, weights_needed=name in loaded)
-        chosen = step in selected
-        if name in loaded:
-            if state == "done":
-                digests[name] = finished_record(folder, params)["weights_sha256"]
-            elif not chosen:  # not run now: its dependents load whatever file is there
-                digests[name] = weights_digest(os.path.join(folder, WEIGHTS_FILE))
-            else:
-                digests[name] = None
-        if not chosen:
-            continue
-        counts[state] = counts.get(state, 0) + 1
-        head = f"[{selected.index(step) + 1}/{len(selected)}] {step['script']} {folder}"
-        why = f" ({reason})" if reason else ""
-        if args.dry_run:
-            print(f"{head}: {state}{why}")
-            continue
-        if state == "done":
-            print(f"{head}: done, skipped", flush=True)
-            continue
-        if state == "stale":
-            print(f"{head}: stale{why}; training it again", flush=True)
-        elif reason:
-            print(f"{head}: {state}{why}", flush=True)
-        write_params(folder, params, describe(step, args.preset), step["script"])
-        argv = ["--save_path", folder, "--data_root", args.data_root, "--device", args.device]
-        # a stale or new step is trained from the start: a finished run there (older config or teachers) is
-        # replaced knowingly, so the scripts' refusal of a finished folder does not stop the chain
-        argv.append("--resume" if state == "resume" else "--overwrite")
-        todo.append({"step": step, "head": head, "argv": argv, "folder": folder,
-                     "verb": "resuming" if state == "resume" else "running"})
-    print(f"{len(selected)} steps: " + ", ".join(f"{counts[k]} {k}" for k in ("done", "stale", "resume", "new")
-                                                 if counts.get(k)), flush=True)
-    if not args.no_battery:
-        todo = batteries(todo)
-    if args.jobs == 1:
-        for job in todo:
-            print(f"{job['head']}: {job['verb']} ({(time.time() - t0) / 60:.1f} min so far)", flush=True)
-            code = run_step(job["step"]["script"], job["argv"])
-            if code != 0:
-                raise UserError(f"step {' + '.join(job_names(job))} failed (exit {code}); fix the cause and re-run the same "
-                                f"command: finished steps are skipped and this one resumes")
-    elif todo:
-        run_parallel(todo, args.jobs, t0)
+    todo = run_plan(steps, selected, exp_root, teachers_root, manifest, args.data_root, device=args.device,
+                    jobs=args.jobs, dry_run=args.dry_run, battery=not args.no_battery)
     if args.dry_run:
         if epoch_times is not None:
             print(projection_text(selected, epoch_times, args.cost), end="")

@@ -18,8 +18,7 @@ import models
 from utils.checkpoint import build_from_checkpoint, finished_weights, model_record
 from utils.config import (TRAIN_DEFAULTS, checkpoint_keys, checkpoint_options, close_match, parse_config,
                           require_labels, resolve_config, write_config)
-from utils.diagnostics import (class_response, expected_calibration_error, mean_kl, non_target_entropy,
-                               non_target_kendall, reversed_top1_match)
+from utils.diagnostics import class_response, compare_to_original, expected_calibration_error
 from utils.engine import Engine, Task
 from utils.errors import UserError, cli_main
 from utils.defences import DEFENCES, REVERSE_SCOPES, DefendedModel, defence_keys, key_fingerprint, secret_key
@@ -69,14 +68,7 @@ class PossessiveTask(Task):
         tau = self.cfg["tau"]
         with self.engine.autocast():
             original_logits = self.original(x)
-        original_logits = original_logits.float()
-        out = {"kl_to_original": mean_kl(logits, original_logits, tau, reduction="sum"),
-               "nt_entropy": non_target_entropy(logits, y, tau, reduction="sum"),
-               "original_nt_entropy": non_target_entropy(original_logits, y, tau, reduction="sum")}
-        if logits.shape[1] >= 3:
-            out["kendall"] = non_target_kendall(logits, original_logits, y, reduction="sum")
-            out["reversed_top1"] = reversed_top1_match(logits, original_logits, y, reduction="sum")
-        return out
+        return compare_to_original(logits, original_logits.float(), y, tau)
 
     def metrics(self):
         """Besides the method: the mean softmax response per class at tau of this teacher and of the

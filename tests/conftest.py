@@ -12,6 +12,7 @@ and skipped, with the reason, where none is visible.
 """
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -74,6 +75,22 @@ def tiny_chain(tmp_path_factory, cifar_root):
                           "--exp_root", exp_root], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     return exp_root, out
+
+
+@pytest.fixture(scope="session")
+def threat_runs(tmp_path_factory, tiny_chain, cifar_root):
+    """The tiny preset's two threat models, seed 0, against the tiny chain's teachers."""
+    exp_root, _ = tiny_chain
+    out = {}
+    base = tmp_path_factory.mktemp("threats")
+    for name in ("s50", "s50nl"):
+        root = str(base / name)
+        done = subprocess.run([sys.executable, "reproduce.py", "--preset", "tiny", "--threat", name, "--data_root",
+                               cifar_root, "--exp_root", root, "--teachers_from", exp_root, "--jobs", "2"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        out[name] = root
+    return exp_root, out, str(base / "summary")
 
 
 def file_bytes(path):

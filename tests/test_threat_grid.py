@@ -37,22 +37,6 @@ def test_an_unknown_threat_model_is_one_line(capsys):
     assert len(err) == 1 and "no threat model 'p5'" in err[0] and "p10nl" in err[0]
 
 
-@pytest.fixture(scope="module")
-def threat_runs(tmp_path_factory, tiny_chain, cifar_root):
-    """The tiny preset's two threat models, seed 0, against the tiny chain's teachers."""
-    exp_root, _ = tiny_chain
-    out = {}
-    base = tmp_path_factory.mktemp("threats")
-    for name in ("s50", "s50nl"):
-        root = str(base / name)
-        done = subprocess.run([sys.executable, "reproduce.py", "--preset", "tiny", "--threat", name, "--data_root",
-                               cifar_root, "--exp_root", root, "--teachers_from", exp_root, "--jobs", "2"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        out[name] = root
-    return exp_root, out, str(base / "summary")
-
-
 def test_threat_model_runs_use_the_preset_teachers_and_the_threat_bar(threat_runs):
     teachers_root, roots, _ = threat_runs
     for name, labels in (("s50", True), ("s50nl", False)):

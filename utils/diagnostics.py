@@ -121,3 +121,16 @@ def class_response(logits, target, tau, num_classes=None):
     sums.index_add_(0, target, probs)
     counts = torch.bincount(target, minlength=num_classes).clamp(min=1).to(probs.dtype)
     return sums / counts[:, None]
+
+
+def compare_to_original(logits, original_logits, target, tau):
+    """How far a teacher answers from its original on a batch, summed over it (the engine averages): the KL at
+    tau, the non-target entropy of both, and (three classes or more) the Kendall tau of their non-target
+    orders and how often the teacher's top non-target class is the original's last."""
+    out = {"kl_to_original": mean_kl(logits, original_logits, tau, reduction="sum"),
+           "nt_entropy": non_target_entropy(logits, target, tau, reduction="sum"),
+           "original_nt_entropy": non_target_entropy(original_logits, target, tau, reduction="sum")}
+    if logits.shape[1] >= 3:
+        out["kendall"] = non_target_kendall(logits, original_logits, target, reduction="sum")
+        out["reversed_top1"] = reversed_top1_match(logits, original_logits, target, reduction="sum")
+    return out
