@@ -48,6 +48,8 @@ COMMANDS = [
     ("train_scratch.py --save_path exps/mini_long/ls_cnn_e24 --data_root ./data", 2),
     ("train_dfad.py --save_path exps/mini_dfad_curve/dfad_original_resnet8_e12 --data_root ./data", 2),
     ("reproduce.py --preset mini --threat p10 --data_root ./data --dry_run", 0),
+    ("report.py exps/mini_curve --curve --with exps/mini", 0),
+    ("report.py exps/mini_long --curve --with exps/mini exps/mini_curve", 0),
     ("report.py exps/threat_curve --curve", 0),
     ("train_scratch.py --save_path exps/threat_curve/ls_cnn_n5000_e120 --data_root ./data", 2),
     ("train_kd.py --save_path exps/threat_curve/kd_vanilla_original_cnn_n5000_e120 --data_root ./data", 2),
