@@ -30,13 +30,10 @@ import time
 
 from utils.checkpoint import (WEIGHTS_FILE, atomic_write_json, atomic_write_text, checkpoint_digest, load_checkpoint,
                               read_json)
-from utils.config import CHOICES, NON_RESULT_KEYS as _RUN_NON_RESULT_KEYS, Parser, close_match
+from utils.config import CHOICES, Parser, changed_result_key, close_match
 from utils.attacks import ATTACKS
 from utils.defences import DATASET_TAU, DEFENCES, key_problem
 from utils.errors import UserError, cli_main
-
-# Keys that do not change what a step computes; a finished step is not re-run when only these differ.
-NON_RESULT_KEYS = _RUN_NON_RESULT_KEYS | {"_comment"}
 
 # Params that name another step's checkpoint ("<step>/weights.pth", relative to the preset folder): the
 # weights-only file a finished run leaves, which is also what a released teacher ships.
@@ -250,15 +247,10 @@ def _resolve_paths(step, teachers_root):
     return params
 
 
-def _result_keys(params):
-    return {k: v for k, v in params.items() if k not in NON_RESULT_KEYS and not k.startswith("_")}
-
-
 def _same(recorded, params):
     """Same config, checkpoint paths aside: which teacher a run used is checked by its weights digest
     (step_state), so a preset folder that moved (a clone, another --exp_root) still matches."""
-    return all(recorded.get(k) == v for k, v in params.items()
-               if k not in NON_RESULT_KEYS and k not in CHECKPOINT_KEYS)
+    return changed_result_key(recorded, params, keys=params, ignore=CHECKPOINT_KEYS) is None
 
 
 def finished_record(folder, params):
@@ -385,7 +377,7 @@ def write_params(folder, params, comment=None, script=None):
                 old = json.load(f)
             except json.JSONDecodeError:
                 old = None
-        if isinstance(old, dict) and _result_keys(old) == _result_keys(params):
+        if isinstance(old, dict) and changed_result_key(old, params) is None:
             return
     os.makedirs(folder, exist_ok=True)
     extra = {k: v for k, v in (("_comment", comment), ("_script", script)) if v}

@@ -22,7 +22,7 @@ import torch
 
 import models
 from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, build_from_checkpoint, finished_weights, input_record
-from utils.config import (NON_RESULT_KEYS, TRAIN_DEFAULTS, checkpoint_keys, checkpoint_options, close_match,
+from utils.config import (TRAIN_DEFAULTS, changed_result_key, checkpoint_keys, checkpoint_options, close_match,
                           parse_config, resolve_config, thief_has_labels, write_config)
 from utils.constants import DATASETS
 from utils.engine import Engine, Task, refuse_finished, tracked_by_git
@@ -199,10 +199,10 @@ def _read_done(path, sub_cfg, teacher):
             and isinstance(done.get("final_acc"), (int, float))):
         return None, f"{metrics_path} is unreadable or incomplete"
     old = done["config"]
-    for key in sorted(set(old) | set(sub_cfg)):
-        if key not in NON_RESULT_KEYS and old.get(key) != sub_cfg.get(key):
-            return None, (f"{metrics_path} was made with {key}={old.get(key)!r}, "
-                          f"this sweep has {key}={sub_cfg.get(key)!r}")
+    key = changed_result_key(old, sub_cfg)
+    if key is not None:
+        return None, (f"{metrics_path} was made with {key}={old.get(key)!r}, "
+                      f"this sweep has {key}={sub_cfg.get(key)!r}")
     used = done.get("inputs", {}).get("teacher", {}).get("weights_sha256")
     if used != teacher["weights_sha256"]:
         return None, (f"{metrics_path} was distilled from teacher weights {(used or 'unrecorded')[:12]}, "

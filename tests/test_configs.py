@@ -62,3 +62,13 @@ def test_shipped_teachers_are_finished_weights(path):
     for key in ("teacher", "original"):
         if params.get(key):
             assert os.path.basename(params[key]) == "weights.pth", f"{path}: {key} {params[key]}"
+
+
+def test_changed_result_key_names_the_first_setting_that_changes_a_run():
+    from utils.config import changed_result_key
+    old = {"lr": 0.1, "tau": 4.0, "device": "cpu", "data_root": "/a", "_comment": "x"}
+    assert changed_result_key(old, dict(old, device="cuda", data_root="/b", _comment="y")) is None
+    assert changed_result_key(old, dict(old, tau=2.0, lr=0.2)) == "lr"  # sorted: the first of the two
+    assert changed_result_key(old, {k: v for k, v in old.items() if k != "tau"}) == "tau"  # a missing key is None
+    assert changed_result_key(old, dict(old, tau=2.0), ignore={"tau"}) is None
+    assert changed_result_key(old, {"lr": 0.1, "seed": 3}, keys={"lr"}) is None  # only the keys asked about

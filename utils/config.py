@@ -53,6 +53,19 @@ NON_RESULT_KEYS = frozenset({"data_root", "download", "device", "log_every", "ev
                              "allow_unfinished_teacher", "allow_unfinished_original"})
 
 
+def changed_result_key(old, new, keys=None, ignore=()):
+    """The first key, in sorted order, whose value differs between two configs, or None when both describe the
+    same run: NON_RESULT_KEYS, notes (keys starting with '_', which no script reads) and `ignore` aside.
+    keys: the keys compared (default: every key of either config); a key a config lacks reads as None."""
+    keys = set(old) | set(new) if keys is None else keys
+    for key in sorted(keys):
+        if key in NON_RESULT_KEYS or key in ignore or key.startswith("_"):
+            continue
+        if old.get(key) != new.get(key):
+            return key
+    return None
+
+
 def checkpoint_keys(role):
     """The keys that describe a run's teacher or original file where the file does not (one from another
     codebase): its architecture and normalisation (empty: the dataset's); and the flag that lets a run use

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .checkpoint import (WEIGHTS_FILE, atomic_write_json, atomic_write_text, export_weights, git_commit,
                          input_record, load_checkpoint, model_record, save_checkpoint, unwrap)
-from .config import ADDED_KEYS, NON_RESULT_KEYS
+from .config import ADDED_KEYS, changed_result_key
 from .constants import DATASETS
 from .diagnostics import expected_calibration_error
 from .errors import UserError
@@ -303,9 +303,8 @@ class Engine:
             raise UserError(f"cannot resume: {path} holds no training state (no '{missing[0]}'); it is a weights-only "
                             f"checkpoint, not the last.pth of a training run; start without --resume")
         old = dict({k: v for k, v in ADDED_KEYS.items() if k in self.cfg}, **ckpt["config"])
-        for key in sorted(set(old) | set(self.cfg)):
-            if key in NON_RESULT_KEYS or old.get(key) == self.cfg.get(key):
-                continue
+        key = changed_result_key(old, self.cfg)
+        if key is not None:
             raise UserError(f"cannot resume: {path} was written with {key}={old.get(key)!r}, this run has "
                             f"{key}={self.cfg.get(key)!r}; use the same config or start without --resume "
                             f"(in another --save_path, to keep this run)")

@@ -1,0 +1,24 @@
+"""The names a report gives teachers, and the order it lists them in."""
+
+
+class _Names(dict):
+    """Report names of teachers: the original, then each defence's label from the registry."""
+
+    def __missing__(self, key):
+        from utils.defences import DEFENCES
+        return DEFENCES[key].label if key in DEFENCES else key
+
+    def get(self, key, default=None):
+        return self[key]
+
+
+TEACHER_NAMES = _Names(original="original")
+
+
+def teacher_order(res):
+    """Teachers in the manifest's order, then any a student names that has no teacher row."""
+    order = list(res["teachers"])
+    for s in res["students"].values():
+        order += [t for t in s["kd"] if t not in order]
+    order += [t for t in res["dfad"] if t not in order]
+    return order

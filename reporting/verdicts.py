@@ -1,0 +1,85 @@
+"""What a stolen student is judged against (the bar of the threat model), the strongest attack on each teacher
+(the frontier), and the data-free claim (a defended teacher's DFAD student below the original's).
+"""
+from utils.stats import verdict
+
+from .names import TEACHER_NAMES, teacher_order
+
+
+BAR_NAMES = {"ls": "label smoothing 0.1 on the true labels", "hardlabel": "the hard-label floor (KD on the original's argmax alone)"}
+
+
+def bar_name(res):
+    """The verdicts' bar: 'ls' (label smoothing), or 'hardlabel' for a thief without labels (METHOD.md section 10)."""
+    return (res.get("threat") or {}).get("bar", "ls")
+
+
+def floor_teacher(res):
+    """Whose argmax the hard-label floor learns from: the original's, or (judge.py without an original) the
+    judged teacher's own, as the threat model's record says."""
+    return (res.get("threat") or {}).get("floor_teacher", "original")
+
+
+def hard_label_floor(student, teacher="original"):
+    """The hard-label floor of a student architecture: its hard-label KD from `teacher` ({} when not run)."""
+    return student["kd"].get(teacher, {}).get("hardlabel") or {}
+
+
+def floor_of(res, student):
+    """The hard-label floor of a student architecture in a collected folder (its threat model says whose)."""
+    return hard_label_floor(student, floor_teacher(res))
+
+
+def bar_text(res):
+    """The verdicts' bar in words."""
+    name, teacher = bar_name(res), floor_teacher(res)
+    if name == "hardlabel" and teacher != "original":
+        return f"the hard-label floor (KD on the argmax of the judged teacher, {TEACHER_NAMES[teacher]}, alone)"
+    return BAR_NAMES[name]
+
+
+def bar_of(res, student):
+    """The arm a student architecture's verdicts are against: its label-smoothing student, or the hard-label floor
+    for a thief without labels ({} when not run)."""
+    return floor_of(res, student) if bar_name(res) == "hardlabel" else (student.get("ls") or {})
+
+
+def dfad_against_original(dfad):
+    """The data-free claim: is a defended teacher's DFAD student below the original's? Paired by seed, the
+    one-sided paired t-test of METHOD.md section 8 in the other direction (delta_original, p_below, n_paired)."""
+    base = dfad.get("original")
+    for teacher, d in dfad.items():
+        if teacher == "original" or base is None:
+            continue
+        test = verdict(d["accs"], base["accs"])
+        d["delta_original"], d["p_below"], d["n_paired"] = test["diff"], test["p_less"], test["n"]
+
+
+def strongest(attacks, acc):
+    """(the attack whose stolen student is the most accurate, whether every attack is KD-resistant) of
+    {attack: row}, acc the row's accuracy key: what both frontiers call the strongest attack and a teacher that
+    holds (METHOD.md section 8)."""
+    best = max(attacks, key=lambda a: attacks[a][acc])
+    return best, all(r.get("verdict") == "KD-resistant" for r in attacks.values())
+
+
+def frontier(res):
+    """Per student architecture and teacher: the teacher's accuracy and the *strongest* attack on it (the
+    stolen student with the highest mean accuracy), against the label-smoothing bar. A teacher resists
+    every attack when each attack's verdict is KD-resistant (METHOD.md section 8)."""
+    out = []
+    for arch, s in res["students"].items():
+        bar = bar_of(res, s).get("acc")
+        for teacher in teacher_order(res):
+            attacks = {a: r for a, r in s["kd"].get(teacher, {}).items() if r.get("acc") is not None}
+            t = res["teachers"].get(teacher)
+            if not attacks or not t:
+                continue
+            best, resists_all = strongest(attacks, "acc")
+            b = attacks[best]
+            out.append({"arch": arch, "teacher": teacher, "teacher_acc": t["acc"], "teacher_delta": t.get("delta"),
+                        "strongest": best, "acc": b["acc"], "std": b.get("std"), "n": b.get("n", 1),
+                        "delta_ls": None if bar is None else b["acc"] - bar, "verdict": b.get("verdict"),
+                        "p": b.get("p"), "bar": bar, "attacks": len(attacks),
+                        "resists_all": resists_all})
+    return out

@@ -1,0 +1,230 @@
+"""The report's pieces on small run folders written here (no training): collect's seeds, sweeps and verdicts, the
+bar of a threat model, provenance, the cells and sections of results.md, and the figures."""
+import json
+import os
+
+import pytest
+
+import report
+from conftest import read_json, run_main
+from reporting.cells import fmt, provenance_mark, seeded, verdict_cell
+from reporting.collect import collect
+from reporting.figures import figures
+from reporting.tables import markdown
+from reporting.verdicts import bar_of
+
+
+def _write(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def _preset(root, runs, threat=None):
+    """A preset folder: steps.json naming every run, and each run's metrics.json. runs: [(name, role, metrics)];
+    a teacher's weights digest is 'sha-<name>', and a defended teacher, a KD or a DFAD run records the digest of
+    the step it loads."""
+    steps = [{"name": name, "role": role} for name, role, _ in runs]
+    manifest = {"preset": "toy", "steps": steps}
+    if threat:
+        manifest["threat"] = threat
+    _write(os.path.join(root, "steps.json"), manifest)
+    teacher_steps = {role["teacher"]: name for name, role, _ in runs if role["kind"] == "teacher"}
+    for name, role, m in runs:
+        if m is None:  # a step without results yet
+            continue
+        m = dict({"seed": role.get("seed", 0), "wall_time_s": 60.0, "history": [{"epoch": 1, "test_acc": m["final_acc"]}]},
+                 **m)
+        if role["kind"] == "teacher":
+            m.setdefault("weights_sha256", f"sha-{name}")
+        if role["kind"] == "teacher" and role["teacher"] != "original":
+            m.setdefault("inputs", {"original": {"weights_sha256": f"sha-{teacher_steps['original']}"}})
+        if role["kind"] in ("kd", "dfad"):
+            m.setdefault("inputs", {"teacher": {"weights_sha256": f"sha-{teacher_steps[role['teacher']]}"}})
+        _write(os.path.join(root, name, "metrics.json"), m)
+    return root
+
+
+def _teacher(name, acc):
+    return (f"teacher_{name}", {"kind": "teacher", "teacher": name}, {"final_acc": acc})
+
+
+def _student(source, seed, acc, arch="cnn"):
+    return (f"{source}_{arch}_s{seed}", {"kind": "student", "arch": arch, "source": source, "seed": seed},
+            {"final_acc": acc})
+
+
+def _kd(teacher, attack, seed, acc, arch="cnn", **metrics):
+    return (f"kd_{attack}_{teacher}_{arch}_s{seed}",
+            {"kind": "kd", "arch": arch, "teacher": teacher, "attack": attack, "seed": seed},
+            dict({"final_acc": acc, "tau": 4.0}, **metrics))
+
+
+BAR = {0: 65.0, 1: 65.5, 2: 65.2}
+
+
+@pytest.fixture
+def preset(tmp_path):
+    """Three seeds: the original, a Nasty teacher, scratch and label smoothing, vanilla KD clearly above the bar
+    from the original and below it from Nasty; one step never ran."""
+    runs = [_teacher("original", 90.0), _teacher("nasty", 89.6)]
+    for seed, bar in BAR.items():
+        runs += [_student("scratch", seed, bar - 0.4), _student("ls", seed, bar),
+                 _kd("original", "vanilla", seed, bar + 3.0 + 0.1 * seed),
+                 _kd("nasty", "vanilla", seed, bar - 2.0 - 0.1 * seed)]
+    runs.append(("kd_tckd_nasty_cnn_s0", {"kind": "kd", "arch": "cnn", "teacher": "nasty", "attack": "tckd",
+                                          "seed": 0}, None))
+    return _preset(str(tmp_path / "toy"), runs)
+
+
+def test_collect_gives_every_arm_its_seeds_mean_and_verdict_against_the_bar(preset):
+    res = collect(preset)
+    assert res["seeds"] == [0, 1, 2] and res["missing"] == ["kd_tckd_nasty_cnn_s0"]
+    assert res["teachers"]["nasty"]["delta"] == pytest.approx(-0.4) and res["teachers"]["original"]["delta"] == 0
+    s = res["students"]["cnn"]
+    assert s["ls"]["accs"] == BAR and s["ls"]["n"] == 3 and s["ls"]["acc"] == pytest.approx(65.2333, abs=1e-4)
+    up, down = s["kd"]["original"]["vanilla"], s["kd"]["nasty"]["vanilla"]
+    assert up["accs"] == {0: 68.0, 1: 68.6, 2: 68.4} and up["folders"] == [f"kd_vanilla_original_cnn_s{i}" for i in range(3)]
+    assert up["delta_ls"] == pytest.approx(3.1) and up["delta_scratch"] == pytest.approx(3.5)
+    assert up["verdict"] == "distillable" and up["p"] < 0.05 and up["n_paired"] == 3
+    assert down["verdict"] == "KD-resistant" and down["harmful"]
+    assert up["provenance"] == down["provenance"] == "ok"
+    assert res["compute"]["teacher_original"] == 60.0
+    # the frontier: each teacher's strongest attack against the bar
+    front = {r["teacher"]: r for r in res["frontier"]}
+    assert front["nasty"]["strongest"] == "vanilla" and front["nasty"]["resists_all"]
+    assert not front["original"]["resists_all"] and front["original"]["bar"] == s["ls"]["acc"]
+
+
+def test_one_seed_is_inconclusive_above_the_bar_and_its_cell_says_so(tmp_path):
+    root = _preset(str(tmp_path / "one"), [_teacher("original", 90.0), _student("ls", 0, 65.0),
+                                           _kd("original", "vanilla", 0, 66.0)])
+    a = collect(root)["students"]["cnn"]["kd"]["original"]["vanilla"]
+    assert a["verdict"] == "inconclusive" and a["p"] is None and a["std"] is None
+    assert verdict_cell(a) == "inconclusive (n=1)" and seeded(a) == "66.00 (1)"
+    assert a["delta_scratch"] is None  # no scratch student: no Δ, not an error
+    assert "| original | vanilla | 66.00 (1) | 4 | – | +1.00 | inconclusive (n=1) |" in markdown(collect(root))
+
+
+def test_a_tau_sweep_counts_at_the_thiefs_best_temperature_and_every_temperatures_time(tmp_path):
+    root = _preset(str(tmp_path / "sweep"), [_teacher("original", 90.0), _student("ls", 0, 65.0)])
+    name = "kd_vanilla_original_cnn"
+    manifest = read_json(os.path.join(root, "steps.json"))
+    manifest["steps"].append({"name": name, "role": {"kind": "kd", "arch": "cnn", "teacher": "original",
+                                                     "attack": "vanilla", "seed": 0}})
+    _write(os.path.join(root, "steps.json"), manifest)
+    folder = os.path.join(root, name)
+    _write(os.path.join(folder, "params.json"), {"tau_sweep": [1, 4]})
+    _write(os.path.join(folder, "sweep.json"), {"runs": {"1.0": "tau_1", "4.0": "tau_4"}, "best_tau": 4.0,
+                                                "best_acc": 67.0, "final_acc": {"1.0": 66.0, "4.0": 67.0}})
+    inputs = {"teacher": {"weights_sha256": "sha-teacher_original"}}
+    for sub, acc, secs in (("tau_1", 66.0, 30.0), ("tau_4", 67.0, 45.0)):
+        _write(os.path.join(folder, sub, "metrics.json"), {"final_acc": acc, "wall_time_s": secs, "inputs": inputs,
+                                                           "config": {"tau": float(sub[4:])}})
+    res = collect(root)
+    a = res["students"]["cnn"]["kd"]["original"]["vanilla"]
+    assert (a["acc"], a["tau"], a["per_tau"]) == (67.0, 4.0, {"1.0": 66.0, "4.0": 67.0})
+    assert res["compute"][name] == 75.0 and a["provenance"] == "ok"
+
+
+def test_without_labels_the_hard_label_floor_is_the_bar_and_is_not_judged(tmp_path):
+    threat = {"name": "p10nl", "title": "5,000 images, no labels", "images": 5000, "labels": False,
+              "bar": "hardlabel"}
+    runs = [_teacher("original", 90.0), _teacher("nasty", 89.6)]
+    for seed in range(3):
+        runs += [_student("ls", seed, 60.0 + seed), _kd("original", "hardlabel", seed, 55.0 + 0.2 * seed),
+                 _kd("nasty", "vanilla", seed, 58.0 + 0.1 * seed)]
+    res = collect(_preset(str(tmp_path / "p10nl"), runs, threat=threat))
+    s = res["students"]["cnn"]
+    floor, nasty = s["kd"]["original"]["hardlabel"], s["kd"]["nasty"]["vanilla"]
+    assert bar_of(res, s) is floor and floor["verdict"] is None and floor["n_paired"] == 0
+    assert nasty["verdict"] == "distillable" and nasty["delta_floor"] == pytest.approx(2.9)
+    assert nasty["delta_ls"] == pytest.approx(-2.9)  # below label smoothing, yet above this threat model's bar
+    text = markdown(res)
+    assert "Threat model `p10nl`: 5,000 images, no labels.** Every student arm holds the same 5000 images" in text
+    assert "hard-label floor (the bar): **55.20 ± 0.20 (3)**" in text
+    assert "| original | hardlabel | 55.20 ± 0.20 (3) | 4 | -5.80 | +0.00 | the bar |" in text
+    assert "or below the bar, the hard-label floor (KD on the original's argmax alone)" in text
+
+
+def test_a_student_trained_from_other_weights_is_marked_and_refused_with_strict(tmp_path, capsys):
+    runs = [_teacher("original", 90.0), _student("ls", 0, 65.0),
+            _kd("original", "vanilla", 0, 66.0, inputs={"teacher": {"weights_sha256": "f" * 64}}),
+            _kd("original", "dkd", 0, 60.0, inputs={})]
+    root = _preset(str(tmp_path / "bad"), runs)
+    res = collect(root)
+    kd = res["students"]["cnn"]["kd"]["original"]
+    assert (kd["vanilla"]["provenance"], kd["dkd"]["provenance"]) == ("mismatch", "unrecorded")
+    assert provenance_mark(kd["vanilla"]) == " ✗" and provenance_mark(kd["dkd"]) == " ?"
+    why = res["provenance"]["kd_vanilla_original_cnn_s0"]["why"]
+    assert why == "trained from teacher weights ffffffffffff, but teacher_original in this folder produced sha-teacher_"
+    text = markdown(res)
+    assert "| original | vanilla | 66.00 (1) ✗ |" in text and "- `kd_dkd_original_cnn_s0`: unrecorded:" in text
+    assert run_main(report.main, [root, "--strict"]) == 2
+    assert "re-run reproduce.py on this folder" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(root, "results.md"))  # refused before anything is written
+
+
+def test_cells_read_as_the_table_prints_them():
+    assert fmt(None) == "–" and fmt(1.234) == "1.23" and fmt(1.0, signed=True) == "+1.00" and fmt(0.5, "{:g}") == "0.5"
+    assert seeded(None) == "–" and seeded({"acc": None}) == "–"
+    assert seeded({"acc": 65.123, "std": 0.456, "n": 3}) == "65.12 ± 0.46 (3)"
+    assert verdict_cell({}) == "–"
+    assert verdict_cell({"verdict": "KD-resistant", "harmful": True, "p": 0.01234, "n_paired": 3}) == \
+        "KD-resistant, harmful (p=0.0123)"
+
+
+def test_results_md_sections(preset):
+    res = collect(preset)
+    text = markdown(res, {"reproduce_wall_time_s": 600.0, "jobs": 2})
+    assert text.startswith("# Results: preset `toy`\n") and "over seeds 0, 1, 2." in text
+    assert "| Nasty | 89.60 | -0.40 |" in text
+    assert "| Nasty | vanilla | 63.13 ± 0.23 (3) | 4 | -1.70 | -2.10 | KD-resistant, harmful (p=1) |" in text
+    assert "- Nasty → `cnn`: **KD-resistant** against all 1 attacks (vanilla)." in text
+    assert "- original → `cnn`: **distillable** by vanilla." in text
+    assert "Steps without results yet: kd_tckd_nasty_cnn_s0." in text
+    assert "Every one of the 7 runs that load a teacher recorded the sha256" in text
+    assert "| teacher_original | 1.0 |" in text and "with `--jobs 2`" in text and "**10.0 min**" in text
+    assert "## Data-free (DFAD)" not in text  # no DFAD run, no section
+
+
+def test_figures_draw_what_the_folder_holds(preset, tmp_path):
+    res = collect(preset)
+    out = str(tmp_path / "figs")
+    os.makedirs(out)
+    drawn = figures(res, out)
+    assert drawn == ["fig_accuracy.png", "fig_curves.png", "fig_frontier.png"]  # no teacher recorded a response
+    for name in drawn:
+        with open(os.path.join(out, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    labels, values, _ = report.accuracy_bars(res)
+    assert labels[:2] == ["teacher\noriginal", "teacher\nNasty"] and len(values) == 2 + 2 + 2
+
+
+def test_build_keeps_what_reproduce_recorded_and_drops_the_histories(preset):
+    report.build(preset, extra={"jobs": 2})
+    report.build(preset)  # a rebuild without extra keeps the recorded one
+    saved = read_json(os.path.join(preset, "results.json"))
+    assert saved["extra"] == {"jobs": 2}
+    assert "history" not in saved["teachers"]["nasty"] and "history" not in saved["students"]["cnn"]["ls"]
+    assert saved["students"]["cnn"]["kd"]["nasty"]["vanilla"]["verdict"] == "KD-resistant"
+    with open(os.path.join(preset, "results.md")) as f:
+        assert f.read() == markdown(collect(preset), {"jobs": 2})
+
+
+def test_comparison_marks_the_verdicts_that_differ(preset, tmp_path):
+    other = _preset(str(tmp_path / "ref"), [_teacher("original", 90.5), _student("ls", 0, 65.0),
+                                            _kd("original", "vanilla", 0, 64.0), _kd("original", "dkd", 0, 60.0)])
+    text = report.comparison(collect(preset), collect(other), "runs/toy", "exps/toy")
+    assert text.startswith("# `runs/toy` against `exps/toy`\n")
+    assert "| teacher original | 90.00 | 90.50 | -0.50 | – | – |" in text
+    assert "| cnn KD original / vanilla | 68.33 | 64.00 | +4.33 | distillable | KD-resistant **≠** |" in text
+    assert "3 rows in both: mean |Δ| 1.69, largest 4.33 (cnn KD original / vanilla); 1 verdict(s) differ" in text
+    assert "Rows only in the reference: cnn KD original / dkd." in text
+
+
+def test_an_arms_first_seed_stands_for_it_whatever_the_order_of_the_steps(tmp_path):
+    runs = [_teacher("original", 90.0), _student("ls", 1, 66.0), _student("ls", 0, 65.0), _student("ls", 2, 64.0)]
+    ls = collect(_preset(str(tmp_path / "order"), runs))["students"]["cnn"]["ls"]
+    assert ls["folder"] == "ls_cnn_s0" and ls["history"] == [{"epoch": 1, "test_acc": 65.0}]
+    assert ls["folders"] == ["ls_cnn_s1", "ls_cnn_s0", "ls_cnn_s2"] and (ls["acc"], ls["std"]) == (65.0, 1.0)
