@@ -1,4 +1,4 @@
-"""The keyed defences (issue 16's variants): a secret permutation of the non-target ranks chosen by the top-1
+"""The keyed defences (the variants of METHOD.md section 9): a secret permutation of the non-target ranks chosen by the top-1
 class, optionally with the target-versus-rest split fixed; the key is never written anywhere but its own file."""
 import os
 

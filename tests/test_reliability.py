@@ -1,4 +1,4 @@
-"""Reliability and security of the four training scripts (issue "Reliability and security").
+"""Reliability and security of the four training scripts.
 
 Covered here:
   * crash safety: SIGKILL at random moments (and in the middle of a checkpoint write), --resume from what is

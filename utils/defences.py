@@ -149,7 +149,7 @@ class Nasty(Defence):
 
 @register
 class RMLNasty(Defence):
-    """RML's loss plus Nasty's maximisation over the whole distribution (issue 16's combination; METHOD.md
+    """RML's loss plus Nasty's maximisation over the whole distribution (a variant of METHOD.md
     section 9): L = L_RML(alpha, beta, gamma) - omega tau^2 KL(p^tau(z) || p^tau(z^o)). RML's binary term copies
     the original's target-versus-rest confidence, which TCKD reads; Nasty's term moves that confidence too. With
     omega = 0 it is RML, with alpha = beta = gamma = 0 it is Nasty. The screening settings (battery_params) drop
@@ -319,7 +319,7 @@ def fix_confidence(logits, confidence, tau):
 
 @register
 class KeyedPermutation(Defence):
-    """Keyed permutation (issue 16's variant against re-reversal): the original's top-1 is kept and its
+    """Keyed permutation (a variant against re-reversal, METHOD.md section 9): the original's top-1 is kept and its
     non-target ranks are permuted by a secret permutation chosen by the top-1 class (rank_permutations of
     the owner's key), in place of the public reversal a thief can undo. keyed_confidence > 0 also fixes the
     target-versus-rest split at keyed_tau to [c, 1 - c] (fix_confidence), against TCKD, which reads the
