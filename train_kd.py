@@ -6,7 +6,9 @@
 Attacks (utils/attacks.py, METHOD.md sections 4 and 7): vanilla (Hinton KD); rereverse (the teacher's
 non-target logits are reversed again, around its own argmax or the label, before KD); dkd (decoupled KD,
 non-target part weighted by dkd_beta); tckd (dkd with dkd_beta = 0: only the target-vs-rest binary part);
-hardlabel (CE on the teacher's argmax alone); markov (Markov KD: per-class Markov matrices learnt jointly).
+hardlabel (CE on the teacher's argmax alone); markov (Markov KD: per-class Markov matrices learnt jointly);
+skeptical (the Skeptical student: the teacher distilled into an auxiliary head on an intermediate stage after
+kd_delay epochs, the final head learning from labels and that head; not in the battery).
 With tau_sweep the attack runs once per tau into SAVE_PATH/tau_<tau>/ and SAVE_PATH/sweep.json names the best.
 
     python train_kd.py --battery exps/mini/kd_vanilla_rml_cnn,exps/mini/kd_tckd_rml_cnn,...
@@ -62,6 +64,7 @@ class KDTask(Task):
         self.model, self.teacher, self.cfg = student, teacher, cfg
         num_classes = num_classes or DATASETS[cfg["dataset"]].num_classes
         self.attack = ATTACKS[cfg["attack"]](cfg, num_classes)
+        self.attack.attach(student)
         self.tau = cfg["tau"]
         self.labels = thief_has_labels(cfg)
         self.teacher_path, self.teacher_arch, self.teacher_acc = cfg["teacher"], teacher_arch, teacher_acc
