@@ -63,9 +63,12 @@ def _run(exp_root, name):
     sweep = _sweep(folder)
     if sweep:
         runs = {sub: read_json(os.path.join(folder, sub, "metrics.json")) or {} for sub in sweep["runs"].values()}
-        metrics = runs[sweep["runs"][_tau_key(sweep["best_tau"], sweep["runs"])]]
-        return {"acc": sweep["best_acc"], "tau": sweep["best_tau"], "per_tau": sweep["final_acc"],
-                "metrics": metrics, "seconds": _total_seconds(runs.values()), "inputs": _sweep_inputs(runs.values())}
+        metrics = runs[sweep["runs"][sweep.get("best_run") or _tau_key(sweep["best_tau"], sweep["runs"])]]
+        out = {"acc": sweep["best_acc"], "tau": sweep["best_tau"], "per_tau": sweep["final_acc"],
+               "metrics": metrics, "seconds": _total_seconds(runs.values()), "inputs": _sweep_inputs(runs.values())}
+        if sweep.get("selected_on") == "val":  # the thief picked on its own held-out images
+            out["chosen"] = {"alpha": sweep.get("best_alpha"), "val_images": sweep.get("val_images")}
+        return out
     metrics = read_json(os.path.join(folder, "metrics.json"))
     if metrics is None:
         return None
@@ -85,6 +88,26 @@ def _total_seconds(metrics_list):
     if any(t is None for t in times):
         return None
     return round(sum(t / len(m.get("battery") or [None]) for t, m in zip(times, metrics_list)), 1)
+
+
+def _tau_cell(arm):
+    """An arm's τ: the run's, or the sweep's pick; a pick made on the thief's validation split says so (and
+    names the α it picked with it, when α was swept too)."""
+    cell = _fmt(arm["tau"], "{:g}")
+    chosen = arm.get("chosen")
+    if not chosen:
+        return cell
+    alpha = f", α {chosen['alpha']:g}" if chosen.get("alpha") is not None else ""
+    return f"{cell}{alpha} (val {chosen.get('val_images')})"
+
+
+def _chosen_note(student):
+    """The line under a student's table when a τ there was picked on the thief's validation split; none else."""
+    if not any(a.get("chosen") for arms in student["kd"].values() for a in arms.values()):
+        return []
+    return ["", "best τ marked (val N): the thief picked τ (and α where shown) on N of its own training images, held "
+                "out of the student's training (val_split); the accuracy shown is on the test split. Unmarked: picked "
+                "on the test split, an upper bound."]
 
 
 def _tau_key(tau, runs):
@@ -128,7 +151,8 @@ def collect(exp_root):
         elif role["kind"] == "kd":
             s = res["students"].setdefault(role["arch"], {"kd": {}})
             _add_seed(s["kd"].setdefault(role["teacher"], {}), role["attack"], role, run, step["name"],
-                      {"tau": run["tau"], "per_tau": run.get("per_tau")})
+                      dict({"tau": run["tau"], "per_tau": run.get("per_tau")},
+                           **({"chosen": run["chosen"]} if "chosen" in run else {})))
         elif role["kind"] == "dfad":
             _add_seed(res["dfad"], role["teacher"], role, run, step["name"],
                       {"arch": role["arch"], "wall_time_s": m.get("wall_time_s"), "epochs": m.get("epochs"),
@@ -296,8 +320,9 @@ def markdown(res, extra=None):
                 for attack, a in s["kd"].get(teacher, {}).items():
                     cell = "the bar" if a is _bar_of(res, s) else _verdict_cell(a)
                     lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {_seeded(a)}{_mark(a)} | "
-                                 f"{_fmt(a['tau'], '{:g}')} | {_fmt(a['delta_ls'], signed=True)} | "
+                                 f"{_tau_cell(a)} | {_fmt(a['delta_ls'], signed=True)} | "
                                  f"{_fmt(a.get('delta_floor'), signed=True)} | {cell} |")
+            lines += _chosen_note(s)
             continue
         lines += ["", f"## Student `{arch}`", "",
                   f"Scratch: **{_seeded(s.get('scratch'))}**, label smoothing 0.1 (the bar): "
@@ -306,9 +331,10 @@ def markdown(res, extra=None):
                   "|---|---|---|---|---|---|---|"]
         for teacher in _teacher_order(res):
             for attack, a in s["kd"].get(teacher, {}).items():
-                lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {_seeded(a)}{_mark(a)} | {_fmt(a['tau'], '{:g}')} | "
+                lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {_seeded(a)}{_mark(a)} | {_tau_cell(a)} | "
                              f"{_fmt(a['delta_scratch'], signed=True)} | {_fmt(a['delta_ls'], signed=True)} | "
                              f"{_verdict_cell(a)} |")
+        lines += _chosen_note(s)
     if res["dfad"]:
         lines += ["", "## Data-free (DFAD)", "",
                   "The data-free claim: a defended teacher's DFAD student against the original's, paired by seed "

@@ -39,7 +39,8 @@ def _grads(student, attack, x, view, y, progress):
 
 def test_teacher_reaches_the_auxiliary_head_only_after_kd_delay():
     student, attack = _student_and_attack()
-    assert kd_delay_epochs(attack.cfg) == 2.0 and attack.head.tap == "features.7"  # cnn_small: 3 stages, head on the 2nd
+    assert kd_delay_epochs(attack.cfg) == 2.0  # kd_delay 20 capped at a quarter of 8 epochs
+    assert attack.head.tap == "features.7"  # cnn_small: 3 stages, the head on the 2nd
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
     view_a, view_b = torch.randn(8, 10, generator=g) * 3, torch.randn(8, 10, generator=g) * 3
