@@ -6,8 +6,13 @@
 Attacks (utils/attacks.py, METHOD.md sections 4 and 7): vanilla (Hinton KD); rereverse (the teacher's
 non-target logits are reversed again, around its own argmax or the label, before KD); dkd (decoupled KD,
 non-target part weighted by dkd_beta); tckd (dkd with dkd_beta = 0: only the target-vs-rest binary part);
-hardlabel (CE on the teacher's argmax alone); markov (Markov KD: per-class Markov matrices learnt jointly).
-With tau_sweep the attack runs once per tau into SAVE_PATH/tau_<tau>/ and SAVE_PATH/sweep.json names the best.
+hardlabel (CE on the teacher's argmax alone); markov (Markov KD: per-class Markov matrices learnt jointly);
+skeptical (the Skeptical student: the teacher distilled into an auxiliary head on an intermediate stage after
+kd_delay epochs, the final head learning from labels and that head; not in the battery).
+With tau_sweep the attack runs once per tau into SAVE_PATH/tau_<tau>/ and SAVE_PATH/sweep.json names the best;
+alpha_sweep adds the KD weight (SAVE_PATH/tau_<tau>_alpha_<alpha>/). The best is picked on the test split (an
+upper bound) unless val_split > 0: then val_split of the thief's own training images are held out (a draw fixed
+by subset_seed, never trained on) and the thief picks there, as a real thief would.
 
     python train_kd.py --battery exps/mini/kd_vanilla_rml_cnn,exps/mini/kd_tckd_rml_cnn,...
 
@@ -22,18 +27,21 @@ import torch
 
 import models
 from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, build_from_checkpoint, finished_weights, input_record
-from utils.config import (TRAIN_DEFAULTS, changed_result_key, checkpoint_keys, checkpoint_options, close_match,
-                          parse_config, resolve_config, thief_has_labels, write_config)
+from utils.config import (ADDED_KEYS, TRAIN_DEFAULTS, changed_result_key, checkpoint_keys, checkpoint_options,
+                          close_match, parse_config, resolve_config, thief_has_labels, write_config)
 from utils.constants import DATASETS
 from utils.engine import Engine, Task, refuse_finished, tracked_by_git
 from utils.errors import UserError, cli_main
 from utils.attacks import ATTACKS, attack_keys
 
 DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", **checkpoint_keys("teacher"), tau=4.0, attack="vanilla", **attack_keys(),
-                tau_sweep=[])
+                tau_sweep=[], alpha_sweep=[], val_split=0)
 
 SWEEP_PROTOCOL = ("best_tau is picked on the test split: the thief's most favourable temperature, so "
                   "best_acc is an upper bound on what this attack steals")
+VAL_PROTOCOL = ("best_tau (and best_alpha) are picked on the thief's validation split, held out of its own training "
+                "images (val_acc); best_acc is the test accuracy of the run picked there, what a thief tuning "
+                "itself gets")
 
 
 def check_kd_config(cfg, source):
@@ -52,6 +60,13 @@ def check_kd_config(cfg, source):
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
             raise UserError(f"{source}: 'tau_sweep' must be a list of temperatures > 0, e.g. 1,4,10,20; "
                             f"got {json.dumps(cfg['tau_sweep'])}")
+    for alpha in cfg["alpha_sweep"]:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise UserError(f"{source}: 'alpha_sweep' must be a list of KD weights in [0, 1], e.g. 0.5,0.9; "
+                            f"got {json.dumps(cfg['alpha_sweep'])}")
+    if cfg["val_split"] < 0:
+        raise UserError(f"{source}: 'val_split' must be >= 0 (images held out of the thief's training images; 0: "
+                        f"none), got {cfg['val_split']}")
 
 
 class KDTask(Task):
@@ -62,6 +77,7 @@ class KDTask(Task):
         self.model, self.teacher, self.cfg = student, teacher, cfg
         num_classes = num_classes or DATASETS[cfg["dataset"]].num_classes
         self.attack = ATTACKS[cfg["attack"]](cfg, num_classes)
+        self.attack.attach(student)
         self.tau = cfg["tau"]
         self.labels = thief_has_labels(cfg)
         self.teacher_path, self.teacher_arch, self.teacher_acc = cfg["teacher"], teacher_arch, teacher_acc
@@ -95,10 +111,36 @@ class KDTask(Task):
         modules = {name: part.module for name, part in self.parts().items()}
         return self.attack.loss(s, view, y, self.engine.progress, modules), s, y
 
+    @torch.no_grad()
+    def val_acc(self):
+        """Top-1 (%) of the student on the thief's validation split, against the labels the thief holds (the
+        teacher's argmax for a thief without labels); None without a validation split."""
+        engine = self.engine
+        loader = engine.loaders.get("val")
+        if loader is None:
+            return None
+        model = engine.model
+        was = model.training
+        model.eval()
+        counts = torch.zeros(2, device=engine.device)
+        for x, y in loader:
+            with engine.autocast():
+                s = model(x)
+                if not self.labels:
+                    y = self.teacher(x).argmax(1)
+            counts[0] += (s.float().argmax(1) == y).sum()
+            counts[1] += len(y)
+        model.train(was)
+        correct, total = engine.all_reduce(counts).tolist()
+        return 100.0 * correct / total
+
     def metrics(self):
         m = {"attack": self.attack.name, "tau": self.tau, "teacher": self.teacher_path,
              "teacher_arch": self.teacher_arch, "teacher_acc": self.teacher_acc}
         m.update(self.attack.metrics())
+        val = self.val_acc()
+        if val is not None:
+            m["val_acc"] = val
         return m
 
 
@@ -151,9 +193,13 @@ def battery(folders, args):
         args.save_path = folder
         cfg = resolve_config(args, DEFAULTS, checks=[check_kd_config])
         cfg["teacher"] = finished_weights(cfg["teacher"], "teacher")
-        if cfg["tau_sweep"]:
-            raise UserError(f"{folder}/params.json: a tau_sweep run is not trained in a battery; run it alone "
-                            f"(--save_path {folder})")
+        if cfg["tau_sweep"] or cfg["alpha_sweep"]:
+            raise UserError(f"{folder}/params.json: a tau_sweep or alpha_sweep run is not trained in a battery; run "
+                            f"it alone (--save_path {folder})")
+        if cfgs and cfg["val_split"] != cfgs[0]["val_split"]:
+            raise UserError(f"--battery: {folder} has val_split={cfg['val_split']!r}, {folders[0]} has "
+                            f"val_split={cfgs[0]['val_split']!r}; the students of a battery must share val_split "
+                            f"(they share batches and teacher); run them in separate batteries or alone")
         cfgs.append(cfg)
     bat.check_members(cfgs, folders)
     for folder in folders:  # every resume (and every finished run) is checked before anything is written
@@ -198,7 +244,7 @@ def _read_done(path, sub_cfg, teacher):
     if not (isinstance(done, dict) and isinstance(done.get("config"), dict)
             and isinstance(done.get("final_acc"), (int, float))):
         return None, f"{metrics_path} is unreadable or incomplete"
-    old = done["config"]
+    old = dict({k: v for k, v in ADDED_KEYS.items() if k in sub_cfg}, **done["config"])
     key = changed_result_key(old, sub_cfg)
     if key is not None:
         return None, (f"{metrics_path} was made with {key}={old.get(key)!r}, "
@@ -213,74 +259,101 @@ def _read_done(path, sub_cfg, teacher):
 SINGLE_RUN_FILES = ("metrics.json", WEIGHTS_FILE, "last.pth", "best.pth", "log.csv")
 
 
+def _grid(cfg):
+    """[(run name, folder name, tau, alpha)] of a sweep: every tau of tau_sweep (or the run's tau) with every
+    alpha of alpha_sweep (or the run's alpha). Without alpha_sweep a run is named by its tau and lives in
+    tau_<tau>/; with it, <tau>/<alpha> in tau_<tau>_alpha_<alpha>/."""
+    def unique(values):
+        out = []
+        for v in values:
+            if float(v) not in out:
+                out.append(float(v))
+        return out
+    taus, alphas = unique(cfg["tau_sweep"] or [cfg["tau"]]), unique(cfg["alpha_sweep"] or [cfg["alpha"]])
+    if not cfg["alpha_sweep"]:
+        return [(_tau_name(t), f"tau_{_tau_name(t)}", t, cfg["alpha"]) for t in taus]
+    return [(f"{_tau_name(t)}/{a:g}", f"tau_{_tau_name(t)}_alpha_{a:g}", t, a) for t in taus for a in alphas]
+
+
 def sweep(cfg, save_path, resume=False, overwrite=False):
-    """Run the attack once per tau (in-process, one engine each) and record the best in sweep.json.
+    """Run the attack once per tau (and alpha: alpha_sweep) in-process, one engine each, and record the best in
+    sweep.json: picked on the thief's validation split when val_split > 0, else on the test split (an upper
+    bound).
 
     The folder holds the sweep alone: the files of a single run there (a folder used before without
-    tau_sweep) are refused, or removed with overwrite. With overwrite every tau is trained again."""
+    tau_sweep) are refused, or removed with overwrite. With overwrite every run is trained again."""
     from utils.lock import acquire
     single = [n for n in SINGLE_RUN_FILES if os.path.isfile(os.path.join(save_path, n))]
     if single and not overwrite:
         raise UserError(f"{save_path} holds a single run ({', '.join(single)}), not a sweep; add --overwrite to "
                         f"remove it and run the sweep there, or give the sweep a folder of its own")
-    taus = []
-    for tau in cfg["tau_sweep"]:
-        if float(tau) not in taus:
-            taus.append(float(tau))
     _, ckpt = load_teacher(cfg)  # a bad teacher stops the sweep before any folder is made
     teacher = input_record(cfg["teacher"], ckpt)
     plan = []
-    for tau in taus:
-        sub = os.path.join(save_path, f"tau_{_tau_name(tau)}")
-        sub_cfg = dict(cfg, tau=tau, tau_sweep=[])
-        # --overwrite trains every tau again from the start; without it a finished tau of this config is reused
-        plan.append((tau, sub, sub_cfg) + ((None, None) if overwrite else _read_done(sub, sub_cfg, teacher)))
+    for name, folder, tau, alpha in _grid(cfg):
+        sub = os.path.join(save_path, folder)
+        sub_cfg = dict(cfg, tau=tau, alpha=alpha, tau_sweep=[], alpha_sweep=[])
+        what = f"tau {_tau_name(tau)}" + (f", alpha {alpha:g}" if cfg["alpha_sweep"] else "")
+        # --overwrite trains every run again from the start; without it a finished run of this config is reused
+        plan.append((name, what, sub, sub_cfg) + ((None, None) if overwrite else _read_done(sub, sub_cfg, teacher)))
     is_main = int(os.environ.get("RANK", 0)) == 0
     if is_main:
         acquire(save_path)
         if single:
             tracked = tracked_by_git(save_path, single)
-            for name in single:
-                os.unlink(os.path.join(save_path, name))
+            for n in single:
+                os.unlink(os.path.join(save_path, n))
             print(f"--overwrite: removed the single run's {', '.join(single)} from {save_path}, which now holds the "
                   f"sweep alone" + (f" ({', '.join(tracked)} tracked by git: git checkout -- {save_path} brings "
                                     f"them back)" if tracked else ""), flush=True)
         write_config(save_path, cfg)
         summary_path = os.path.join(save_path, "sweep.json")
-        if os.path.isfile(summary_path) and any(p[3] is None for p in plan):
-            os.remove(summary_path)  # stale until every tau is done: a half-run sweep must not look finished
+        if os.path.isfile(summary_path) and any(p[4] is None for p in plan):
+            os.remove(summary_path)  # stale until every run is done: a half-run sweep must not look finished
     results = {}
-    for tau, sub, sub_cfg, done, stale in plan:
+    for name, what, sub, sub_cfg, done, stale in plan:
         if done is None:
             if is_main:
                 if stale:
-                    print(f"tau {_tau_name(tau)}: {stale}; running it again", flush=True)
+                    print(f"{what}: {stale}; running it again", flush=True)
                 os.makedirs(sub, exist_ok=True)
                 atomic_write_json(os.path.join(sub, "params.json"),
-                                  dict(sub_cfg, _comment=f"tau {_tau_name(tau)} of the sweep in {save_path}",
-                                       _script="train_kd.py"))
+                                  dict(sub_cfg, _comment=f"{what} of the sweep in {save_path}", _script="train_kd.py"))
             sub_resume = resume and os.path.isfile(os.path.join(sub, "last.pth"))
             done = train(sub_cfg, sub, resume=sub_resume, overwrite=not sub_resume)
         elif is_main:
-            print(f"tau {_tau_name(tau)}: {sub}/metrics.json exists, skipped", flush=True)
-        results[tau] = done
-    best = max(results, key=lambda t: results[t]["final_acc"])
+            print(f"{what}: {sub}/metrics.json exists, skipped", flush=True)
+        results[name] = done
+    on_val = cfg["val_split"] > 0
+    score = "val_acc" if on_val else "final_acc"
+    best = max(results, key=lambda n: results[n][score])  # the first of a tie, in the sweep's order
+    best_cfg = next(p[3] for p in plan if p[0] == best)
     summary = {
-        "final_acc": {_tau_name(t): m["final_acc"] for t, m in results.items()},
-        "best_acc_per_tau": {_tau_name(t): m["best_acc"] for t, m in results.items()},
-        "runs": {_tau_name(t): os.path.basename(sub) for t, sub, *_ in plan},
-        "best_tau": best, "best_acc": results[best]["final_acc"],
+        "final_acc": {n: m["final_acc"] for n, m in results.items()},
+        "best_acc_per_tau": {n: m["best_acc"] for n, m in results.items()},
+        "runs": {n: os.path.basename(sub) for n, _, sub, *_ in plan},
+        "best_tau": best_cfg["tau"], "best_acc": results[best]["final_acc"],
         "attack": cfg["attack"], "model": cfg["model"], "teacher": cfg["teacher"],
-        "teacher_acc": results[best].get("teacher_acc"), "protocol": SWEEP_PROTOCOL,
+        "teacher_acc": results[best].get("teacher_acc"), "protocol": VAL_PROTOCOL if on_val else SWEEP_PROTOCOL,
         "inputs": {"teacher": teacher}, "config": cfg,
     }
+    if cfg["alpha_sweep"]:
+        summary.update(best_alpha=best_cfg["alpha"], best_run=best)
+    if on_val:
+        summary.update(selected_on="val", val_acc={n: m["val_acc"] for n, m in results.items()},
+                       val_images=results[best].get("thief", {}).get("val_images"))
     if is_main:
         atomic_write_json(os.path.join(save_path, "sweep.json"), summary)
-        print(f"\n{'tau':>8}  final_acc")
-        for t, m in results.items():
-            print(f"{_tau_name(t):>8}  {m['final_acc']:9.2f}{'  <- best' if t == best else ''}")
-        print(f"best tau {_tau_name(best)}: final test acc {summary['best_acc']:.2f} ({cfg['attack']} KD of "
-              f"{cfg['model']} from {cfg['teacher']}); {os.path.join(save_path, 'sweep.json')}", flush=True)
+        label = "tau/alpha" if cfg["alpha_sweep"] else "tau"
+        width = 10 if cfg["alpha_sweep"] else 8
+        print(f"\n{label:>{width}}  final_acc" + ("    val_acc" if on_val else ""))
+        for n, m in results.items():
+            val = f"  {m['val_acc']:9.2f}" if on_val else ""
+            print(f"{n:>{width}}  {m['final_acc']:9.2f}{val}{'  <- best' if n == best else ''}")
+        alpha = f", alpha {best_cfg['alpha']:g}" if cfg["alpha_sweep"] else ""
+        print(f"best tau {_tau_name(best_cfg['tau'])}{alpha}" + (" (on the validation split)" if on_val else "") +
+              f": final test acc {summary['best_acc']:.2f} ({cfg['attack']} KD of {cfg['model']} from "
+              f"{cfg['teacher']}); {os.path.join(save_path, 'sweep.json')}", flush=True)
     return summary
 
 
@@ -306,7 +379,7 @@ def main(argv=None):
         return 0
     cfg = resolve_config(args, DEFAULTS, checks=[check_kd_config])
     cfg["teacher"] = finished_weights(cfg["teacher"], "teacher")
-    if cfg["tau_sweep"]:
+    if cfg["tau_sweep"] or cfg["alpha_sweep"]:
         sweep(cfg, args.save_path, args.resume, args.overwrite)
     else:
         train(cfg, args.save_path, args.resume, args.overwrite)

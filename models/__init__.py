@@ -24,7 +24,7 @@ from . import resnet_cifar as _resnet_cifar
 from . import shufflenetv2 as _shufflenetv2
 from . import wrn as _wrn
 
-__all__ = ["ALIASES", "MODELS", "build", "count_parameters", "describe", "names"]
+__all__ = ["ALIASES", "MODELS", "build", "count_parameters", "describe", "names", "stages"]
 
 # name -> (constructor taking num_classes, one-line description)
 _ZOO: dict[str, tuple[Callable[[int], nn.Module], str]] = {
@@ -101,3 +101,27 @@ def count_parameters(model: nn.Module) -> int:
 def describe() -> list[tuple[str, int, str]]:
     """``(name, parameter count with 10 classes, description)`` for every model, sorted by name."""
     return [(name, count_parameters(build(name, 10)), _ZOO[name][1]) for name in names()]
+
+
+def stages(model: nn.Module) -> list[str]:
+    """Names of the submodules whose outputs are the model's stages, shallow to deep (the last one feeds the
+    head): the places a forward hook taps an intermediate representation. Raises ValueError for a model whose
+    stages are not known here."""
+    if isinstance(model, _resnet_cifar.CifarResNet):
+        return ["layer1", "layer2", "layer3"]
+    if isinstance(model, _resnet.ResNet):
+        return ["layer1", "layer2", "layer3", "layer4"]
+    if isinstance(model, _wrn.WideResNet):
+        return ["block1", "block2", "block3"]
+    if isinstance(model, _shufflenetv2.ShuffleNetV2):
+        return ["stage2", "stage3", "stage4"]
+    if isinstance(model, _cnn.SimpleCNN):  # each conv-BN-ReLU-maxpool block ends at its pooling
+        return [f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
+    if isinstance(model, _mobilenetv2.MobileNetV2):  # a stage ends before each block that halves the resolution
+        ends, i = [], -1
+        for _, _, repeats, stride in _mobilenetv2._CFG:
+            if stride == 2 and i >= 0:
+                ends.append(i)
+            i += repeats
+        return [f"layers.{j}" for j in ends + [i]]
+    raise ValueError(f"the stages of {type(model).__name__} are not known (models.stages)")

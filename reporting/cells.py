@@ -38,3 +38,23 @@ PROVENANCE_MARKS = {"mismatch": " ✗", "unrecorded": " ?"}
 
 def provenance_mark(row):
     return PROVENANCE_MARKS.get(row.get("provenance", row.get("status")), "")
+
+
+def tau_cell(arm):
+    """An arm's τ: the run's, or the sweep's pick; a pick made on the thief's validation split says so (and
+    names the α it picked with it, when α was swept too)."""
+    cell = fmt(arm["tau"], "{:g}")
+    chosen = arm.get("chosen")
+    if not chosen:
+        return cell
+    alpha = f", α {chosen['alpha']:g}" if chosen.get("alpha") is not None else ""
+    return f"{cell}{alpha} (val {chosen.get('val_images')})"
+
+
+def chosen_note(student):
+    """The line under a student's table when a τ there was picked on the thief's validation split; none else."""
+    if not any(a.get("chosen") for arms in student["kd"].values() for a in arms.values()):
+        return []
+    return ["", "best τ marked (val N): the thief picked τ (and α where shown) on N of its own training images, held "
+                "out of the student's training (val_split); the accuracy shown is on the test split. Unmarked: picked "
+                "on the test split, an upper bound."]

@@ -20,16 +20,19 @@ def _sweep(folder):
     return None
 
 
-def _run(exp_root, name):
+def read_run(exp_root, name):
     """The headline of one step: final accuracy (at the thief's best tau for a sweep), its metrics, and its
     wall time in seconds (every temperature of a sweep; None if not recorded)."""
     folder = os.path.join(exp_root, name)
     sweep = _sweep(folder)
     if sweep:
         runs = {sub: read_json(os.path.join(folder, sub, "metrics.json")) or {} for sub in sweep["runs"].values()}
-        metrics = runs[sweep["runs"][_tau_key(sweep["best_tau"], sweep["runs"])]]
-        return {"acc": sweep["best_acc"], "tau": sweep["best_tau"], "per_tau": sweep["final_acc"],
-                "metrics": metrics, "seconds": total_seconds(runs.values()), "inputs": _sweep_inputs(runs.values())}
+        metrics = runs[sweep["runs"][sweep.get("best_run") or _tau_key(sweep["best_tau"], sweep["runs"])]]
+        out = {"acc": sweep["best_acc"], "tau": sweep["best_tau"], "per_tau": sweep["final_acc"],
+               "metrics": metrics, "seconds": total_seconds(runs.values()), "inputs": _sweep_inputs(runs.values())}
+        if sweep.get("selected_on") == "val":  # the thief picked on its own held-out images
+            out["chosen"] = {"alpha": sweep.get("best_alpha"), "val_images": sweep.get("val_images")}
+        return out
     metrics = read_json(os.path.join(folder, "metrics.json"))
     if metrics is None:
         return None
@@ -71,7 +74,7 @@ def collect(exp_root):
     teachers_root = os.path.normpath(os.path.join(exp_root, manifest.get("teachers_from", ".")))
     for step in manifest["steps"]:
         role = step["role"]
-        run = _run(teachers_root if role["kind"] == "teacher" else exp_root, step["name"])
+        run = read_run(teachers_root if role["kind"] == "teacher" else exp_root, step["name"])
         if run is None:
             res["missing"].append(step["name"])
             continue
@@ -94,7 +97,8 @@ def collect(exp_root):
         elif role["kind"] == "kd":
             s = res["students"].setdefault(role["arch"], {"kd": {}})
             _add_seed(s["kd"].setdefault(role["teacher"], {}), role["attack"], role, run, step["name"],
-                      {"tau": run["tau"], "per_tau": run.get("per_tau")})
+                      dict({"tau": run["tau"], "per_tau": run.get("per_tau")},
+                           **({"chosen": run["chosen"]} if "chosen" in run else {})))
         elif role["kind"] == "dfad":
             _add_seed(res["dfad"], role["teacher"], role, run, step["name"],
                       {"arch": role["arch"], "wall_time_s": m.get("wall_time_s"), "epochs": m.get("epochs"),

@@ -1,7 +1,7 @@
 """results.md: the table of docs/METHOD.md section 5, a piece per section."""
 from utils.stats import ALPHA, RULE
 
-from .cells import below_cell, fmt, provenance_mark, seeded, verdict_cell
+from .cells import below_cell, chosen_note, fmt, provenance_mark, seeded, tau_cell, verdict_cell
 from .names import TEACHER_NAMES, teacher_order
 from .verdicts import bar_name, bar_of, bar_text, floor_of
 
@@ -67,10 +67,10 @@ def _student_lines(res, arch, s):
              "|---|---|---|---|---|---|---|"]
     for teacher in teacher_order(res):
         for attack, a in s["kd"].get(teacher, {}).items():
-            lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {seeded(a)}{provenance_mark(a)} | {fmt(a['tau'], '{:g}')} | "
+            lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {seeded(a)}{provenance_mark(a)} | {tau_cell(a)} | "
                          f"{fmt(a['delta_scratch'], signed=True)} | {fmt(a['delta_ls'], signed=True)} | "
                          f"{verdict_cell(a)} |")
-    return lines
+    return lines + chosen_note(s)
 
 
 def _threat_student_lines(res, arch, s):
@@ -87,9 +87,9 @@ def _threat_student_lines(res, arch, s):
         for attack, a in s["kd"].get(teacher, {}).items():
             cell = "the bar" if a is bar_of(res, s) else verdict_cell(a)
             lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {seeded(a)}{provenance_mark(a)} | "
-                         f"{fmt(a['tau'], '{:g}')} | {fmt(a['delta_ls'], signed=True)} | "
+                         f"{tau_cell(a)} | {fmt(a['delta_ls'], signed=True)} | "
                          f"{fmt(a.get('delta_floor'), signed=True)} | {cell} |")
-    return lines
+    return lines + chosen_note(s)
 
 
 def _dfad_lines(res):

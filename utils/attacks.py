@@ -3,8 +3,9 @@
 An attack is a class registered with @register. It declares its config keys (with defaults: train_kd.py's
 keys are the union over the registry), checks them, says what it reads from the teacher (`query`: the
 thief's view of one batch of teacher logits), and turns the student's logits and that view into named loss
-terms. An attack that learns a part of its own (Markov KD's matrices) returns it from `parts`: the engine
-optimises, schedules, checkpoints and resumes it with the student.
+terms. An attack that learns a part of its own (Markov KD's matrices; the Skeptical student's auxiliary head,
+which `attach` hooks onto the student) returns it from `parts`: the engine optimises, schedules, checkpoints
+and resumes it with the student.
 
 Adding an attack is one class here plus its test; train_kd.py, reproduce.py's battery, report.py's table and
 figures pick it up from ATTACKS.
@@ -59,6 +60,10 @@ class Attack:
     @classmethod
     def check(cls, cfg, source):
         """Raise UserError for a bad value of this attack's keys."""
+
+    def attach(self, student):
+        """Called once with the student before parts(): an attack that taps the student's intermediate stages
+        (the Skeptical student's auxiliary head) builds its modules and forward hooks here."""
 
     def parts(self):
         """{name: Part} trained beside the student."""
@@ -264,3 +269,169 @@ class Markov(Attack):
     def metrics(self):
         return {"alpha": self.cfg["alpha"], "markov_rank": self.cfg["markov_rank"],
                 "markov_init": self.cfg["markov_init"], "markov_lr": self.cfg["markov_lr"]}
+
+
+def kd_delay_epochs(cfg):
+    """Epochs the Skeptical student trains on labels alone before the teacher's soft targets reach its auxiliary
+    head: kd_delay, capped at a quarter of the run (as DKD's warm-up), so a short run still distils."""
+    return min(float(cfg["kd_delay"]), cfg["epochs"] / 4)
+
+
+def _separable(in_ch, out_ch, stride):
+    """Depthwise 3x3 (stride) then pointwise 1x1, each followed by BN; ReLU at the end."""
+    return [torch.nn.Conv2d(in_ch, in_ch, 3, stride=stride, padding=1, groups=in_ch, bias=False),
+            torch.nn.BatchNorm2d(in_ch), torch.nn.Conv2d(in_ch, out_ch, 1, bias=False),
+            torch.nn.BatchNorm2d(out_ch), torch.nn.ReLU(inplace=True)]
+
+
+class AuxHead(torch.nn.Module):
+    """The Skeptical student's auxiliary classifier on one intermediate stage of a student of the zoo.
+
+    A forward hook on that stage keeps its output while the student trains (not while it is evaluated);
+    calling the head turns the kept features into logits: one separable-conv block per stage the main path
+    still has to go through (same widths and down-sampling as those stages), global average pooling and a
+    linear classifier. The head is a Part: it trains beside the student, is checkpointed and resumed with it,
+    and is never in weights.pth, so the evaluated model is the student's own final head.
+    """
+
+    def __init__(self, student, stage, num_classes, image_size, seed=0):
+        super().__init__()
+        import models
+        names = models.stages(student)
+        self.tap = names[stage - 1]
+        modules = dict(student.named_modules())
+        shapes = []
+        hooks = [modules[n].register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape[1:])))
+                 for n in names]
+        device = next(student.parameters()).device
+        was = student.training
+        student.eval()
+        try:
+            with torch.no_grad():
+                student(torch.zeros(1, 3, image_size, image_size, device=device))
+        finally:
+            student.train(was)
+            for h in hooks:
+                h.remove()
+        with torch.random.fork_rng(devices=[]):  # the student's RNG stream stays that of a run without the head
+            torch.manual_seed(seed)
+            blocks = []
+            for (c_in, h_in, _), (c_out, h_out, _) in zip(shapes[stage - 1:], shapes[stage:]):
+                blocks += _separable(c_in, c_out, max(h_in // h_out, 1))
+            self.blocks = torch.nn.Sequential(*blocks)
+            self.fc = torch.nn.Linear(shapes[-1][0], num_classes)
+        self.to(device)
+        self._features = None
+        self._hook = modules[self.tap].register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        if module.training:
+            self._features = output
+
+    def forward(self):
+        """Logits of the auxiliary head for the batch the student saw last in training."""
+        if self._features is None:
+            raise RuntimeError("the auxiliary head has no features: run the student on a training batch first")
+        x, self._features = self._features, None
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(self.blocks(x), 1), 1))
+
+
+def skeptical_stage(cfg, student_stages):
+    """The 1-based stage the auxiliary head sits on: skeptical_stage, or 0 for the last intermediate stage."""
+    return cfg["skeptical_stage"] or student_stages - 1
+
+
+@register
+class Skeptical(Attack):
+    """The Skeptical student (Kundu et al., NeurIPS'21), METHOD.md section 7: the teacher's soft targets go into
+    an auxiliary head on an intermediate stage, never into the final head, and only after kd_delay epochs of
+    labels alone; the final head learns from the labels and, by self-distillation, from the auxiliary head;
+    the final head alone is evaluated.
+
+        L = CE(z_f, y) + w [ on · alpha tau^2 KL(p_t^tau || p_a^tau) + (1 - alpha + c) CE(z_a, y)
+                             + s tau^2 KL(sg(p_a^tau) || p_f^tau) ]
+
+    on = 1 from kd_delay epochs on (0 before), w = skeptical_weight, c = skeptical_aux_ce,
+    s = skeptical_sd, sg = no gradient. w = 0 leaves CE on the final head alone.
+    """
+    name, label = "skeptical", "Skeptical student"
+    keys = {"alpha": 0.9, "kd_delay": 20.0, "skeptical_weight": 1.0, "skeptical_sd": 0.3,
+            "skeptical_aux_ce": 0.7, "skeptical_stage": 0}
+    battery = False
+
+    def __init__(self, cfg, num_classes):
+        super().__init__(cfg, num_classes)
+        self.head = None
+        self.stage = None
+
+    @classmethod
+    def check(cls, cfg, source):
+        _check_alpha(cfg, source)
+        for key in ("kd_delay", "skeptical_weight", "skeptical_sd", "skeptical_aux_ce", "skeptical_stage"):
+            if cfg[key] < 0:
+                raise UserError(f"{source}: '{key}' must be >= 0, got {cfg[key]}")
+        if cfg.get("attack") != cls.name:
+            return
+        import models
+        try:
+            n = len(models.stages(models.build(cfg["model"], 2)))
+        except ValueError:
+            raise UserError(f"{source}: the Skeptical student needs a student whose stages are known (models.stages); "
+                            f"'{cfg['model']}' is not one of them") from None
+        if cfg["skeptical_stage"] >= n:
+            raise UserError(f"{source}: 'skeptical_stage' must be below {n} (the stages of {cfg['model']}; the last "
+                            f"feeds the final head) or 0 for stage {n - 1}; got {cfg['skeptical_stage']}")
+
+    @classmethod
+    def as_used(cls, cfg):
+        used = kd_delay_epochs(cfg)
+        if used == cfg["kd_delay"]:
+            return {}
+        return {"kd_delay": used, "_why": f"kd_delay is capped at a quarter of the {cfg['epochs']} epochs"}
+
+    def attach(self, student):
+        import models
+        from .constants import DATASETS
+        self.stage = skeptical_stage(self.cfg, len(models.stages(student)))
+        self.head = AuxHead(student, self.stage, self.num_classes, DATASETS[self.cfg["dataset"]].image_size,
+                            self.cfg["seed"])
+
+    def parts(self):
+        if self.head is None:
+            raise RuntimeError("Skeptical.attach(student) must come before parts()")
+        c = self.cfg
+        return {"skeptical": Part(self.head, {"optimizer": c["optimizer"], "lr": c["lr"], "momentum": c["momentum"],
+                                              "nesterov": c["nesterov"], "weight_decay": c["weight_decay"]})}
+
+    def loss(self, student_logits, view, labels, progress, parts):
+        return skeptical_loss(student_logits, parts["skeptical"](), view, labels, self.tau, self.cfg,
+                              progress >= kd_delay_epochs(self.cfg))
+
+    def metrics(self):
+        c = self.cfg
+        return {"alpha": c["alpha"], "kd_delay_epochs": kd_delay_epochs(c), "skeptical_weight": c["skeptical_weight"],
+                "skeptical_sd": c["skeptical_sd"], "skeptical_aux_ce": c["skeptical_aux_ce"],
+                "skeptical_stage": self.stage, "skeptical_tap": self.head.tap if self.head else None}
+
+
+def skeptical_loss(final_logits, aux_logits, view, labels, tau, cfg, kd_on):
+    """The Skeptical student's terms (see Skeptical), each weighted as it enters the sum:
+    ce (final head, labels), aux_kd (teacher into the auxiliary head; 0 before the delay), aux_ce (labels into
+    the auxiliary head), sd (auxiliary head into the final head, no gradient into the auxiliary head)."""
+    w, alpha = cfg["skeptical_weight"], cfg["alpha"]
+    z_f, z_a = final_logits.float(), aux_logits.float()
+    zero = z_f.sum() * 0
+    terms = {"ce": F.cross_entropy(z_f, labels)}
+    if w and kd_on:
+        log_p_t = F.log_softmax(view.float() / tau, dim=1)
+        terms["aux_kd"] = w * alpha * tau * tau * _kl(log_p_t, F.log_softmax(z_a / tau, dim=1))
+    else:
+        terms["aux_kd"] = zero
+    ce_weight = w * (1.0 - alpha + cfg["skeptical_aux_ce"])
+    terms["aux_ce"] = ce_weight * F.cross_entropy(z_a, labels) if ce_weight else zero
+    if w and cfg["skeptical_sd"]:
+        log_p_a = F.log_softmax(z_a.detach() / tau, dim=1)
+        terms["sd"] = w * cfg["skeptical_sd"] * tau * tau * _kl(log_p_a, F.log_softmax(z_f / tau, dim=1))
+    else:
+        terms["sd"] = zero
+    return terms

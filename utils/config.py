@@ -82,7 +82,9 @@ def checkpoint_options(cfg, role):
 # Keys added after runs were recorded, with the value that leaves a run as it was: a recorded config without
 # them reads as having these values (a --resume of such a run is not refused for them).
 ADDED_KEYS = {**checkpoint_keys("teacher"), **checkpoint_keys("original"),
-              "subset_seed": 0, "labels": True, "transfer": "", "eval_every": 1}
+              "subset_seed": 0, "labels": True, "transfer": "", "eval_every": 1,
+              "kd_delay": 20.0, "skeptical_weight": 1.0, "skeptical_sd": 0.3, "skeptical_aux_ce": 0.7,
+              "skeptical_stage": 0, "val_split": 0, "alpha_sweep": []}
 
 CHOICES = {
     "dataset": tuple(DATASETS),

@@ -176,12 +176,28 @@ def indices_digest(indices):
 UNKNOWN_LABEL = -1  # what a label-free thief's loader yields in place of a label
 
 
-def thief_record(cfg, indices):
+def thief_record(cfg, indices, val_indices=None):
     """What the thief held (metrics.json 'thief'): the images' source and count, their draw and its digest,
-    and whether it has their labels."""
-    return {"source": cfg.get("transfer") or cfg["dataset"], "images": len(indices),
-            "subset_seed": cfg["subset_seed"] if cfg.get("subset") else None,
-            "indices_sha256": indices_digest(indices), "labels": thief_has_labels(cfg)}
+    and whether it has their labels. With a validation split, `images` counts those the student learns from,
+    and the held-out ones are recorded beside them (val_images, val_indices_sha256, the seed of their draw)."""
+    record = {"source": cfg.get("transfer") or cfg["dataset"], "images": len(indices),
+              "subset_seed": cfg["subset_seed"] if cfg.get("subset") else None,
+              "indices_sha256": indices_digest(indices), "labels": thief_has_labels(cfg)}
+    if val_indices is not None:
+        record.update(val_images=len(val_indices), val_indices_sha256=indices_digest(val_indices),
+                      val_seed=cfg.get("subset_seed", 0))
+    return record
+
+
+def validation_split(n, size, seed):
+    """(train positions, validation positions), each sorted: `size` of the thief's n images held out for the
+    thief's own model selection, a uniform draw fixed by `seed` (no labels needed, so a label-free thief can
+    draw it too). The two never overlap and together are all n."""
+    if not 0 < size < n:
+        raise UserError(f"val_split {size} must be below the thief's {n} training images (0: no validation split); "
+                        f"lower val_split or raise subset")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[size:].sort().values, perm[:size].sort().values
 
 
 class DeviceLoader:
@@ -274,9 +290,16 @@ def build_loaders(cfg, device, rank=0, world_size=1, train=True):
             images, labels = images[idx], labels[idx]
         if not thief_has_labels(cfg):
             labels = torch.full_like(labels, UNKNOWN_LABEL)  # nothing downstream can read a true label
+        val_idx = None
+        if cfg.get("val_split"):  # held out of the thief's own images, never from the test split
+            keep, held = validation_split(len(labels), cfg["val_split"], cfg.get("subset_seed", 0))
+            val_idx = idx[held]
+            loaders["val"] = DeviceLoader(images[held], labels[held], cfg["eval_batch_size"], device, info.mean,
+                                          info.std, False, cfg["seed"], rank, world_size, cfg["channels_last"])
+            idx, images, labels = idx[keep], images[keep], labels[keep]
         loaders["train"] = DeviceLoader(images, labels, cfg["batch_size"], device, info.mean, info.std, True,
                                         cfg["seed"], rank, world_size, cfg["channels_last"])
-        loaders["train"].thief = thief_record(cfg, idx)
+        loaders["train"].thief = thief_record(cfg, idx, val_idx)
     images, labels = load_split(cfg["dataset"], cfg["data_root"], False, cfg["download"])
     if cfg.get("test_subset"):
         images, labels = images[:cfg["test_subset"]], labels[:cfg["test_subset"]]

@@ -1,0 +1,117 @@
+"""The thief's validation split (train_kd.py val_split): held out of its own training images by a draw fixed by
+subset_seed, never trained on, never the test split; the tau (and alpha) sweep picks there when it is given."""
+import hashlib
+import os
+
+import pytest
+import torch
+
+import reporting.cells as cells
+import train_kd
+import train_scratch
+from conftest import TINY, make_exp, read_json, run_main
+from utils.data import build_loaders, class_balanced_subset, indices_digest, load_split, validation_split
+from utils.errors import UserError
+
+
+def _hashes(images):
+    return {hashlib.sha256(x.cpu().numpy().tobytes()).hexdigest() for x in images}
+
+
+def test_validation_split_is_fixed_by_its_seed_and_disjoint():
+    keep, held = validation_split(40, 10, seed=2)
+    assert len(held) == 10 and len(keep) == 30 and not set(keep.tolist()) & set(held.tolist())
+    assert sorted(keep.tolist() + held.tolist()) == list(range(40))
+    again_keep, again_held = validation_split(40, 10, seed=2)
+    assert torch.equal(held, again_held) and torch.equal(keep, again_keep)
+    assert not torch.equal(held, validation_split(40, 10, seed=3)[1])
+    for size in (0, 40, 41):
+        with pytest.raises(UserError, match="val_split"):
+            validation_split(40, size, seed=0)
+
+
+@pytest.mark.parametrize("subset", [0, 40])
+def test_validation_images_are_the_thiefs_and_never_trained_on_nor_tested(cifar_root, subset):
+    cfg = dict(train_kd.DEFAULTS, **TINY)
+    cfg.update(data_root=cifar_root, device="cpu", subset=subset, subset_seed=1, val_split=10)
+    loaders = build_loaders(cfg, "cpu")
+    images, labels = load_split("cifar10", cifar_root, True)
+    test_images, _ = load_split("cifar10", cifar_root, False)
+    thief = class_balanced_subset(labels, subset, 10, 1) if subset else torch.arange(len(labels))
+    keep, held = validation_split(len(thief), 10, 1)
+    train, val = loaders["train"], loaders["val"]
+    assert torch.equal(val.images, images[thief[held]]) and torch.equal(val.labels, labels[thief[held]])
+    assert torch.equal(train.images, images[thief[keep]])  # the student learns from the rest of its images only
+    assert len(_hashes(val.images)) == 10
+    assert not _hashes(val.images) & _hashes(train.images)
+    assert not _hashes(val.images) & _hashes(test_images)
+    assert torch.equal(loaders["test"].images, test_images)  # the test split is untouched
+    record = train.thief
+    assert record["images"] == len(thief) - 10 and record["val_images"] == 10 and record["val_seed"] == 1
+    assert record["indices_sha256"] == indices_digest(thief[keep])
+    assert record["val_indices_sha256"] == indices_digest(thief[held])
+    assert not val.train and len(list(val)) == 1  # scored in order, no augmentation
+
+
+def test_no_validation_split_keeps_the_thief_record_as_it_was(cifar_root):
+    cfg = dict(train_kd.DEFAULTS, **TINY)
+    cfg.update(data_root=cifar_root, device="cpu")
+    loaders = build_loaders(cfg, "cpu")
+    assert "val" not in loaders
+    assert set(loaders["train"].thief) == {"source", "images", "subset_seed", "indices_sha256", "labels"}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, cifar_root):
+    d = make_exp(tmp_path_factory.mktemp("val_teacher") / "teacher", **dict(TINY, data_root=cifar_root))
+    assert run_main(train_scratch.main, ["--save_path", d]) == 0
+    return os.path.join(d, "weights.pth")
+
+
+def test_sweep_picks_tau_and_alpha_on_the_validation_split(tmp_path, cifar_root, teacher, capsys):
+    d = make_exp(tmp_path / "sweep", **dict(TINY, data_root=cifar_root, teacher=teacher, epochs=1, val_split=20,
+                                             tau_sweep=[1, 4], alpha_sweep=[0.5, 0.9]))
+    assert run_main(train_kd.main, ["--save_path", d]) == 0
+    s = read_json(os.path.join(d, "sweep.json"))
+    names = ["1/0.5", "1/0.9", "4/0.5", "4/0.9"]
+    assert list(s["runs"]) == names and s["runs"]["4/0.5"] == "tau_4_alpha_0.5"
+    assert s["selected_on"] == "val" and s["val_images"] == 20 and "validation split" in s["protocol"]
+    best = max(names, key=lambda n: s["val_acc"][n])  # picked on val, whatever the test split says
+    assert s["best_run"] == best and s["best_acc"] == s["final_acc"][best]
+    assert f"{s['best_tau']:g}/{s['best_alpha']:g}" == best
+    for n in names:
+        m = read_json(os.path.join(d, s["runs"][n], "metrics.json"))
+        assert m["val_acc"] == s["val_acc"][n] and m["thief"]["val_images"] == 20 and m["thief"]["images"] == 80
+        assert m["config"]["tau_sweep"] == [] and m["config"]["alpha_sweep"] == []
+        assert f"{m['tau']:g}/{m['alpha']:g}" == n
+    assert "(on the validation split)" in capsys.readouterr().out
+    # the report names the pick and where it was made; an arm tuned on the test split reads as before
+    from reporting.collect import read_run
+    run = read_run(str(tmp_path), "sweep")
+    assert run["tau"] == s["best_tau"] and run["acc"] == s["best_acc"]
+    assert run["chosen"] == {"alpha": s["best_alpha"], "val_images": 20}
+    arm = {"tau": run["tau"], "chosen": run["chosen"]}
+    assert cells.tau_cell(arm) == f"{s['best_tau']:g}, α {s['best_alpha']:g} (val 20)"
+    assert cells.chosen_note({"kd": {"nasty": {"vanilla": arm}}})
+    assert cells.tau_cell({"tau": 4.0}) == "4"
+    assert cells.chosen_note({"kd": {"nasty": {"vanilla": {"tau": 4.0}}}}) == []
+
+
+def test_a_label_free_thief_validates_against_the_teachers_answers(tmp_path, cifar_root, teacher):
+    d = make_exp(tmp_path / "nl", **dict(TINY, data_root=cifar_root, teacher=teacher, epochs=1, val_split=20,
+                                          labels=False))
+    assert run_main(train_kd.main, ["--save_path", d]) == 0
+    m = read_json(os.path.join(d, "metrics.json"))
+    assert 0 <= m["val_acc"] <= 100 and m["thief"]["labels"] is False and m["thief"]["val_images"] == 20
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--val_split", "-1"], "'val_split' must be >= 0"),
+    (["--val_split", "100"], "val_split 100 must be below the thief's 100 training images"),
+    (["--alpha_sweep", "0.5,2"], "'alpha_sweep' must be a list of KD weights in [0, 1]"),
+])
+def test_bad_validation_settings_are_one_line_exit_2(tmp_path, cifar_root, teacher, capsys, args, message):
+    d = make_exp(tmp_path / "bad", **dict(TINY, data_root=cifar_root, teacher=teacher))
+    assert run_main(train_kd.main, ["--save_path", d] + args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip().startswith("error")]
+    assert len(err) == 1 and message in err[0], err
