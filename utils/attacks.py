@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import registry
+from .engine import Part  # the engine's trainable extra module; attacks build theirs from here
 from .errors import UserError
 from .losses import _kl, dkd_loss, kd_loss, reverse_logits
 
@@ -29,17 +30,6 @@ def register(cls):
 def attack_keys():
     """The config keys of every registered attack with their defaults (one default per key)."""
     return registry.merged_keys(ATTACKS, "attack")
-
-
-class Part:
-    """A trainable module an attack (or any task) adds beside the model: the engine builds its optimizer
-    (`optimizer`: a dict of optimizer, lr, momentum, nesterov, weight_decay), follows the model's lr
-    schedule with `optimizer['lr']` as the peak, saves and restores it with the run. joint=True: stepped
-    by the engine together with the model, from the same loss; joint=False: the task steps it itself."""
-
-    def __init__(self, module, optimizer, joint=True):
-        self.module, self.optimizer_cfg, self.joint = module, dict(optimizer), joint
-        self.optimizer = None
 
 
 class Attack:
