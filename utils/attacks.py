@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import registry
 from .engine import Part  # the engine's trainable extra module; attacks build theirs from here
 from .errors import UserError
-from .losses import _kl, dkd_loss, kd_loss, reverse_logits
+from .losses import dkd_loss, kd_loss, kl_divergence, reverse_logits
 
 ATTACKS = {}
 
@@ -248,7 +248,7 @@ class Markov(Attack):
         p_markov = torch.bmm(p_t.unsqueeze(1), parts["markov"](labels)).squeeze(1)
         log_p = torch.log(p_markov.clamp_min(1e-12))
         terms = {"ce": (1.0 - alpha) * F.cross_entropy(z_s, labels)}
-        terms["kd"] = alpha * tau * tau * _kl(log_p, F.log_softmax(z_s / tau, dim=1))
+        terms["kd"] = alpha * tau * tau * kl_divergence(log_p, F.log_softmax(z_s / tau, dim=1))
         return terms
 
     def metrics(self):
