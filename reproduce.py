@@ -23,7 +23,6 @@ import argparse
 import importlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from utils.checkpoint import (WEIGHTS_FILE, atomic_write_json, atomic_write_text
 from utils.config import CHOICES, Parser, changed_result_key, close_match
 from utils.attacks import ATTACKS
 from utils.defences import DATASET_TAU, DEFENCES, key_problem
+from utils.engine import catch_stop_signals
 from utils.errors import UserError, cli_main
 
 # Params that name another step's checkpoint ("<step>/weights.pth", relative to the preset folder): the
@@ -510,7 +510,7 @@ def run_parallel(todo, jobs, t0):
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    restore = catch_stop_signals(forward)
     try:
         while pending or running:
             for slot in [s for s in range(jobs) if s not in running]:
@@ -551,8 +551,7 @@ def run_parallel(todo, jobs, t0):
                     print(f"{job['head']}: FAILED (exit {code}); last lines of {log.name}:\n{_tail(log.name)}",
                           flush=True)
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        restore()
     if stopping:
         raise UserError("stopped by a signal; re-run the same command: finished steps are skipped and "
                         "interrupted ones resume")

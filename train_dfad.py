@@ -16,7 +16,7 @@ import models
 from utils.checkpoint import build_from_checkpoint, finished_weights
 from utils.config import (TRAIN_DEFAULTS, checkpoint_keys, checkpoint_options, parse_config, resolve_config,
                           write_config)
-from utils.engine import Engine, Task
+from utils.engine import Engine, Part, Task
 from utils.errors import UserError, cli_main
 from utils.generator import Generator
 from utils.losses import dfad_discrepancy
@@ -80,7 +80,6 @@ class DFADTask(Task):
     def parts(self):
         """The generator, trained beside the student: its own optimizer at peak lr_G on the student's lr
         schedule, checkpointed and resumed by the engine; stepped here (after_step), not from the student's loss."""
-        from utils.attacks import Part
         g_cfg = {"optimizer": self.cfg["g_optimizer"], "lr": self.cfg["lr_G"], "weight_decay": 0.0, "momentum": 0.9,
                  "nesterov": False}
         return {"generator": Part(self.generator, g_cfg, joint=False)}

@@ -30,7 +30,7 @@ from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, build_from_checkpo
 from utils.config import (ADDED_KEYS, TRAIN_DEFAULTS, changed_result_key, checkpoint_keys, checkpoint_options,
                           close_match, parse_config, resolve_config, thief_has_labels, write_config)
 from utils.constants import DATASETS
-from utils.engine import Engine, Task, refuse_finished, tracked_by_git
+from utils.engine import Engine, Member, Task, refuse_finished, train_together, tracked_by_git
 from utils.errors import UserError, cli_main
 from utils.attacks import ATTACKS, attack_keys
 
@@ -186,7 +186,8 @@ def train(cfg, save_path, resume=False, overwrite=False):
 
 def battery(folders, args):
     """Train the attack runs of `folders` (each with its params.json) against their one teacher in one pass
-    (utils/battery.py); command-line keys override every folder's params. Returns their metrics."""
+    (utils/battery.py, in the engine's loop); command-line keys override every folder's params. Returns their
+    metrics. One folder is a battery of one: it trains as its lone run would."""
     from utils import battery as bat
     cfgs = []
     for folder in folders:
@@ -216,13 +217,13 @@ def battery(folders, args):
                       "loaders": engine.loaders}
             task.teacher = shared["teacher"]
         engine.notes["battery"] = list(folders)
-        members.append(bat.Member(engine, task, engine.begin(task)))
+        members.append(Member(engine, task, engine.begin(task)))
     results = []
     for group in bat.groups(members):
         if len(group) < len(members):
             group[0].engine.log(f"battery: {len(group)} of {len(members)} students resume at epoch "
                                 f"{group[0].start[0]} step {group[0].start[1]}; they run together, the rest after")
-        results += bat.fit(group, how)
+        results += train_together(group, how)
     return results
 
 
@@ -363,11 +364,16 @@ def _battery_arg(parser):
                              "pass over the data: one teacher forward per batch serves every student")
 
 
+def parse_args(argv=None):
+    """The command line of train_kd.py: (args namespace, parser), as utils/config.py parse_config gives them."""
+    return parse_config(__doc__.splitlines()[0], DEFAULTS, argv, extra_args=_battery_arg,
+                        choices={"attack": tuple(ATTACKS), "rereverse_target": ATTACKS["rereverse"].TARGETS},
+                        script="train_kd.py")
+
+
 @cli_main
 def main(argv=None):
-    args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv, extra_args=_battery_arg,
-                           choices={"attack": tuple(ATTACKS), "rereverse_target": ATTACKS["rereverse"].TARGETS},
-                           script="train_kd.py")
+    args, _ = parse_args(argv)
     if args.battery:
         if args.save_path:
             raise UserError("give either --save_path (one run) or --battery (several), not both")

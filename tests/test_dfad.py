@@ -173,7 +173,7 @@ class _StopAt(train_dfad.DFADTask):
         super().after_step(engine, step)
         self.count = getattr(self, "count", 0) + 1
         if self.count == 6:
-            engine._stop_signal = signal.SIGTERM
+            engine.request_stop(signal.SIGTERM)
 
 
 def test_interrupt_then_resume_matches_uninterrupted(tmp_path, test_only_root, teacher_ckpt, monkeypatch, capsys,

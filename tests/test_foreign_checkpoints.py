@@ -392,7 +392,7 @@ class _StopAfter3(train_kd.KDTask):
     def after_step(self, engine, step):
         self.count = getattr(self, "count", 0) + 1
         if self.count == 3:
-            engine._stop_signal = signal.SIGTERM
+            engine.request_stop(signal.SIGTERM)
 
 
 def test_run_recorded_before_the_teacher_keys_still_resumes(tmp_path, cifar_root, finished_teacher, monkeypatch):

@@ -175,7 +175,7 @@ class _StopAtTau4(train_kd.KDTask):
     def after_step(self, engine, step):
         self.count = getattr(self, "count", 0) + 1
         if self.tau == 4.0 and self.count == 3:
-            engine._stop_signal = signal.SIGTERM
+            engine.request_stop(signal.SIGTERM)
 
 
 def test_interrupted_sweep_resumes_the_unfinished_tau(tmp_path, cifar_root, teacher_ckpt, monkeypatch, capsys):

@@ -114,7 +114,7 @@ def teacher(tmp_path_factory, cifar_root):
 class _StopAt3(train_kd.KDTask):
     def after_step(self, engine, step):
         if engine.global_step + 1 == 3:
-            engine._stop_signal = signal.SIGTERM
+            engine.request_stop(signal.SIGTERM)
 
 
 def test_markov_kd_trains_saves_and_resumes_its_matrices(tmp_path, cifar_root, teacher, monkeypatch):

@@ -742,7 +742,7 @@ def test_diverging_lr_is_caught_and_keeps_checkpoint(tmp_path, cifar_root, monke
     class StopAt3(train_scratch.ScratchTask):
         def after_step(self, engine, step):
             if engine.global_step + 1 == 3:
-                engine._stop_signal = signal.SIGTERM
+                engine.request_stop(signal.SIGTERM)
 
     monkeypatch.setattr(train_scratch, "ScratchTask", StopAt3)
     assert run_main(train_scratch.main, ["--save_path", d]) == 128 + signal.SIGTERM

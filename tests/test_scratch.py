@@ -46,7 +46,7 @@ class _StopAt(train_scratch.ScratchTask):
     def after_step(self, engine, step):
         self.count += 1
         if self.count == self.stop_at:
-            engine._stop_signal = signal.SIGTERM
+            engine.request_stop(signal.SIGTERM)
 
 
 def test_interrupt_then_resume_matches_uninterrupted(tmp_path, cifar_root, monkeypatch, capsys):

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from . import registry
+from .engine import Part  # the engine's trainable extra module; attacks build theirs from here
 from .errors import UserError
-from .losses import _kl, dkd_loss, kd_loss, reverse_logits
+from .losses import dkd_loss, kd_loss, kl_divergence, reverse_logits
 
 ATTACKS = {}
 
@@ -30,17 +31,6 @@ def register(cls):
 def attack_keys():
     """The config keys of every registered attack with their defaults (one default per key)."""
     return registry.merged_keys(ATTACKS, "attack")
-
-
-class Part:
-    """A trainable module an attack (or any task) adds beside the model: the engine builds its optimizer
-    (`optimizer`: a dict of optimizer, lr, momentum, nesterov, weight_decay), follows the model's lr
-    schedule with `optimizer['lr']` as the peak, saves and restores it with the run. joint=True: stepped
-    by the engine together with the model, from the same loss; joint=False: the task steps it itself."""
-
-    def __init__(self, module, optimizer, joint=True):
-        self.module, self.optimizer_cfg, self.joint = module, dict(optimizer), joint
-        self.optimizer = None
 
 
 class Attack:
@@ -263,7 +253,7 @@ class Markov(Attack):
         p_markov = torch.bmm(p_t.unsqueeze(1), parts["markov"](labels)).squeeze(1)
         log_p = torch.log(p_markov.clamp_min(1e-12))
         terms = {"ce": (1.0 - alpha) * F.cross_entropy(z_s, labels)}
-        terms["kd"] = alpha * tau * tau * _kl(log_p, F.log_softmax(z_s / tau, dim=1))
+        terms["kd"] = alpha * tau * tau * kl_divergence(log_p, F.log_softmax(z_s / tau, dim=1))
         return terms
 
     def metrics(self):
@@ -424,14 +414,14 @@ def skeptical_loss(final_logits, aux_logits, view, labels, tau, cfg, kd_on):
     terms = {"ce": F.cross_entropy(z_f, labels)}
     if w and kd_on:
         log_p_t = F.log_softmax(view.float() / tau, dim=1)
-        terms["aux_kd"] = w * alpha * tau * tau * _kl(log_p_t, F.log_softmax(z_a / tau, dim=1))
+        terms["aux_kd"] = w * alpha * tau * tau * kl_divergence(log_p_t, F.log_softmax(z_a / tau, dim=1))
     else:
         terms["aux_kd"] = zero
     ce_weight = w * (1.0 - alpha + cfg["skeptical_aux_ce"])
     terms["aux_ce"] = ce_weight * F.cross_entropy(z_a, labels) if ce_weight else zero
     if w and cfg["skeptical_sd"]:
         log_p_a = F.log_softmax(z_a.detach() / tau, dim=1)
-        terms["sd"] = w * cfg["skeptical_sd"] * tau * tau * _kl(log_p_a, F.log_softmax(z_f / tau, dim=1))
+        terms["sd"] = w * cfg["skeptical_sd"] * tau * tau * kl_divergence(log_p_a, F.log_softmax(z_f / tau, dim=1))
     else:
         terms["sd"] = zero
     return terms

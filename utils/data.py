@@ -245,7 +245,8 @@ class DeviceLoader:
         flips = torch.rand(n, generator=g) < 0.5
         return perm.to(self.device), offsets.to(self.device), flips.to(self.device), size
 
-    def _normalise(self, x):
+    def normalise(self, x):
+        """uint8 images (N, 3, H, W) on the device -> the float input the model reads (mean/std of the dataset)."""
         x = (x.float() - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
@@ -263,7 +264,7 @@ class DeviceLoader:
     def iterate(self, start_step=0):
         if not self.train:
             for i in range(self.rank * self.batch_size, len(self.labels), self.batch_size * self.world_size):
-                yield self._normalise(self.images[i:i + self.batch_size]), self.labels[i:i + self.batch_size]
+                yield self.normalise(self.images[i:i + self.batch_size]), self.labels[i:i + self.batch_size]
             return
         perm, offsets, flips, size = self._plan()
         local = self.batch_size // self.world_size
@@ -271,7 +272,7 @@ class DeviceLoader:
             idx = perm[step * self.batch_size:(step + 1) * self.batch_size]
             idx = idx[self.rank * local:(self.rank + 1) * local]
             x = self._augment(self.images[idx], offsets[idx], flips[idx], size)
-            yield self._normalise(x), self.labels[idx]
+            yield self.normalise(x), self.labels[idx]
 
     def __iter__(self):
         return self.iterate()

@@ -8,7 +8,8 @@ called on the concatenated logits of the whole test set.
 import torch
 import torch.nn.functional as F
 
-from utils.losses import _check_logits, _check_pair, _check_target, _check_tau, _kl, non_target_log_probs
+from utils.losses import (check_logits, check_pair, check_target, check_tau, kl_divergence,
+                          non_target_log_probs)
 
 # Kendall's tau builds (chunk, C, C) sign tensors; cap the chunk so memory stays around 3 * 4M floats
 _KENDALL_MAX_ELEMENTS = 4 * 1024 * 1024
@@ -32,8 +33,8 @@ def non_target_kendall(logits_a, logits_b, target, reduction="mean"):
     |tau| < 1). +1 when a and b order the non-targets alike, -1 when a is the reversal of b
     (e.g. a = reverse_logits(b, y) with distinct values). Needs C >= 3.
     """
-    _check_pair(logits_a, logits_b, ("logits_a", "logits_b"))
-    _check_target(target, logits_a)
+    check_pair(logits_a, logits_b, ("logits_a", "logits_b"))
+    check_target(target, logits_a)
     n, c = logits_a.shape
     if c < 3:
         raise ValueError(f"Kendall's tau over non-target classes needs C >= 3, got C = {c}")
@@ -56,8 +57,8 @@ def non_target_kendall(logits_a, logits_b, target, reduction="mean"):
 def reversed_top1_match(possessive_logits, original_logits, target, reduction="mean"):
     """Fraction of samples whose highest non-target class under the possessive teacher is the
     original's lowest non-target class (chance = 1/(C-1)). Ties resolve to the lowest class index."""
-    _check_pair(possessive_logits, original_logits, ("possessive_logits", "original_logits"))
-    _check_target(target, possessive_logits)
+    check_pair(possessive_logits, original_logits, ("possessive_logits", "original_logits"))
+    check_target(target, possessive_logits)
     mask = F.one_hot(target, possessive_logits.shape[1]).bool()
     top_p = possessive_logits.float().masked_fill(mask, float("-inf")).argmax(dim=1)
     low_o = original_logits.float().masked_fill(mask, float("inf")).argmin(dim=1)
@@ -75,12 +76,12 @@ def non_target_entropy(logits, target, tau, reduction="mean"):
 @torch.no_grad()
 def mean_kl(p_logits, q_logits, tau, reduction="mean"):
     """KL(softmax(p/tau) || softmax(q/tau)), summed over classes, averaged over the batch (no tau^2)."""
-    _check_pair(p_logits, q_logits, ("p_logits", "q_logits"))
-    _check_tau(tau)
+    check_pair(p_logits, q_logits, ("p_logits", "q_logits"))
+    check_tau(tau)
     log_p = F.log_softmax(p_logits.float() / tau, dim=1)
     log_q = F.log_softmax(q_logits.float() / tau, dim=1)
     if reduction == "mean":
-        return _kl(log_p, log_q)
+        return kl_divergence(log_p, log_q)
     return _reduce((log_p.exp() * (log_p - log_q)).sum(dim=1), reduction)
 
 
@@ -91,8 +92,8 @@ def expected_calibration_error(logits, target, n_bins=15):
     Confidence is the top softmax probability at temperature 1; acc is top-1 correctness. A set-level
     metric: call it on the concatenated logits of the whole test set.
     """
-    _check_logits(logits)
-    _check_target(target, logits)
+    check_logits(logits)
+    check_target(target, logits)
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     conf, pred = F.softmax(logits.float(), dim=1).max(dim=1)

@@ -3,6 +3,9 @@
 A script hands the engine a Task: the model being trained and the one step that differs (CE; RML or
 Nasty against a frozen original; KD against a frozen teacher; DFAD's student/generator steps). The step
 returns a dict of named loss terms; the engine sums them, backpropagates, and logs each one.
+
+There is one training loop, train_together: Engine.fit runs a lone run through it as a battery of one, and
+train_kd.py --battery runs several students of one teacher through it (utils/battery.py).
 """
 import contextlib
 import csv
@@ -97,7 +100,7 @@ class Task:
         raise NotImplementedError
 
     def parts(self):
-        """{name: utils.attacks.Part}: modules trained beside the model (Markov KD's matrices, DFAD's
+        """{name: Part}: modules trained beside the model (Markov KD's matrices, DFAD's
         generator); the engine moves them to the device, builds their optimizers, follows the lr schedule,
         checkpoints and resumes them. Called once, after setup()."""
         return {}
@@ -121,6 +124,37 @@ class Task:
     def metrics(self):
         """Extra entries for metrics.json."""
         return {}
+
+
+class Part:
+    """A trainable module a task (an attack's, DFAD's generator) adds beside the model: the engine builds its
+    optimizer (`optimizer`: a dict of optimizer, lr, momentum, nesterov, weight_decay), follows the model's lr
+    schedule with `optimizer['lr']` as the peak, saves and restores it with the run. joint=True: stepped
+    by the engine together with the model, from the same loss; joint=False: the task steps it itself."""
+
+    def __init__(self, module, optimizer, joint=True):
+        self.module, self.optimizer_cfg, self.joint = module, dict(optimizer), joint
+        self.optimizer = None
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def catch_stop_signals(handler):
+    """Route SIGTERM and SIGINT to handler(signum, frame); returns the function that puts the previous
+    handlers back. Outside the main thread (a test harness thread), where Python refuses handlers, nothing
+    is installed and the returned function does nothing."""
+    old = {}
+    try:
+        for s in STOP_SIGNALS:
+            old[s] = signal.signal(s, handler)
+    except ValueError:
+        pass
+
+    def restore():
+        for s, h in old.items():
+            signal.signal(s, h)
+    return restore
 
 
 class Engine:
@@ -351,35 +385,22 @@ class Engine:
         self.images_seen = ckpt["images_seen"]
         return ckpt["epoch"], ckpt["step"]
 
-    # --- signals ---------------------------------------------------------------------------------
-    def _on_signal(self, signum, frame):
-        if self._stop_signal is not None:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
+    # --- stopping --------------------------------------------------------------------------------
+    def request_stop(self, signum):
+        """Stop this run after its current step: the loop writes last.pth and exits with 128 + signum. The
+        loop's signal handler calls it on SIGTERM/SIGINT; a task may call it too."""
         self._stop_signal = signum
 
-    @contextlib.contextmanager
-    def _signals(self):
-        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            for s in old:
-                signal.signal(s, self._on_signal)
-        except ValueError:  # not the main thread (e.g. called from a test harness thread)
-            old = {}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+    @property
+    def stop_signal(self):
+        """The signal number a stop was requested with, or None while the run goes on."""
+        return self._stop_signal
 
     # --- the loop --------------------------------------------------------------------------------
     def fit(self, task):
-        start_epoch, start_step, steps = self.begin(task)
-        wall0 = time.time()
-        with self._signals():
-            for epoch in range(start_epoch, self.cfg["epochs"]):
-                self._train_epoch(epoch, start_step if epoch == start_epoch else 0, steps)
-                self.close_epoch(epoch)
-        return self.finish(time.time() - wall0)
+        """Train task.model to the end of the schedule; returns the metrics. A lone run is a battery of one:
+        it goes through the one loop, train_together."""
+        return train_together([Member(self, task, self.begin(task))])[0]
 
     def begin(self, task):
         """Everything before the first step: the model, its optimizer and parts on the device, the resume
@@ -466,18 +487,6 @@ class Engine:
                  f"test acc {acc:.2f} " + " ".join(f"{k}={v:.3f}" for k, v in diag.items()))
         return self.finish(time.time() - wall0)
 
-    def _train_epoch(self, epoch, start_step, steps):
-        self.begin_epoch(epoch, start_step, steps)
-        try:
-            for step, batch in enumerate(self.task.train_batches(self, epoch, start_step), start=start_step):
-                self.train_step(step, batch)
-                if self._stop_signal is not None:
-                    self._close_bar()  # so the resume line is not printed onto the bar
-                    self._interrupt(epoch, step + 1)
-        finally:
-            self._close_bar()
-        self.end_epoch_train()
-
     def begin_epoch(self, epoch, start_step, steps, bar=True):
         """Reset the epoch's running sums (kept on the device) and open its progress bar (bar=False: the
         caller draws one, as a battery does for all its students)."""
@@ -492,7 +501,8 @@ class Engine:
             self._bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{self.cfg['epochs']}",
                              dynamic_ncols=True, leave=False, mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
-    def _close_bar(self):
+    def close_bar(self):
+        """Close the epoch's progress bar, if open (before a line is logged under it)."""
         if getattr(self, "_bar", None) is not None:
             self._bar.close()
             self._bar = None
@@ -593,10 +603,6 @@ class Engine:
                                 f"large; lower --lr and start again (the last good checkpoint in {self.save_path} "
                                 f"is kept)")
 
-    def _interrupt(self, epoch, step):
-        self.save_stopped(epoch, step)
-        sys.exit(128 + self._stop_signal)
-
     def save_stopped(self, epoch, step, how=None):
         """last.pth at (epoch, step) after a stop signal, and the line that says how to resume."""
         self.save("last.pth", epoch, step)
@@ -638,7 +644,7 @@ class Engine:
         out = []
         for i in range(0, len(loader.labels), loader.batch_size):
             with self.autocast():
-                out.append(model(loader._normalise(loader.images[i:i + loader.batch_size])).float().cpu())
+                out.append(model(loader.normalise(loader.images[i:i + loader.batch_size])).float().cpu())
         model.train(was_training)
         return torch.cat(out), loader.labels.cpu()
 
@@ -720,6 +726,110 @@ class Engine:
         if self.world_size > 1:
             dist.barrier()
         return metrics
+
+
+class Member:
+    """One run in the loop: its engine, its task, where it starts (engine.begin's (epoch, step, steps per
+    epoch)) and its own global RNG state, swapped in around its own work so that runs sharing the loop do
+    not draw from one another's stream (for a lone run the swap changes nothing)."""
+
+    def __init__(self, engine, task, start):
+        self.engine, self.task, self.start = engine, task, start
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(engine.device) if engine.device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def own_rng(self):
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, self.engine.device)
+        try:
+            yield
+        finally:
+            self.rng = torch.get_rng_state()
+            if self.cuda_rng is not None:
+                self.cuda_rng = torch.cuda.get_rng_state(self.engine.device)
+
+
+def train_together(members, resume_how=None):
+    """The training loop, for a lone run (Engine.fit: a battery of one) and for a battery (utils/battery.py):
+    every member trains on the same batches, drawn by the first member's task, from their common start to
+    the end of the schedule. Returns their metrics, in order.
+
+    Each epoch: every member's training steps, batch by batch; then every member's train row (so one
+    member's evaluation is not in another's epoch time); then each one's evaluation, log and checkpoints.
+    A stop (SIGTERM/SIGINT, or a task's engine.request_stop) stops every member after the current step;
+    each writes last.pth and logs how to resume (resume_how: the command line; default, its own run's),
+    then the process exits with 128 + the signal. A second signal stops at once.
+    """
+    start_epoch, start_step, steps = members[0].start
+    if any(m.start != members[0].start for m in members):
+        raise ValueError("the members of one loop start at one (epoch, step)")
+    lead = members[0]
+    engines = [m.engine for m in members]
+    epochs = lead.engine.cfg["epochs"]
+    alone = len(members) == 1  # a lone run draws its own progress bar; a battery one bar for all
+
+    def on_signal(signum, frame):
+        if any(e.stop_signal is not None for e in engines):  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        for e in engines:
+            e.request_stop(signum)
+
+    restore = catch_stop_signals(on_signal)
+    bar = None
+    wall0 = time.time()
+    try:
+        for epoch in range(start_epoch, epochs):
+            first = start_step if epoch == start_epoch else 0
+            for e in engines:
+                e.begin_epoch(epoch, first, steps, bar=alone)
+            if not alone and lead.engine.is_main:
+                from tqdm import tqdm
+                bar = tqdm(total=steps, initial=first, desc=f"battery of {len(members)}: epoch {epoch + 1}/{epochs}",
+                           dynamic_ncols=True, leave=False, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+            t0 = time.time()
+            for step, batch in enumerate(lead.task.train_batches(lead.engine, epoch, first), start=first):
+                for m in members:
+                    with m.own_rng():
+                        m.engine.train_step(step, batch)
+                if bar is not None:
+                    bar.update(1)
+                    if (step + 1 - first) % lead.engine.cfg["log_every"] == 0:
+                        each = len(batch[1]) * (step + 1 - first) / (time.time() - t0)
+                        bar.set_postfix({"img/s each": f"{each:.0f}", "all": f"{each * len(members):.0f}"})
+                signum = next((e.stop_signal for e in engines if e.stop_signal is not None), None)
+                if signum is not None:
+                    bar = _closed(bar, engines)  # so the resume lines are not printed onto a bar
+                    for m in members:
+                        m.engine.request_stop(signum)
+                        with m.own_rng():
+                            m.engine.save_stopped(epoch, step + 1, resume_how)
+                    sys.exit(128 + signum)
+            bar = _closed(bar, engines)
+            for e in engines:
+                e.end_epoch_train()
+            for m in members:
+                with m.own_rng():
+                    m.engine.close_epoch(epoch)
+        wall = time.time() - wall0
+        results = []
+        for m in members:
+            with m.own_rng():
+                results.append(m.engine.finish(wall))
+        return results
+    finally:
+        _closed(bar, engines)
+        restore()
+
+
+def _closed(bar, engines):
+    """Close the battery's bar and every engine's own; returns None, the bar's new value."""
+    if bar is not None:
+        bar.close()
+    for e in engines:
+        e.close_bar()
+    return None
 
 
 def cross_entropy(logits, targets, label_smoothing=0.0):

@@ -17,26 +17,26 @@ REVERSE_SCOPES = ("non_target", "all")
 
 
 # ----------------------------------------------------------------------------------------- checks
-def _check_logits(logits, name="logits"):
+def check_logits(logits, name="logits"):
     if not torch.is_tensor(logits) or logits.dim() != 2:
         shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
         raise ValueError(f"{name} must be a 2-D tensor (N, C), got {shape}")
 
 
-def _check_target(target, logits, name="target"):
+def check_target(target, logits, name="target"):
     if not torch.is_tensor(target) or target.dim() != 1 or target.shape[0] != logits.shape[0]:
         shape = tuple(target.shape) if torch.is_tensor(target) else type(target).__name__
         raise ValueError(f"{name} must be a 1-D tensor of {logits.shape[0]} class indices, got {shape}")
 
 
-def _check_pair(a, b, names):
-    _check_logits(a, names[0])
-    _check_logits(b, names[1])
+def check_pair(a, b, names):
+    check_logits(a, names[0])
+    check_logits(b, names[1])
     if a.shape != b.shape:
         raise ValueError(f"{names[0]} {tuple(a.shape)} and {names[1]} {tuple(b.shape)} must have the same shape")
 
 
-def _check_tau(tau):
+def check_tau(tau):
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
 
@@ -50,7 +50,7 @@ def _zero(like):
     return torch.zeros((), dtype=_fp(like).dtype, device=like.device)
 
 
-def _kl(log_p, log_q):
+def kl_divergence(log_p, log_q):
     """KL(p||q) batchmean from log-probabilities: sum_i p_i (log p_i - log q_i), mean over rows.
 
     Both inputs are finite log-probabilities (our masks use a finite offset), so entries with p_i = 0
@@ -81,8 +81,8 @@ def reverse_logits(logits, target, scope="non_target"):
 
     The output keeps the input's dtype; gradients (if any) flow through gather/scatter.
     """
-    _check_logits(logits)
-    _check_target(target, logits)
+    check_logits(logits)
+    check_target(target, logits)
     if scope not in REVERSE_SCOPES:
         raise ValueError(f"unknown reverse scope {scope!r}; valid: {', '.join(REVERSE_SCOPES)}")
     c = logits.shape[1]
@@ -107,9 +107,9 @@ def binary_log_probs(logits, target, tau):
     1 - p_y is computed in log space as logsumexp over the non-target classes minus logsumexp over all
     classes, so it stays exact when p_y -> 1 (no log(1 - p) cancellation).
     """
-    _check_logits(logits)
-    _check_target(target, logits)
-    _check_tau(tau)
+    check_logits(logits)
+    check_target(target, logits)
+    check_tau(tau)
     s = _fp(logits) / tau
     mask = F.one_hot(target, s.shape[1]).bool()
     lse_all = torch.logsumexp(s, dim=1)
@@ -130,9 +130,9 @@ def non_target_log_probs(logits, target, tau):
     -(1000 - (z_y - max z))/tau, i.e. its probability underflows to exactly 0 in float32 for tau up to about 8,
     is ~1e-22 at tau = 20 and grows with tau (about e^-10 at tau = 100).
     """
-    _check_logits(logits)
-    _check_target(target, logits)
-    _check_tau(tau)
+    check_logits(logits)
+    check_target(target, logits)
+    check_tau(tau)
     z = _fp(logits)
     m = F.one_hot(target, z.shape[1]).to(z.dtype)
     return F.log_softmax((z - NON_TARGET_MASK * m) / tau, dim=1)
@@ -156,9 +156,9 @@ def rml_loss(student_logits, original_logits, target, tau=4.0, alpha=1.0, beta=1
     student_logits = z^p (being trained); original_logits = z^o from the frozen original, detached here.
     A term whose weight is 0 is returned as an exact 0 tensor (not computed).
     """
-    _check_pair(student_logits, original_logits, ("student_logits", "original_logits"))
-    _check_target(target, student_logits)
-    _check_tau(tau)
+    check_pair(student_logits, original_logits, ("student_logits", "original_logits"))
+    check_target(target, student_logits)
+    check_tau(tau)
     if scope not in REVERSE_SCOPES:
         raise ValueError(f"unknown reverse scope {scope!r}; valid: {', '.join(REVERSE_SCOPES)}")
     z_p = _fp(student_logits)
@@ -166,17 +166,18 @@ def rml_loss(student_logits, original_logits, target, tau=4.0, alpha=1.0, beta=1
     t2 = tau * tau
     terms = {"ce": F.cross_entropy(z_p, target)}
     if alpha:
-        terms["binary"] = alpha * t2 * _kl(binary_log_probs(z_o, target, tau), binary_log_probs(z_p, target, tau))
+        terms["binary"] = alpha * t2 * kl_divergence(binary_log_probs(z_o, target, tau),
+                                                     binary_log_probs(z_p, target, tau))
     else:
         terms["binary"] = _zero(z_p)
     log_q_p = non_target_log_probs(z_p, target, tau) if (beta or gamma) else None
     if beta:
         r = reverse_logits(z_o, target, scope)
-        terms["reversed"] = beta * t2 * _kl(non_target_log_probs(r, target, tau), log_q_p)
+        terms["reversed"] = beta * t2 * kl_divergence(non_target_log_probs(r, target, tau), log_q_p)
     else:
         terms["reversed"] = _zero(z_p)
     if gamma:
-        terms["maximize"] = -gamma * t2 * _kl(non_target_log_probs(z_o, target, tau), log_q_p)
+        terms["maximize"] = -gamma * t2 * kl_divergence(non_target_log_probs(z_o, target, tau), log_q_p)
     else:
         terms["maximize"] = _zero(z_p)
     return terms
@@ -191,15 +192,15 @@ def nasty_loss(logits, original_logits, target, tau=4.0, omega=0.04):
     The KL runs from the nasty teacher's distribution (z^n = logits, trained) to the frozen original's
     (z^o, detached here). Unbounded below by design.
     """
-    _check_pair(logits, original_logits, ("logits", "original_logits"))
-    _check_target(target, logits)
-    _check_tau(tau)
+    check_pair(logits, original_logits, ("logits", "original_logits"))
+    check_target(target, logits)
+    check_tau(tau)
     z_n = _fp(logits)
     terms = {"ce": F.cross_entropy(z_n, target)}
     if omega:
         log_p_n = F.log_softmax(z_n / tau, dim=1)
         log_p_o = F.log_softmax(_fp(original_logits.detach()) / tau, dim=1)
-        terms["nasty"] = -omega * tau * tau * _kl(log_p_n, log_p_o)
+        terms["nasty"] = -omega * tau * tau * kl_divergence(log_p_n, log_p_o)
     else:
         terms["nasty"] = _zero(z_n)
     return terms
@@ -214,17 +215,17 @@ def kd_loss(student_logits, teacher_logits, target, tau=4.0, alpha=0.9):
     teacher_logits are NOT detached: run a frozen teacher under no_grad; a data-free generator step
     may backpropagate through them on purpose.
     """
-    _check_pair(student_logits, teacher_logits, ("student_logits", "teacher_logits"))
-    _check_tau(tau)
+    check_pair(student_logits, teacher_logits, ("student_logits", "teacher_logits"))
+    check_tau(tau)
     z_s = _fp(student_logits)
     if target is not None and alpha != 1:
-        _check_target(target, student_logits)
+        check_target(target, student_logits)
         terms = {"ce": (1.0 - alpha) * F.cross_entropy(z_s, target)}
     else:
         terms = {"ce": _zero(z_s)}
     if alpha:
         log_p_t = F.log_softmax(_fp(teacher_logits) / tau, dim=1)
-        terms["kd"] = alpha * tau * tau * _kl(log_p_t, F.log_softmax(z_s / tau, dim=1))
+        terms["kd"] = alpha * tau * tau * kl_divergence(log_p_t, F.log_softmax(z_s / tau, dim=1))
     else:
         terms["kd"] = _zero(z_s)
     return terms
@@ -241,20 +242,21 @@ def dkd_loss(student_logits, teacher_logits, target, tau=4.0, alpha=1.0, beta=8.
     non_target_log_probs). warmup in [0, 1] is the caller's ramp (DKD uses min(epoch / 20, 1)).
     teacher_logits are not detached (see kd_loss).
     """
-    _check_pair(student_logits, teacher_logits, ("student_logits", "teacher_logits"))
-    _check_target(target, student_logits)
-    _check_tau(tau)
+    check_pair(student_logits, teacher_logits, ("student_logits", "teacher_logits"))
+    check_target(target, student_logits)
+    check_tau(tau)
     z_s, z_t = _fp(student_logits), _fp(teacher_logits)
     t2 = tau * tau
     terms = {"ce": F.cross_entropy(z_s, target)}
     w_tc, w_nc = warmup * alpha, warmup * beta
     if w_tc:
-        terms["tckd"] = w_tc * t2 * _kl(binary_log_probs(z_t, target, tau), binary_log_probs(z_s, target, tau))
+        terms["tckd"] = w_tc * t2 * kl_divergence(binary_log_probs(z_t, target, tau),
+                                                  binary_log_probs(z_s, target, tau))
     else:
         terms["tckd"] = _zero(z_s)
     if w_nc:
-        terms["nckd"] = w_nc * t2 * _kl(non_target_log_probs(z_t, target, tau),
-                                         non_target_log_probs(z_s, target, tau))
+        terms["nckd"] = w_nc * t2 * kl_divergence(non_target_log_probs(z_t, target, tau),
+                                                  non_target_log_probs(z_s, target, tau))
     else:
         terms["nckd"] = _zero(z_s)
     return terms
@@ -265,5 +267,5 @@ def dfad_discrepancy(student_logits, teacher_logits):
 
     Not detached on either side: the generator step maximises D through the frozen teacher.
     """
-    _check_pair(student_logits, teacher_logits, ("student_logits", "teacher_logits"))
+    check_pair(student_logits, teacher_logits, ("student_logits", "teacher_logits"))
     return (_fp(teacher_logits) - _fp(student_logits)).abs().mean()
