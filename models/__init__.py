@@ -119,7 +119,7 @@ def stages(model: nn.Module) -> list[str]:
         return [f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
     if isinstance(model, _mobilenetv2.MobileNetV2):  # a stage ends before each block that halves the resolution
         ends, i = [], -1
-        for _, _, repeats, stride in _mobilenetv2._CFG:
+        for _, _, repeats, stride in _mobilenetv2.CFG:
             if stride == 2 and i >= 0:
                 ends.append(i)
             i += repeats

@@ -19,7 +19,7 @@ from .resnet_cifar import init_weights
 __all__ = ["InvertedResidual", "MobileNetV2", "mobilenetv2"]
 
 # (expansion t, output channels c, repeats n, first stride s)
-_CFG: tuple[tuple[int, int, int, int], ...] = (
+CFG: tuple[tuple[int, int, int, int], ...] = (
     (1, 16, 1, 1),
     (6, 24, 2, 1),  # stride 2 in the ImageNet model
     (6, 32, 3, 2),
@@ -67,7 +67,7 @@ class MobileNetV2(nn.Module):
         )
         blocks: list[nn.Module] = []
         in_ch = 32
-        for expansion, out_ch, repeats, stride in _CFG:
+        for expansion, out_ch, repeats, stride in CFG:
             for i in range(repeats):
                 blocks.append(InvertedResidual(in_ch, out_ch, expansion, stride if i == 0 else 1))
                 in_ch = out_ch
