@@ -571,7 +571,6 @@ def _tail(path, lines=5):
     return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
 
 
-@cli_main
 def run_plan(steps, selected, exp_root, teachers_root, manifest, data_root, device="auto", jobs=1, dry_run=False,
              battery=True):
     """Bring the `selected` steps of a plan up to date: a finished step is skipped, an interrupted one resumes,
@@ -642,6 +641,7 @@ def run_plan(steps, selected, exp_root, teachers_root, manifest, data_root, devi
     return todo
 
 
+@cli_main
 def main(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="mini")

@@ -17,6 +17,8 @@ import subprocess
 
 import pytest
 
+import import_teacher
+import judge
 import report
 import reproduce
 import train_dfad
@@ -27,7 +29,8 @@ import fakedata
 from conftest import ROOT, run_main
 
 MAIN = {"reproduce.py": reproduce.main, "report.py": report.main, "train_scratch.py": train_scratch.main,
-        "train_possessive.py": train_possessive.main, "train_kd.py": train_kd.main, "train_dfad.py": train_dfad.main}
+        "train_possessive.py": train_possessive.main, "train_kd.py": train_kd.main, "train_dfad.py": train_dfad.main,
+        "judge.py": judge.main, "import_teacher.py": import_teacher.main}
 
 # (command as the README or docs/RESULTS.md writes it, after `python `; ./data standing for an empty data folder,
 # except in the set-up command, which reads the generated data the test puts in the copy's ./data; exit code)
