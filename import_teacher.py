@@ -19,6 +19,7 @@ import torch
 
 from utils.checkpoint import build_from_checkpoint, finished_weights, model_record
 from utils.config import TRAIN_DEFAULTS, checkpoint_keys, checkpoint_options, parse_config, resolve_config, write_config
+from utils.constants import DATASETS
 from utils.diagnostics import class_response, compare_to_original, expected_calibration_error
 from utils.engine import Engine, Task
 from utils.errors import UserError, cli_main
@@ -78,6 +79,19 @@ class ImportTask(Task):
         return out
 
 
+def load_teacher(path, what, dataset, **options):
+    """A brought file as it will be scored, checked before anything is written: (the file, model, checkpoint).
+    A run folder means its finished weights; a keyed teacher is refused (its key stays in its own folder)."""
+    path = finished_weights(path, what)
+    model, ckpt = build_from_checkpoint(path, what, dataset=dataset, num_classes=DATASETS[dataset].num_classes,
+                                        **options)
+    spec = ckpt.get("defence") or {}
+    if spec.get("key_sha256"):
+        raise UserError(f"{what} {path} is keyed ({spec.get('name')}): its key stays in its own folder; attack it "
+                        f"there (train_kd.py --teacher {path}) or bring the plain original")
+    return path, model, ckpt
+
+
 def check(cfg, source="config"):
     if not cfg["source"]:
         raise UserError(f"{source}: 'source' is required: the teacher's checkpoint file (--source FILE)")
@@ -90,26 +104,18 @@ def main(argv=None):
     args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv, script="import_teacher.py")
     cfg = resolve_config(args, DEFAULTS, checks=[check])
     cfg["source"] = finished_weights(cfg["source"], "teacher")
-    cfg["original"] = finished_weights(cfg["original"], "original")
     if not os.path.isfile(cfg["source"]):
         raise UserError(f"source {cfg['source']} not found; give the teacher's checkpoint file")
     digest = file_sha256(cfg["source"])
     if cfg["source_sha256"] and cfg["source_sha256"] != digest:
         raise UserError(f"source {cfg['source']} has sha256 {digest[:12]}, source_sha256 says "
                         f"{cfg['source_sha256'][:12]}: the file changed; import it again without source_sha256")
-    # everything about the file is checked before the engine touches the folder
-    from utils.constants import DATASETS
-    num_classes = DATASETS[cfg["dataset"]].num_classes
-    teacher, ckpt = build_from_checkpoint(cfg["source"], "teacher", dataset=cfg["dataset"], num_classes=num_classes,
-                                          **checkpoint_options(cfg, "teacher"))
+    # everything about the files is checked before the engine touches the folder
+    _, teacher, ckpt = load_teacher(cfg["source"], "teacher", cfg["dataset"], **checkpoint_options(cfg, "teacher"))
     spec = ckpt.get("defence")
-    if spec and spec.get("key_sha256"):
-        raise UserError(f"teacher {cfg['source']} is keyed ({spec.get('name')}): its key stays in its own folder; "
-                        f"attack it where it was made (train_kd.py --teacher {cfg['source']})")
     original, original_ckpt = None, None
     if cfg["original"]:
-        original, original_ckpt = build_from_checkpoint(cfg["original"], "original", dataset=cfg["dataset"],
-                                                        num_classes=num_classes)
+        cfg["original"], original, original_ckpt = load_teacher(cfg["original"], "original", cfg["dataset"])
     cfg["model"] = ckpt["arch"]  # what is scored is the file's architecture, whatever the defaults say
     engine = Engine(cfg, args.save_path, "import_teacher.py", resume=False, overwrite=args.overwrite)
     engine.add_input("teacher", cfg["source"], ckpt)

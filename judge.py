@@ -28,8 +28,8 @@ import sys
 import time
 
 import reproduce
-from import_teacher import file_sha256
-from utils.checkpoint import WEIGHTS_FILE, build_from_checkpoint, finished_weights
+from import_teacher import file_sha256, load_teacher
+from utils.checkpoint import WEIGHTS_FILE
 from utils.config import Parser
 from utils.constants import DATASETS
 from utils.defences import DEFENCES
@@ -96,14 +96,9 @@ def parse_args(argv=None):
 
 
 def check_teacher(path, what, dataset, arch="", mean=None, std=None, allow_unfinished=False):
-    """Load a brought file as the scripts will, before anything is written: (resolved path, its architecture)."""
-    path = finished_weights(path, what)
-    _, ckpt = build_from_checkpoint(path, what, dataset=dataset, num_classes=DATASETS[dataset].num_classes,
-                                    arch=arch or None, mean=mean or None, std=std or None,
-                                    allow_unfinished=allow_unfinished)
-    if (ckpt.get("defence") or {}).get("key_sha256"):
-        raise UserError(f"{what} {path} is a keyed teacher: its key stays in its own folder; attack it there "
-                        f"(train_kd.py --teacher {path}) or bring the plain original")
+    """Load a brought file as import_teacher.py will, before anything is written: (resolved path, its arch)."""
+    path, _, ckpt = load_teacher(path, what, dataset, arch=arch or None, mean=mean or None, std=std or None,
+                                 allow_unfinished=allow_unfinished)
     return os.path.abspath(path), ckpt["arch"]
 
 
@@ -170,8 +165,8 @@ def main(argv=None):
     out = args.out or os.path.join("exps", f"judge_{args.name}")
     teachers_root = os.path.join(out, "teachers")
     folders = []
-    t0 = time.time()
     for threat in threats:
+        t0 = time.time()
         exp_root = os.path.join(out, threat or "default")
         dfad = [] if threat else list(ckpt)
         steps = teacher_steps + reproduce.student_steps(args.preset, dataset, seeds, ckpt, threat=threat,
