@@ -18,6 +18,9 @@ Everything goes to --out: cuda_check.md and cuda_check.json (the table), epoch_t
 per script/model: python reproduce.py --preset paper --dry_run --cost OUT/epoch_times.json projects the
 preset's device-hours from it), logs/ (each command's output) and work/ (generated data and runs, replaced
 on every run). Exit code 0 when no check FAILED, 1 when one did, 2 on bad input.
+
+Longer than ~400 lines because it is one self-contained script a device session runs as it is: one function a
+check, read top to bottom, with nothing to import beyond the project and the tests' generated data.
 """
 import argparse
 import json

@@ -8,7 +8,8 @@ which `attach` hooks onto the student) returns it from `parts`: the engine optim
 and resumes it with the student.
 
 Adding an attack is one class here plus its test; train_kd.py, reproduce.py's battery, report.py's table and
-figures pick it up from ATTACKS.
+figures pick it up from ATTACKS. Longer than ~400 lines because the registry is one file on purpose: a reader
+sees every attack of the battery, and how each reads the teacher, side by side.
 """
 import math
 

@@ -6,6 +6,10 @@ returns a dict of named loss terms; the engine sums them, backpropagates, and lo
 
 There is one training loop, train_together: Engine.fit runs a lone run through it as a battery of one, and
 train_kd.py --battery runs several students of one teacher through it (utils/battery.py).
+
+Longer than ~400 lines because the Engine is one object on purpose: a run's folder, resume, precision, DDP,
+evaluation and logs share its state, and the one loop reads all of them; the pieces that need none of it (lr
+factors, the signal helper, the stop checks) are the module's functions, and tests/test_engine.py tests them.
 """
 import contextlib
 import csv

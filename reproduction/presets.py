@@ -1,0 +1,115 @@
+"""The presets of the reproduction (the scale of every step, the seeds, the thief's threat models) and the
+battery they run: which teachers and attacks, how a step's folder is named for a seed."""
+from utils.attacks import ATTACKS
+from utils.defences import DEFENCES
+from utils.errors import UserError
+
+# Params that name another step's checkpoint ("<step>/weights.pth", relative to the preset folder): the
+# weights-only file a finished run leaves, which is also what a released teacher ships.
+CHECKPOINT_KEYS = ("original", "teacher")
+
+
+# Student epochs of the threat models, chosen by the doubling rule on their curves (exps/threat_curve,
+# docs/RESULTS.md): label smoothing is flat at 120 epochs on 5,000 images and at 150 on 1,000; vanilla KD from the
+# original, the slower arm, at 240 (+0.70 to 480) and at 1200 (+0.33 to 2400).
+P10_EPOCHS = 240
+P2_EPOCHS = 1200
+
+
+def battery_teachers(extra=()):
+    """The teachers every attack is run against: the original, then each defence of the registry's battery,
+    then the defences outside it asked for (`extra`: reproduce.py --defences, e.g. variants being screened)."""
+    names = ["original"] + [name for name, d in DEFENCES.items() if d.battery]
+    return names + [name for name in extra if name not in names]
+
+
+def battery_attacks():
+    """The attacks of the registry that the battery runs against every teacher."""
+    return [name for name, a in ATTACKS.items() if a.battery]
+
+
+PRESETS = {
+    # Seconds per step on generated data: the test suite runs the whole chain with it.
+    "tiny": {
+        "dataset": "cifar10", "teacher_model": "cnn", "students": ["cnn_small"], "dfad_student": "cnn_small",
+        "train": {"batch_size": 20, "eval_batch_size": 50, "amp": "off", "log_every": 5},
+        "teacher": {"epochs": 2, "lr": 0.05},
+        "possessive": {"epochs": 1, "lr": 0.02, "init_from_original": True},
+        "student": {"epochs": 1, "lr": 0.05},
+        "taus": [4.0],
+        "dfad": {"epochs": 1, "iters_per_epoch": 2, "k": 2, "batch_size": 16, "lr": 0.05},
+        "threats": {
+            "s50": {"title": "50 labelled images", "subset": 50, "labels": True, "student": {"epochs": 2}},
+            "s50nl": {"title": "50 images, no labels", "subset": 50, "labels": False, "student": {"epochs": 2}},
+        },
+    },
+    # CPU scale (2 cores): METHOD.md section 6 settings for the teachers; students and the thief's tau cut
+    # so a seed of the battery fits an afternoon with --jobs 2 (README).
+    "mini": {
+        "dataset": "cifar10", "teacher_model": "resnet20", "students": ["cnn"], "dfad_student": "resnet8",
+        "train": {"batch_size": 128, "optimizer": "sgd", "nesterov": True, "weight_decay": 5e-4,
+                  "schedule": "onecycle"},
+        "teacher": {"epochs": 12, "lr": 0.2},
+        "possessive": {"epochs": 3, "lr": 0.05, "init_from_original": True},
+        # RML's own settings over "possessive": chosen by the sweep in exps/mini/rml_sweep (README).
+        "rml": {"lr": 0.01, "beta": 0.3},
+        "student": {"epochs": 3, "lr": 0.05},
+        "seeds": [0, 1, 2],  # METHOD.md section 8: a verdict needs n >= 3
+        "taus": [4.0],
+        # DFAD: 8 epochs of 50 generator iterations at a constant lr (milestone at the end), the budget where
+        # the student of the original passes 40% (exps/mini_dfad_curve, README); about 12 min a run, one thread
+        "dfad": {"epochs": 8, "iters_per_epoch": 50, "k": 5, "batch_size": 128, "lr": 0.1,
+                 "schedule": "step", "milestones": [8]},
+        # The thief's threat models (METHOD.md section 10): reproduce.py --threat NAME trains the student arms
+        # into exps/mini_<NAME> (the full-data one into exps/mini_long), against the teachers of exps/mini.
+        # Each schedule is the one chosen by the doubling rule on its own curve (exps/threat_curve).
+        "threats": {
+            "full": {"title": "all 50,000 labelled images", "subset": 0, "labels": True, "root": "mini_long",
+                     "suffix": "_e24", "student": {"epochs": 24}},
+            "p10": {"title": "5,000 labelled images (10%)", "subset": 5000, "labels": True,
+                    "student": {"epochs": P10_EPOCHS, "eval_every": 10}},
+            "p10nl": {"title": "5,000 images (10%), no labels", "subset": 5000, "labels": False,
+                      "student": {"epochs": P10_EPOCHS, "eval_every": 10}},
+            "p2": {"title": "1,000 labelled images (2%)", "subset": 1000, "labels": True,
+                   "student": {"epochs": P2_EPOCHS, "eval_every": 50}},
+            "p2nl": {"title": "1,000 images (2%), no labels", "subset": 1000, "labels": False,
+                     "student": {"epochs": P2_EPOCHS, "eval_every": 50}},
+        },
+    },
+    # Paper scale (GPU): ResNet-18 teachers as in the Nasty Teacher paper, their CIFAR-10 students.
+    "paper": {
+        "dataset": "cifar10", "teacher_model": "resnet18", "students": ["cnn", "resnet20", "resnet32", "resnet18"],
+        "dfad_student": "resnet18",
+        "train": {"batch_size": 128, "optimizer": "sgd", "nesterov": False, "weight_decay": 5e-4,
+                  "schedule": "step", "lr_decay": 0.1},
+        "teacher": {"epochs": 200, "lr": 0.1, "milestones": [100, 150]},
+        "possessive": {"epochs": 200, "lr": 0.1, "milestones": [100, 150]},
+        "student": {"epochs": 200, "lr": 0.1, "milestones": [100, 150]},
+        "seeds": [0, 1, 2],
+        "taus": [1.0, 4.0, 10.0, 20.0],
+        "dfad": {"epochs": 500, "iters_per_epoch": 50, "k": 5, "batch_size": 256, "lr": 0.1,
+                 "milestones": [100, 200]},
+    },
+}
+
+
+
+def seeded(name, seed):
+    """A student step's folder for a seed: seed 0 keeps the plain name, seed s the suffix _seed<s>."""
+    return name if seed == 0 else f"{name}_seed{seed}"
+
+
+def threat_model(preset, name):
+    """The threat model `name` of a preset (its dict), or a UserError naming the preset's threat models."""
+    threats = PRESETS[preset].get("threats", {})
+    if name not in threats:
+        known = ", ".join(threats) or "none"
+        raise UserError(f"--threat: preset {preset} has no threat model '{name}'; choose one of: {known}")
+    return threats[name]
+
+
+def threat_record(preset, name):
+    """What steps.json and the report say about a threat model: its name, title, images, labels and bar."""
+    t = threat_model(preset, name)
+    return {"name": name, "title": t["title"], "images": t["subset"] or None, "labels": t["labels"],
+            "bar": "ls" if t["labels"] else "hardlabel"}

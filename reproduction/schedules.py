@@ -1,0 +1,145 @@
+"""The committed experiments beyond a preset's grid, each a schedule of the reproduction.
+
+A schedule is the list of runs of one experiment folder (a convergence curve, the long schedule, the fp32 budget
+run, the RML screening), each run derived from a step of a preset's plan with a few settings changed (its
+epochs, the thief's images) and named as its folder is. `python reproduce.py --schedule NAME` trains what is
+missing (resuming, skipping what is done, as for a preset) and rebuilds the folder's report; with --dry_run it
+lists every run's state, so a fresh clone shows which committed runs it can rebuild.
+
+Every schedule attacks the teachers of its preset folder (exps/<preset>), trained there first if missing. A run
+that two experiments share is trained once, in the folder of the experiment that made it, and the other names it
+by its path from its own folder ("../mini_curve/..."): the long schedule's seed-0 vanilla KD from the original is
+the 24-epoch point of the full-data curve.
+"""
+from utils.errors import UserError
+
+from .plan import dependencies, plan
+from .presets import battery_teachers
+
+# The attacks of the battery when these experiments were run, named here so that a later attack of the registry
+# is not reported as a missing run of an experiment that never had it.
+ATTACKS_RUN = ("vanilla", "rereverse", "dkd", "tckd", "hardlabel", "markov")
+
+
+def variant(step, name, **params):
+    """A copy of a plan's step under another folder name, with `params` changed (e.g. its epochs)."""
+    return dict(step, name=name, params=dict(step["params"], **params), role=dict(step["role"]))
+
+
+def _steps(preset, seeds=(0,), threat=None, **kw):
+    return {s["name"]: s for s in plan(preset, seeds=seeds, threat=threat, **kw)}
+
+
+def mini_curve():
+    """Full data, seed 0: scratch and vanilla KD from the original at 6, 12, 24 and 48 epochs, label smoothing at
+    48 (its 3-epoch point is exps/mini's, its 24-epoch point the long schedule's)."""
+    s = _steps("mini")
+    out = []
+    for epochs in (6, 12, 24, 48):
+        out.append(variant(s["scratch_cnn"], f"scratch_cnn_e{epochs}", epochs=epochs))
+        out.append(variant(s["kd_vanilla_original_cnn"], f"kd_vanilla_original_cnn_e{epochs}", epochs=epochs))
+    out.append(variant(s["ls_cnn"], "ls_cnn_e48", epochs=48))
+    return out
+
+
+def mini_long():
+    """The full-data threat model's 24-epoch students, three seeds: label smoothing, vanilla KD and TCKD from every
+    teacher of the battery, every attack against Nasty, and Markov KD from the original (seed 0)."""
+    s = _steps("mini", seeds=(0, 1, 2), threat="full")
+    names = []
+    for seed in (0, 1, 2):
+        sfx = "_e24" + (f"_seed{seed}" if seed else "")
+        names.append(f"ls_cnn{sfx}")
+        names += [f"kd_{a}_{t}_cnn{sfx}" for a in ("vanilla", "tckd") for t in battery_teachers()]
+        names += [f"kd_{a}_nasty_cnn{sfx}" for a in ATTACKS_RUN if a not in ("vanilla", "tckd")]
+    names.append("kd_markov_original_cnn_e24")
+    out = [s[n] for n in names]
+    shared = "kd_vanilla_original_cnn_e24"  # the curve's 24-epoch point: one run, in exps/mini_curve
+    out[out.index(s[shared])] = variant(s[shared], f"../mini_curve/{shared}")
+    return out
+
+
+def mini_dfad_curve():
+    """DFAD's budget (seed 0): the original's student at 12 epochs (lr decayed once, at epoch 9), and the RML and
+    Nasty students at the preset's 8 epochs."""
+    s = _steps("mini")
+    return [variant(s["dfad_original_resnet8"], "dfad_original_resnet8_e12", epochs=12, milestones=[9]),
+            variant(s["dfad_rml_resnet8"], "dfad_rml_resnet8_e8"),
+            variant(s["dfad_nasty_resnet8"], "dfad_nasty_resnet8_e8")]
+
+
+def threat_curve():
+    """The threat models' curves (seed 0): label smoothing and vanilla KD from the original on 5,000 and on 1,000
+    labelled images, at the schedule lengths the doubling rule was read from."""
+    out = []
+    for threat, images, ls_epochs, kd_epochs in (("p10", 5000, (60, 120, 240), (60, 120, 240, 480)),
+                                                 ("p2", 1000, (150, 300, 600), (150, 300, 600, 1200, 2400))):
+        s = _steps("mini", threat=threat)
+        out += [variant(s["ls_cnn"], f"ls_cnn_n{images}_e{e}", epochs=e) for e in ls_epochs]
+        out += [variant(s["kd_vanilla_original_cnn"], f"kd_vanilla_original_cnn_n{images}_e{e}", epochs=e)
+                for e in kd_epochs]
+    return out
+
+
+def mini_fp32():
+    """Seed 0 of the mini grid with every student in fp32 (the budget of a machine without fast bf16), against
+    exps/mini's teachers."""
+    return [step for step in plan("mini", seeds=(0,), amp="off") if step["role"]["kind"] != "teacher"]
+
+
+def mini_rml_screen():
+    """The RML settings screened before the preset's (seed 0): three on the full mini fine-tune (the section-2
+    defaults at lr 0.05, then lr 0.01 with beta 1 and 0.5), six on a 10,000-image subset for 2 epochs, and vanilla
+    KD and TCKD from the beta 0.5 and beta 1 teachers. The teachers are in exps/mini (rml_resnet20_<setting>,
+    rml_sweep/<setting>), the students in exps/mini/rml_tradeoff."""
+    s = _steps("mini")
+    rml = s["rml_resnet20"]
+    full = {"rml_resnet20_lr0.05_b1": {"lr": 0.05, "beta": 1.0}, "rml_resnet20_lr0.01": {"beta": 1.0},
+            "rml_resnet20_lr0.01_b0.5": {"beta": 0.5}}
+    sweep = {"ce_control": {"alpha": 0.0, "beta": 0.0}, "rml_a0_b4_t4": {"alpha": 0.0, "beta": 4.0},
+             "rml_a1_b0.5_t4": {"beta": 0.5}, "rml_a1_b1_t2": {"beta": 1.0, "tau": 2.0},
+             "rml_a1_b1_t4": {"beta": 1.0}, "rml_a1_b1_t4_lr0.01": {"beta": 1.0, "lr": 0.01}}
+    out = [variant(rml, name, **kw) for name, kw in full.items()]
+    out += [variant(rml, f"rml_sweep/{name}", **dict({"epochs": 2, "lr": 0.05, "subset": 10000}, **kw))
+            for name, kw in sweep.items()]
+    for beta, teacher in (("b0.5", "rml_resnet20_lr0.01_b0.5"), ("b1", "rml_resnet20_lr0.05_b1")):
+        for attack in ("vanilla", "tckd"):
+            out.append(variant(s[f"kd_{attack}_rml_cnn"], f"kd_{attack}_rml_{beta}_cnn",
+                               teacher=f"{teacher}/weights.pth"))
+    return out
+
+
+# name -> what it is, its preset, its folder under exps/, its runs, and how its report is rebuilt
+# (curve: report.py --curve with these folders' points too; compare: results.md and comparison.md against a folder)
+SCHEDULES = {
+    "mini_curve": {"title": "full-data convergence curve", "preset": "mini", "root": "mini_curve",
+                   "steps": mini_curve, "report": {"curve": ["mini"]}},
+    "mini_long": {"title": "the full-data threat model's 24-epoch students", "preset": "mini", "root": "mini_long",
+                  "steps": mini_long, "report": {"curve": ["mini", "mini_curve"]}, "threat": "full"},
+    "mini_dfad_curve": {"title": "DFAD's budget", "preset": "mini", "root": "mini_dfad_curve",
+                        "steps": mini_dfad_curve, "report": {}},
+    "threat_curve": {"title": "the threat models' convergence curves", "preset": "mini", "root": "threat_curve",
+                     "steps": threat_curve, "report": {"curve": []}},
+    "mini_fp32": {"title": "seed 0 of the mini grid in fp32", "preset": "mini", "root": "mini_fp32",
+                  "steps": mini_fp32, "report": {"compare": "mini"}},
+    "mini_rml_screen": {"title": "the RML settings screened before the preset's", "preset": "mini",
+                        "root": "mini/rml_tradeoff", "steps": mini_rml_screen, "report": {}},
+}
+
+
+def schedule(name):
+    """The schedule `name` (its dict), or a UserError naming the schedules."""
+    if name not in SCHEDULES:
+        raise UserError(f"--schedule: no schedule '{name}'; choose one of: {', '.join(SCHEDULES)}")
+    return SCHEDULES[name]
+
+
+def schedule_plan(name):
+    """The steps of a schedule: the teachers of its preset that its runs load (trained in exps/<preset> first if
+    missing), then its runs."""
+    sched = schedule(name)
+    runs = sched["steps"]()
+    teachers = [s for s in plan(sched["preset"], defences=()) if s["role"]["kind"] == "teacher"]
+    needed = set().union(*(dependencies(s) for s in runs))
+    needed |= set().union(*(dependencies(s) for s in teachers if s["name"] in needed))
+    return [s for s in teachers if s["name"] in needed] + runs

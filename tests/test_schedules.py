@@ -1,0 +1,117 @@
+"""Every committed experiment beyond the grid is a schedule of the reproduction: `reproduce.py --schedule NAME
+--dry_run` finds each of its runs done on a clone, every run folder of the experiment is one of its runs, and a
+run of the schedule with nothing left to train rebuilds the committed report byte for byte."""
+import json
+import os
+import shutil
+
+import pytest
+
+import reproduce
+from conftest import ROOT, run_main
+from reproduction.schedules import SCHEDULES, schedule_plan, variant
+from utils.config import changed_result_key
+
+
+def _run_folders(root):
+    return sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "metrics.json"))
+                  or os.path.isfile(os.path.join(root, d, "sweep.json")))
+
+
+# The RML screening was fine-tuned from the original teacher trained before the released one (and before runs
+# recorded the digest of what they load): its dry run says so, and a real run trains it again against the released
+# teachers. Every other schedule's runs are done.
+BEFORE_PROVENANCE = {"mini_rml_screen"}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_a_schedules_dry_run_finds_every_committed_run_done(name, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    sched = SCHEDULES[name]
+    assert run_main(reproduce.main, ["--schedule", name, "--dry_run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    steps = schedule_plan(name)
+    runs = sched["steps"]()  # its own runs (the screening's own teachers among them), after its preset's teachers
+    assert steps[len(steps) - len(runs):] == runs
+    if name in BEFORE_PROVENANCE:
+        teachers = len(steps) - len(runs)
+        assert out[-1] == f"{len(steps)} steps: {teachers} done, {len(runs)} stale", out[-1]
+        screened = [line for line in out if "stale (" in line]
+        assert len(screened) == len(runs) and all(
+            "before provenance was recorded" in line or "is to be trained again" in line for line in screened)
+        return
+    assert out[-1] == f"{len(steps)} steps: {len(steps)} done", out[-1]
+    assert runs and all(f"{s['name']}: done" in "\n".join(out) for s in runs)
+    # the schedule covers the whole experiment folder: every run in it is one of the schedule's runs, or (the
+    # fp32 run) a copy of a teacher of the preset folder the schedule attacks
+    names = {s["name"] for s in runs}
+    root = os.path.join(ROOT, "exps", sched["root"])
+    for folder in _run_folders(root):
+        if folder in names:
+            continue
+        copy_of = os.path.join(ROOT, "exps", sched["preset"], folder, "metrics.json")
+        assert os.path.isfile(copy_of), f"{root}/{folder} is in no schedule"
+        with open(copy_of, "rb") as a, open(os.path.join(root, folder, "metrics.json"), "rb") as b:
+            assert a.read() == b.read(), f"{root}/{folder} is neither a run of the schedule nor a teacher's copy"
+
+
+def test_a_run_two_experiments_share_is_trained_once_with_one_config():
+    owner = {}
+    for name in SCHEDULES:
+        root = os.path.join("exps", SCHEDULES[name]["root"])
+        for step in schedule_plan(name):
+            if step["role"]["kind"] == "teacher":
+                continue
+            folder = os.path.normpath(os.path.join(root, step["name"]))
+            if folder in owner:
+                other = owner[folder]
+                assert changed_result_key(other["params"], step["params"]) is None, folder
+                assert step["name"].startswith("../") or other["name"].startswith("../"), folder
+            owner[folder] = step
+    assert "exps/mini_curve/kd_vanilla_original_cnn_e24" in owner
+
+
+def test_variant_changes_the_name_and_the_given_settings_alone():
+    step = next(s for s in reproduce.plan("mini") if s["name"] == "ls_cnn")
+    v = variant(step, "ls_cnn_e48", epochs=48)
+    assert v["name"] == "ls_cnn_e48" and v["params"]["epochs"] == 48 and step["params"]["epochs"] == 3
+    assert changed_result_key(step["params"], v["params"]) == "epochs"
+    assert v["role"] == step["role"] and v["script"] == step["script"]
+
+
+@pytest.mark.parametrize("name,report", [("mini_curve", "curve.md"), ("mini_fp32", "results.md")])
+def test_a_schedule_with_nothing_to_train_rebuilds_its_committed_report(name, report, tmp_path, monkeypatch, capsys):
+    sched = SCHEDULES[name]
+    for folder in {sched["preset"], sched["root"]}:
+        shutil.copytree(os.path.join(ROOT, "exps", folder), tmp_path / "exps" / folder)
+    monkeypatch.chdir(tmp_path)
+    assert run_main(reproduce.main, ["--schedule", name, "--data_root", str(tmp_path)]) == 0
+    assert "steps: " in capsys.readouterr().out
+    for f in (report, "comparison.md") if name == "mini_fp32" else (report, "curve.json"):
+        with open(os.path.join(ROOT, "exps", sched["root"], f), "rb") as a, open(tmp_path / "exps" / sched["root"] / f,
+                                                                                 "rb") as b:
+            assert a.read() == b.read(), f
+    manifest = json.loads((tmp_path / "exps" / sched["root"] / "steps.json").read_text())
+    assert manifest["schedule"] == name and manifest["teachers_from"] == f"../{sched['preset']}"
+
+
+@pytest.mark.parametrize("extra,what", [(["--seeds", "0"], "--seeds"), (["--threat", "p10"], "--threat"),
+                                        (["--preset", "mini", "--amp", "off"], "--preset, --amp")])
+def test_a_schedule_refuses_the_options_it_fixes_itself(extra, what, capsys):
+    assert run_main(reproduce.main, ["--schedule", "mini_curve", "--dry_run"] + extra) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and what in err[0] and "--schedule mini_curve" in err[0], err
+
+
+def test_an_unknown_schedule_names_the_known_ones(capsys):
+    assert run_main(reproduce.main, ["--schedule", "mini_curves", "--dry_run"]) == 2
+    err = capsys.readouterr().err
+    assert "mini_curve" in err and "threat_curve" in err
+
+
+def test_the_grids_dry_run_finds_every_committed_step_done(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert run_main(reproduce.main, ["--preset", "mini", "--dry_run"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    n = len(json.loads(open(os.path.join(ROOT, "exps", "mini", "steps.json")).read())["steps"])
+    assert last == f"{n} steps: {n} done", last
