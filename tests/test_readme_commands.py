@@ -46,16 +46,14 @@ COMMANDS = [
     ("train_kd.py --save_path exps/mini/kd_vanilla_rml_cnn --tau_sweep 1,4,10,20", 2),
     ("train_dfad.py --save_path exps/mini/dfad_rml_resnet8", 2),
     ("report.py exps/mini", 0),
-    ("train_scratch.py --save_path exps/mini_curve/scratch_cnn_e24 --data_root ./data", 2),
-    ("train_kd.py --save_path exps/mini_curve/kd_vanilla_original_cnn_e24 --data_root ./data", 2),
-    ("train_scratch.py --save_path exps/mini_long/ls_cnn_e24 --data_root ./data", 2),
-    ("train_dfad.py --save_path exps/mini_dfad_curve/dfad_original_resnet8_e12 --data_root ./data", 2),
     ("reproduce.py --preset mini --threat p10 --data_root ./data --dry_run", 0),
-    ("report.py exps/mini_curve --curve --with exps/mini", 0),
-    ("report.py exps/mini_long --curve --with exps/mini exps/mini_curve", 0),
-    ("report.py exps/threat_curve --curve", 0),
-    ("train_scratch.py --save_path exps/threat_curve/ls_cnn_n5000_e120 --data_root ./data", 2),
-    ("train_kd.py --save_path exps/threat_curve/kd_vanilla_original_cnn_n5000_e120 --data_root ./data", 2),
+    ("reproduce.py --schedule mini_curve --data_root ./data --jobs 2", 0),
+    ("reproduce.py --schedule mini_long --data_root ./data --jobs 2", 0),
+    ("reproduce.py --schedule mini_long --data_root ./data --dry_run", 0),
+    ("reproduce.py --schedule mini_dfad_curve --data_root ./data --jobs 2", 0),
+    ("reproduce.py --schedule threat_curve --data_root ./data --jobs 2", 0),
+    ("reproduce.py --schedule mini_fp32 --data_root ./data --jobs 2", 0),
+    ("reproduce.py --schedule mini_rml_screen --data_root ./data --dry_run", 0),
 ]
 PLACEHOLDERS = {"DIR", "FILE", "ARCH"}
 FIRST_SCREEN = 30  # lines: where the README's set-up and test commands must be
