@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny generated CIFAR-10 copy, a way to run a script's main() in-process, and the device
-the device-dependent tests run on.
+"""Shared fixtures: a tiny generated CIFAR-10 copy, a tiny teacher trained on it, a way to run a script's main()
+in-process, and the device the device-dependent tests run on.
 
 TEST_DEVICE (cpu, cuda or cuda:N; default cpu) is the device of every training run the tests start and of
 the `device` fixture. Tests marked `device` (and every test that takes the `device` fixture) exercise device
@@ -91,6 +91,15 @@ def threat_runs(tmp_path_factory, tiny_chain, cifar_root):
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         out[name] = root
     return exp_root, out, str(base / "summary")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, cifar_root):
+    """A tiny cnn_small teacher trained by train_scratch.py, once per test module: its weights.pth."""
+    import train_scratch
+    d = make_exp(tmp_path_factory.mktemp("teacher") / "cnn_small", **dict(TINY, data_root=cifar_root))
+    assert run_main(train_scratch.main, ["--save_path", d]) == 0
+    return os.path.join(d, "weights.pth")
 
 
 def file_bytes(path):

@@ -7,18 +7,10 @@ import pytest
 import torch
 
 import train_kd
-import train_scratch
 from conftest import TINY, make_exp, read_json, run_main
 from utils.battery import SharedForward
 
 ATTACKS = ("vanilla", "markov", "dkd")  # markov: a trained part of its own; dkd: a warm-up that reads progress
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, cifar_root):
-    d = make_exp(tmp_path_factory.mktemp("teacher") / "cnn_small", **dict(TINY, data_root=cifar_root))
-    assert run_main(train_scratch.main, ["--save_path", d]) == 0
-    return os.path.join(d, "weights.pth")
 
 
 def _runs(root, cifar_root, teacher, prefix, **over):
@@ -72,26 +64,6 @@ def test_battery_students_match_their_lone_runs(tmp_path, cifar_root, teacher, m
     assert calls[-1] == n_batches * (len(ATTACKS) - 1) and steps["epoch"] == TINY["epochs"]
     markov = _weights(together[1])
     assert read_json(os.path.join(together[1], "metrics.json"))["markov_rank"] == 3 and markov
-
-
-def test_a_lone_run_and_a_battery_of_one_end_bitwise_equal(tmp_path, cifar_root, teacher):
-    """One loop: a lone run (Engine.fit) and train_kd's battery path with one student (shared teacher forward,
-    the battery's own Member and RNG swap) end with the same bits. markov: a trained part beside the model."""
-    lone, one = (make_exp(tmp_path / name, **dict(TINY, data_root=cifar_root, teacher=teacher, attack="markov",
-                                                  seed=5)) for name in ("lone", "one"))
-    assert run_main(train_kd.main, ["--save_path", lone]) == 0
-    args, _ = train_kd.parse_args(["--battery", one])  # the command line asks for two; the function takes one
-    [metrics] = train_kd.battery([one], args)
-    assert metrics["battery"] == [one]
-    wa, wb = _weights(lone), _weights(one)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    pa, pb = (torch.load(os.path.join(d, "last.pth"), weights_only=True)["parts"]["markov"]["module"]
-              for d in (lone, one))
-    assert pa.keys() == pb.keys() and pa and all(torch.equal(pa[k], pb[k]) for k in pa)
-    ha, hb = (read_json(os.path.join(d, "metrics.json"))["history"] for d in (lone, one))
-    drop = ("train_img_per_s",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in ha] == \
-           [{k: v for k, v in r.items() if k not in drop} for r in hb]
 
 
 class _StopAtStep3(train_kd.KDTask):

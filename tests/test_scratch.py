@@ -1,6 +1,6 @@
-"""train_scratch.py end to end on tiny data: config handling, outputs, resume, bad input."""
+"""train_scratch.py end to end on tiny data: config handling, outputs, bad input (its stop and resume are the
+engine's, tested in tests/test_engine.py)."""
 import os
-import signal
 import subprocess
 import sys
 
@@ -9,7 +9,6 @@ import torch
 
 import train_scratch
 from conftest import ROOT, TEST_DEVICE, TINY, make_exp, read_json, run_main
-from utils.engine import lr_factor
 
 
 def _exp(tmp_path, cifar_root, name="run", **over):
@@ -34,37 +33,6 @@ def test_trains_and_writes_outputs(tmp_path, cifar_root):
     ckpt = torch.load(os.path.join(d, "last.pth"), weights_only=True)
     assert ckpt["arch"] == "cnn" and ckpt["num_classes"] == 10 and ckpt["epoch"] == 3
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
-
-
-class _StopAt(train_scratch.ScratchTask):
-    """Raise the engine's stop flag at a given global step, as SIGTERM would."""
-
-    def __init__(self, model, stop_at):
-        super().__init__(model, 0.0)
-        self.stop_at, self.count = stop_at, 0
-
-    def after_step(self, engine, step):
-        self.count += 1
-        if self.count == self.stop_at:
-            engine.request_stop(signal.SIGTERM)
-
-
-def test_interrupt_then_resume_matches_uninterrupted(tmp_path, cifar_root, monkeypatch, capsys):
-    full = _exp(tmp_path, cifar_root, "full", epochs=3)
-    assert run_main(train_scratch.main, ["--save_path", full]) == 0
-    part = _exp(tmp_path, cifar_root, "part", epochs=3)
-    monkeypatch.setattr(train_scratch, "ScratchTask", lambda m, ls: _StopAt(m, 7))  # mid-epoch 2 (5 steps/epoch)
-    assert run_main(train_scratch.main, ["--save_path", part]) == 128 + signal.SIGTERM
-    assert "--resume" in capsys.readouterr().out
-    assert torch.load(os.path.join(part, "last.pth"), weights_only=True)["step"] == 2
-    monkeypatch.undo()
-    assert run_main(train_scratch.main, ["--save_path", part, "--resume"]) == 0
-    a, b = read_json(os.path.join(full, "metrics.json")), read_json(os.path.join(part, "metrics.json"))
-    assert a["final_acc"] == b["final_acc"]
-    wa = torch.load(os.path.join(full, "last.pth"), weights_only=True)["model"]
-    wb = torch.load(os.path.join(part, "last.pth"), weights_only=True)["model"]
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("params,args,message", [
@@ -97,14 +65,6 @@ def test_malformed_or_missing_params(tmp_path, capsys):
     (d / "params.json").write_text("{epochs: 3")
     assert run_main(train_scratch.main, ["--save_path", str(d)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
-
-
-def test_lr_schedules():
-    cfg = {"epochs": 10, "schedule": "onecycle", "warmup": 0.2, "milestones": [5, 8], "lr_decay": 0.1}
-    assert lr_factor(cfg, 2.0) == pytest.approx(1.0) and lr_factor(cfg, 10.0) == pytest.approx(0.0)
-    assert lr_factor(dict(cfg, schedule="step"), 6.0) == pytest.approx(0.1)
-    assert lr_factor(dict(cfg, schedule="step"), 9.0) == pytest.approx(0.01)
-    assert lr_factor(dict(cfg, schedule="cosine"), 5.0) == pytest.approx(0.5)
 
 
 def test_cli_subprocess_list_models_and_help():
