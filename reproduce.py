@@ -146,6 +146,18 @@ def threat_record(preset, name):
             "bar": "ls" if t["labels"] else "hardlabel"}
 
 
+def defence_params(p, name, dataset):
+    """The params of defence `name`'s teacher step on `dataset` in a preset (p: its dict): the preset's shared
+    fine-tuning schedule (its "possessive" entry) for a trained defence, one epoch for a training-free one (it
+    trains nothing), then the defence's own settings for the dataset (Defence.dataset_settings), then the
+    preset's overrides for that defence (an entry named after it, e.g. "rml")."""
+    defence = DEFENCES[name]
+    params = dict(p["possessive"]) if defence.trained else {"epochs": 1}
+    params.update(defence.dataset_settings(dataset))
+    params.update(p.get(name, {}))
+    return params
+
+
 def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None):
     """The steps of a preset: a list of dicts {name, script, params, role}. Teachers are trained once (seed
     0); every student arm (scratch, label smoothing, each attack x teacher) and DFAD once per seed.
@@ -174,7 +186,7 @@ def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None):
     teacher_ckpt = {"original": f"teacher_{arch}/{WEIGHTS_FILE}"}
     for name in teachers[1:]:
         add(f"{name}_{arch}", "train_possessive.py", {"kind": "teacher", "teacher": name}, model=arch, method=name,
-            original=teacher_ckpt["original"], **DEFENCES[name].battery_params(p, dataset))
+            original=teacher_ckpt["original"], **defence_params(p, name, dataset))
         teacher_ckpt[name] = f"{name}_{arch}/{WEIGHTS_FILE}"
     dfad_teachers = ["original"] + [n for n in teachers[1:] if DEFENCES[n].dfad]
     steps += student_steps(preset, dataset, seeds, teacher_ckpt, amp=amp, threat=threat,

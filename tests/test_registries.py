@@ -60,9 +60,28 @@ def test_posthoc_reversal_keeps_the_top1_and_reverses_the_others():
 def test_rml_plus_nasty_screening_settings():
     """The screening settings drop the binary term and keep the reproduction's beta and Nasty's omega; the
     variant is screened, not in the default battery (its loss: tests/test_losses.py)."""
-    screen = RMLNasty.battery_params(reproduce.PRESETS["mini"], "cifar10")
+    screen = reproduce.defence_params(reproduce.PRESETS["mini"], "rmlnasty", "cifar10")
     assert (screen["alpha"], screen["beta"], screen["omega"], screen["tau"]) == (0.0, 0.3, 0.04, 4.0)
     assert not RMLNasty.battery and DEFENCES["rmlnasty"] is RMLNasty
+
+
+def test_a_defence_step_is_the_schedule_then_the_defences_settings_then_the_presets_overrides():
+    """A defence names only its own keys for a dataset; reproduce.defence_params puts the preset around them:
+    the shared fine-tuning schedule for a trained defence (one epoch for a training-free one), then the
+    defence's settings, then the preset's entry for that defence, which wins."""
+    for name, defence in DEFENCES.items():
+        for dataset in ("cifar10", "cifar100", "tinyimagenet"):
+            assert set(defence.dataset_settings(dataset)) <= set(defence.keys), name
+    mini = reproduce.PRESETS["mini"]
+    assert mini["possessive"]["lr"] == 0.05 and mini["rml"] == {"lr": 0.01, "beta": 0.3}
+    assert reproduce.defence_params(mini, "rml", "cifar100") == {
+        "epochs": 3, "lr": 0.01, "init_from_original": True, "tau": 20.0, "alpha": 1.0, "beta": 0.3, "gamma": 0.0}
+    assert reproduce.defence_params(mini, "nasty", "cifar100") == {
+        "epochs": 3, "lr": 0.05, "init_from_original": True, "tau": 20.0, "omega": 0.005}
+    assert reproduce.defence_params(mini, "stingy", "cifar10") == {"epochs": 1}
+    assert reproduce.defence_params(mini, "keyedflat", "cifar100") == {
+        "epochs": 1, "keyed_confidence": 0.9, "keyed_tau": 20.0}
+    assert Defence.dataset_settings("cifar10") == {} and DEFENCES["keyed"].dataset_settings("cifar10") == {}
 
 
 def test_hard_label_thief_reads_the_argmax_alone():
