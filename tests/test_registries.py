@@ -14,8 +14,8 @@ import train_possessive
 import train_scratch
 from conftest import TINY, make_exp, read_json, run_main
 from utils.attacks import ATTACKS, Attack, HardLabel, Markov, MarkovMatrices
-from utils.checkpoint import WEIGHTS_FILE, build_from_checkpoint, load_checkpoint
-from utils.defences import DEFENCES, Defence, DefendedModel, PostHocReversal, RMLNasty, Stingy
+from utils.checkpoint import WEIGHTS_FILE, load_checkpoint, rebuild_model
+from utils.defences import DEFENCES, Defence, DefendedModel, PostHocReversal, RMLNasty, Stingy, build_from_checkpoint
 from utils.losses import kd_loss
 
 
@@ -171,10 +171,14 @@ def test_training_free_defence_publishes_the_original_wrapped(tmp_path, cifar_ro
     model, _ = build_from_checkpoint(os.path.join(d, WEIGHTS_FILE), "teacher")
     assert isinstance(model, DefendedModel)
     plain, _ = build_from_checkpoint(teacher, "teacher")
+    # the checkpoint layer's loader gives the stored weights as they are, the defence only named
+    bare, bare_ckpt = rebuild_model(os.path.join(d, WEIGHTS_FILE), "teacher")
+    assert not isinstance(bare, DefendedModel) and bare_ckpt["defence"]["name"] == "stingy"
     x = torch.randn(4, 3, 32, 32)
-    model.eval(), plain.eval()
+    model.eval(), plain.eval(), bare.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), Stingy.transform(plain(x), {"stingy_ratio": 0.2}))
+        assert torch.equal(bare(x), plain(x))
     m = read_json(os.path.join(d, "metrics.json"))
     assert m["trained"] is False and m["final_acc"] == m["original_acc"]  # top-1 kept: same accuracy
     assert m["weights_sha256"] != read_json(os.path.join(os.path.dirname(teacher), "metrics.json"))["weights_sha256"]

@@ -3,8 +3,8 @@
 A *trained* defence (RML, Nasty) fine-tunes or trains a teacher against the frozen original with its own
 loss (`loss`). A *training-free* defence (Stingy, post-hoc reversal) keeps the original's weights and
 changes its answers at query time (`transform`): its published teacher is the original's weights plus
-the defence's name and settings, and `build_from_checkpoint` rebuilds it wrapped (DefendedModel), so a thief
-queries the defended outputs whichever script loads it.
+the defence's name and settings, and `build_from_checkpoint` (every script's loader of a teacher or original)
+rebuilds it wrapped (DefendedModel), so a thief queries the defended outputs whichever script loads it.
 
 Each entry declares its config keys (train_possessive.py's keys are the union), checks them, names itself
 for the report, and says what its own keys are set to on each dataset in the reproduction
@@ -19,6 +19,7 @@ import secrets
 import torch
 
 from . import registry
+from .checkpoint import rebuild_model
 from .errors import UserError
 from .losses import REVERSE_SCOPES, nasty_loss, reverse_logits, rml_loss
 
@@ -371,3 +372,28 @@ class DefendedModel(torch.nn.Module):
 
     def forward(self, x):
         return DEFENCES[self.defence].transform(self.model(x), self._answer)
+
+
+def build_from_checkpoint(path, what, dataset=None, num_classes=None, arch=None, mean=None, std=None,
+                          allow_unfinished=False):
+    """The model a checkpoint answers with: checkpoint.rebuild_model (the stored model, checked against what the
+    command expects; its arguments), and for the teacher file of a training-free defence the original's model
+    answering through that defence (a keyed one with its secret key, or one clear UserError). Returns (model,
+    ckpt) as rebuild_model does."""
+    model, ckpt = rebuild_model(path, what, dataset=dataset, num_classes=num_classes, arch=arch, mean=mean, std=std,
+                                allow_unfinished=allow_unfinished)
+    spec = ckpt.get("defence")
+    if spec:  # a training-free defence: the original's weights answering through the defence
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        if name not in DEFENCES or DEFENCES[name].trained:
+            raise UserError(f"{what} {path} names defence '{name}', which is not a training-free defence of this "
+                            f"version ({', '.join(n for n, d in DEFENCES.items() if not d.trained)})")
+        runtime = {}
+        if DEFENCES[name].needs_key:
+            key, problem = checked_key(os.path.dirname(os.path.abspath(path)), dict(spec, name=name))
+            if problem:
+                raise UserError(f"{what} {path} is keyed ({name}) and cannot answer: {problem}")
+            runtime = DEFENCES[name].runtime(spec, key, ckpt["num_classes"])
+        model = DefendedModel(model, name, spec, runtime)
+    return model, ckpt
