@@ -17,9 +17,10 @@ import sys
 
 import torch
 
-from utils.checkpoint import build_from_checkpoint, finished_weights, model_record
+from utils.checkpoint import finished_weights, model_record
 from utils.config import TRAIN_DEFAULTS, checkpoint_keys, checkpoint_options, parse_config, resolve_config, write_config
 from utils.constants import DATASETS
+from utils.defences import build_from_checkpoint
 from utils.diagnostics import class_response, compare_to_original, expected_calibration_error
 from utils.engine import Engine, Task
 from utils.errors import UserError, cli_main

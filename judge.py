@@ -138,7 +138,7 @@ def plan(args):
                       "comment": f"Step of judge.py: the {args.name} teacher answering through the training-free "
                                  f"{w} defence (nothing is trained).",
                       "params": dict(p["train"], dataset=dataset, seed=0, model=arch, method=w, original=ckpt[args.name],
-                                     **DEFENCES[w].battery_params(p, dataset))})
+                                     **reproduce.defence_params(p, w, dataset))})
         ckpt[name] = f"{name}/{WEIGHTS_FILE}"
     return steps, ckpt, dataset
 

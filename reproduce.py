@@ -38,7 +38,7 @@ from utils.errors import UserError, cli_main
 from reproduction.jobs import batteries, job_env, job_names, run_plan, run_step  # noqa: F401
 from reproduction.plan import dependencies, describe, plan, student_steps  # noqa: F401
 from reproduction.presets import (CHECKPOINT_KEYS, P2_EPOCHS, P10_EPOCHS, PRESETS, battery_attacks,  # noqa: F401
-                                  battery_teachers, seeded, threat_model, threat_record)
+                                  battery_teachers, defence_params, seeded, threat_model, threat_record)
 from reproduction.schedules import SCHEDULES, schedule_plan
 from reproduction.state import finished_record, step_state, weights_digest, write_params  # noqa: F401
 

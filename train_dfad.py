@@ -13,9 +13,10 @@ import sys
 import torch
 
 import models
-from utils.checkpoint import build_from_checkpoint, finished_weights
+from utils.checkpoint import finished_weights
 from utils.config import (TRAIN_DEFAULTS, checkpoint_keys, checkpoint_options, parse_config, resolve_config,
                           write_config)
+from utils.defences import build_from_checkpoint
 from utils.engine import Engine, Part, Task
 from utils.errors import UserError, cli_main
 from utils.generator import Generator

@@ -26,10 +26,11 @@ import sys
 import torch
 
 import models
-from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, build_from_checkpoint, finished_weights, input_record
+from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, finished_weights, input_record
 from utils.config import (ADDED_KEYS, TRAIN_DEFAULTS, changed_result_key, checkpoint_keys, checkpoint_options,
                           close_match, parse_config, resolve_config, thief_has_labels, write_config)
 from utils.constants import DATASETS
+from utils.defences import build_from_checkpoint
 from utils.engine import Engine, Member, Task, refuse_finished, train_together, tracked_by_git
 from utils.errors import UserError, cli_main
 from utils.attacks import ATTACKS, attack_keys

@@ -15,13 +15,14 @@ import sys
 import torch
 
 import models
-from utils.checkpoint import build_from_checkpoint, finished_weights, model_record
+from utils.checkpoint import finished_weights, model_record
 from utils.config import (TRAIN_DEFAULTS, checkpoint_keys, checkpoint_options, close_match, parse_config,
                           require_labels, resolve_config, write_config)
 from utils.diagnostics import class_response, compare_to_original, expected_calibration_error
 from utils.engine import Engine, Task
 from utils.errors import UserError, cli_main
-from utils.defences import DEFENCES, REVERSE_SCOPES, DefendedModel, defence_keys, key_fingerprint, secret_key
+from utils.defences import (DEFENCES, REVERSE_SCOPES, DefendedModel, build_from_checkpoint, defence_keys,
+                            key_fingerprint, secret_key)
 
 # RML: alpha (binary term), beta (reversed non-target term), gamma (Nasty-style maximisation over non-targets),
 # beta_warmup (epochs of linear ramp), reverse_scope; Nasty: omega; Stingy: stingy_ratio (utils/defences.py).

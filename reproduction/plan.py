@@ -5,7 +5,8 @@ import os
 from utils.checkpoint import WEIGHTS_FILE
 from utils.defences import DEFENCES
 
-from .presets import CHECKPOINT_KEYS, PRESETS, battery_attacks, battery_teachers, seeded, threat_model
+from .presets import (CHECKPOINT_KEYS, PRESETS, battery_attacks, battery_teachers, defence_params, seeded,
+                      threat_model)
 
 
 def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None):
@@ -36,7 +37,7 @@ def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None):
     teacher_ckpt = {"original": f"teacher_{arch}/{WEIGHTS_FILE}"}
     for name in teachers[1:]:
         add(f"{name}_{arch}", "train_possessive.py", {"kind": "teacher", "teacher": name}, model=arch, method=name,
-            original=teacher_ckpt["original"], **DEFENCES[name].battery_params(p, dataset))
+            original=teacher_ckpt["original"], **defence_params(p, name, dataset))
         teacher_ckpt[name] = f"{name}_{arch}/{WEIGHTS_FILE}"
     dfad_teachers = ["original"] + [n for n in teachers[1:] if DEFENCES[n].dfad]
     steps += student_steps(preset, dataset, seeds, teacher_ckpt, amp=amp, threat=threat,

@@ -94,6 +94,18 @@ PRESETS = {
 
 
 
+def defence_params(p, name, dataset):
+    """The params of defence `name`'s teacher step on `dataset` in a preset (p: its dict): the preset's shared
+    fine-tuning schedule (its "possessive" entry) for a trained defence, one epoch for a training-free one (it
+    trains nothing), then the defence's own settings for the dataset (Defence.dataset_settings), then the
+    preset's overrides for that defence (an entry named after it, e.g. "rml")."""
+    defence = DEFENCES[name]
+    params = dict(p["possessive"]) if defence.trained else {"epochs": 1}
+    params.update(defence.dataset_settings(dataset))
+    params.update(p.get(name, {}))
+    return params
+
+
 def seeded(name, seed):
     """A student step's folder for a seed: seed 0 keeps the plain name, seed s the suffix _seed<s>."""
     return name if seed == 0 else f"{name}_seed{seed}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import models
-from utils.checkpoint import build_from_checkpoint, load_checkpoint, model_record, save_checkpoint
+from utils.checkpoint import load_checkpoint, model_record, rebuild_model, save_checkpoint
 from utils.errors import UserError
 
 
@@ -14,7 +14,7 @@ def test_roundtrip_rebuilds_architecture_from_checkpoint(tmp_path):
     model = models.build("resnet8", 10)
     path = str(tmp_path / "m.pth")
     save_checkpoint(path, model_record(model, "resnet8", "cifar10"))
-    rebuilt, ckpt = build_from_checkpoint(path, "teacher", dataset="cifar10", num_classes=10)
+    rebuilt, ckpt = rebuild_model(path, "teacher", dataset="cifar10", num_classes=10)
     assert ckpt["arch"] == "resnet8" and ckpt["mean"][0] == pytest.approx(0.4914)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model.eval()(x), rebuilt.eval()(x))
@@ -42,13 +42,13 @@ def test_mismatches_are_named(tmp_path):
     path = str(tmp_path / "c100.pth")
     save_checkpoint(path, model_record(models.build("cnn_small", 100), "cnn_small", "cifar100"))
     with pytest.raises(UserError, match="trained on cifar100"):
-        build_from_checkpoint(path, "teacher", dataset="cifar10")
+        rebuild_model(path, "teacher", dataset="cifar10")
     with pytest.raises(UserError, match="has 100 classes"):
-        build_from_checkpoint(path, "teacher", num_classes=10)
+        rebuild_model(path, "teacher", num_classes=10)
     record = model_record(models.build("cnn_small", 10), "resnet8", "cifar10")  # weights of another arch
     save_checkpoint(path, record)
     with pytest.raises(UserError, match="do not fit architecture 'resnet8'"):
-        build_from_checkpoint(path, "teacher")
+        rebuild_model(path, "teacher")
 
 
 def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):

@@ -19,7 +19,8 @@ import train_dfad
 import train_scratch
 from conftest import (CUDA_DEVICE, CUDA_SKIP_REASON, HAS_CUDA, ROOT, TINY, cuda_only, make_exp, read_json,
                       run_main)
-from utils.checkpoint import build_from_checkpoint, load_checkpoint, model_record, save_checkpoint, weights_sha256
+from utils.checkpoint import load_checkpoint, model_record, save_checkpoint, weights_sha256
+from utils.defences import build_from_checkpoint
 from utils.engine import Engine
 from utils.errors import UserError
 

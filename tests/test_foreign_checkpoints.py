@@ -19,8 +19,9 @@ import train_kd
 import train_possessive
 import train_scratch
 from conftest import TINY, file_bytes, make_exp, read_json, run_main
-from utils.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.constants import DATASETS
+from utils.defences import build_from_checkpoint
 from utils.errors import UserError
 
 

@@ -10,9 +10,9 @@ import train_kd
 import train_possessive
 import train_scratch
 from conftest import TINY, make_exp, read_json, run_main
-from utils.checkpoint import WEIGHTS_FILE, build_from_checkpoint, load_checkpoint
-from utils.defences import (KEY_ENV, KEY_FILE, KeyedPermutation, PostHocReversal, fix_confidence, key_fingerprint,
-                            key_problem, permute_ranks, rank_permutations)
+from utils.checkpoint import WEIGHTS_FILE, load_checkpoint
+from utils.defences import (KEY_ENV, KEY_FILE, KeyedPermutation, PostHocReversal, build_from_checkpoint, fix_confidence,
+                            key_fingerprint, key_problem, permute_ranks, rank_permutations)
 
 
 def test_permuted_ranks_on_hand_made_logits():

@@ -14,8 +14,8 @@ import train_possessive
 import train_scratch
 from conftest import TINY, make_exp, read_json, run_main
 from utils.attacks import ATTACKS, Attack, HardLabel, Markov, MarkovMatrices
-from utils.checkpoint import WEIGHTS_FILE, build_from_checkpoint, load_checkpoint
-from utils.defences import DEFENCES, Defence, DefendedModel, PostHocReversal, RMLNasty, Stingy
+from utils.checkpoint import WEIGHTS_FILE, load_checkpoint, rebuild_model
+from utils.defences import DEFENCES, Defence, DefendedModel, PostHocReversal, RMLNasty, Stingy, build_from_checkpoint
 from utils.losses import kd_loss
 
 
@@ -60,9 +60,28 @@ def test_posthoc_reversal_keeps_the_top1_and_reverses_the_others():
 def test_rml_plus_nasty_screening_settings():
     """The screening settings drop the binary term and keep the reproduction's beta and Nasty's omega; the
     variant is screened, not in the default battery (its loss: tests/test_losses.py)."""
-    screen = RMLNasty.battery_params(reproduce.PRESETS["mini"], "cifar10")
+    screen = reproduce.defence_params(reproduce.PRESETS["mini"], "rmlnasty", "cifar10")
     assert (screen["alpha"], screen["beta"], screen["omega"], screen["tau"]) == (0.0, 0.3, 0.04, 4.0)
     assert not RMLNasty.battery and DEFENCES["rmlnasty"] is RMLNasty
+
+
+def test_a_defence_step_is_the_schedule_then_the_defences_settings_then_the_presets_overrides():
+    """A defence names only its own keys for a dataset; reproduce.defence_params puts the preset around them:
+    the shared fine-tuning schedule for a trained defence (one epoch for a training-free one), then the
+    defence's settings, then the preset's entry for that defence, which wins."""
+    for name, defence in DEFENCES.items():
+        for dataset in ("cifar10", "cifar100", "tinyimagenet"):
+            assert set(defence.dataset_settings(dataset)) <= set(defence.keys), name
+    mini = reproduce.PRESETS["mini"]
+    assert mini["possessive"]["lr"] == 0.05 and mini["rml"] == {"lr": 0.01, "beta": 0.3}
+    assert reproduce.defence_params(mini, "rml", "cifar100") == {
+        "epochs": 3, "lr": 0.01, "init_from_original": True, "tau": 20.0, "alpha": 1.0, "beta": 0.3, "gamma": 0.0}
+    assert reproduce.defence_params(mini, "nasty", "cifar100") == {
+        "epochs": 3, "lr": 0.05, "init_from_original": True, "tau": 20.0, "omega": 0.005}
+    assert reproduce.defence_params(mini, "stingy", "cifar10") == {"epochs": 1}
+    assert reproduce.defence_params(mini, "keyedflat", "cifar100") == {
+        "epochs": 1, "keyed_confidence": 0.9, "keyed_tau": 20.0}
+    assert Defence.dataset_settings("cifar10") == {} and DEFENCES["keyed"].dataset_settings("cifar10") == {}
 
 
 def test_hard_label_thief_reads_the_argmax_alone():
@@ -152,10 +171,14 @@ def test_training_free_defence_publishes_the_original_wrapped(tmp_path, cifar_ro
     model, _ = build_from_checkpoint(os.path.join(d, WEIGHTS_FILE), "teacher")
     assert isinstance(model, DefendedModel)
     plain, _ = build_from_checkpoint(teacher, "teacher")
+    # the checkpoint layer's loader gives the stored weights as they are, the defence only named
+    bare, bare_ckpt = rebuild_model(os.path.join(d, WEIGHTS_FILE), "teacher")
+    assert not isinstance(bare, DefendedModel) and bare_ckpt["defence"]["name"] == "stingy"
     x = torch.randn(4, 3, 32, 32)
-    model.eval(), plain.eval()
+    model.eval(), plain.eval(), bare.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), Stingy.transform(plain(x), {"stingy_ratio": 0.2}))
+        assert torch.equal(bare(x), plain(x))
     m = read_json(os.path.join(d, "metrics.json"))
     assert m["trained"] is False and m["final_acc"] == m["original_acc"]  # top-1 kept: same accuracy
     assert m["weights_sha256"] != read_json(os.path.join(os.path.dirname(teacher), "metrics.json"))["weights_sha256"]

@@ -93,7 +93,7 @@ def is_project_checkpoint(ckpt):
 
 def load_checkpoint(path, what="checkpoint"):
     """A checkpoint of this project (weights with their architecture, class count, dataset, normalisation),
-    loaded safely; any failure is one clear UserError. Teachers from elsewhere: build_from_checkpoint."""
+    loaded safely; any failure is one clear UserError. Teachers from elsewhere: rebuild_model."""
     ckpt = read_checkpoint_file(path, what)
     if not is_project_checkpoint(ckpt):
         raise UserError(f"{what} {path} is not a checkpoint of this project (no 'model'/'arch' entries)")
@@ -183,8 +183,7 @@ def _foreign_record(path, what, raw, dataset, num_classes, arch, mean, std):
             "mean": mean or list(info.mean), "std": std or list(info.std), "source_format": kind}
 
 
-def build_from_checkpoint(path, what, dataset=None, num_classes=None, arch=None, mean=None, std=None,
-                          allow_unfinished=False):
+def rebuild_model(path, what, dataset=None, num_classes=None, arch=None, mean=None, std=None, allow_unfinished=False):
     """Rebuild the model stored in a checkpoint, check it against what the command expects, load weights.
 
     what: "teacher" or "original", the role the file plays, which also names its keys ({what}_arch,
@@ -194,7 +193,9 @@ def build_from_checkpoint(path, what, dataset=None, num_classes=None, arch=None,
     (utils/foreign.py: RepDistiller, mdistiller, Nasty-Teacher, a plain state dict, a `module.` prefix) says
     none of them: `arch`, the run's dataset and class count, and `mean`/`std` (default: the dataset's) do.
     A model trained with another normalisation than the dataset's is wrapped to see its own.
-    Returns (model, ckpt), ckpt holding the weights in the zoo's names under 'model'.
+    Returns (model, ckpt), ckpt holding the weights in the zoo's names under 'model'. The teacher file of a
+    training-free defence comes back as the original's model, the defence named in ckpt['defence']: scripts load
+    teachers with utils.defences.build_from_checkpoint, which puts the defence around it.
     """
     import models
     raw = read_checkpoint_file(path, what)
@@ -242,22 +243,6 @@ def build_from_checkpoint(path, what, dataset=None, num_classes=None, arch=None,
             abs(a - b) > 1e-6 for a, b in zip(list(ckpt["mean"]) + list(ckpt["std"]), data.mean + data.std)):
         from .foreign import Renormalise
         model = Renormalise(model, data.mean, data.std, ckpt["mean"], ckpt["std"])
-    spec = ckpt.get("defence")
-    if spec:  # a training-free defence: the original's weights answering through the defence
-        from .defences import DEFENCES, DefendedModel
-        spec = dict(spec)
-        name = spec.pop("name", None)
-        if name not in DEFENCES or DEFENCES[name].trained:
-            raise UserError(f"{what} {path} names defence '{name}', which is not a training-free defence of this "
-                            f"version ({', '.join(n for n, d in DEFENCES.items() if not d.trained)})")
-        runtime = {}
-        if DEFENCES[name].needs_key:
-            from .defences import checked_key
-            key, problem = checked_key(os.path.dirname(os.path.abspath(path)), dict(spec, name=name))
-            if problem:
-                raise UserError(f"{what} {path} is keyed ({name}) and cannot answer: {problem}")
-            runtime = DEFENCES[name].runtime(spec, key, ckpt["num_classes"])
-        model = DefendedModel(model, name, spec, runtime)
     return model, ckpt
 
 

@@ -3,11 +3,12 @@
 A *trained* defence (RML, Nasty) fine-tunes or trains a teacher against the frozen original with its own
 loss (`loss`). A *training-free* defence (Stingy, post-hoc reversal) keeps the original's weights and
 changes its answers at query time (`transform`): its published teacher is the original's weights plus
-the defence's name and settings, and `build_from_checkpoint` rebuilds it wrapped (DefendedModel), so a thief
-queries the defended outputs whichever script loads it.
+the defence's name and settings, and `build_from_checkpoint` (every script's loader of a teacher or original)
+rebuilds it wrapped (DefendedModel), so a thief queries the defended outputs whichever script loads it.
 
 Each entry declares its config keys (train_possessive.py's keys are the union), checks them, names itself
-for the report, and says what settings reproduce.py's battery gives it (`battery_params`). Adding a
+for the report, and says what its own keys are set to on each dataset in the reproduction
+(`dataset_settings`; reproduce.defence_params adds a preset's training schedule and overrides). Adding a
 defence is one class here plus its test; train_possessive.py, the battery, report.py's table and figures
 pick it up from DEFENCES.
 """
@@ -18,6 +19,7 @@ import secrets
 import torch
 
 from . import registry
+from .checkpoint import rebuild_model
 from .errors import UserError
 from .losses import REVERSE_SCOPES, nasty_loss, reverse_logits, rml_loss
 
@@ -51,12 +53,10 @@ class Defence:
         """Raise UserError for a bad value of this defence's keys."""
 
     @classmethod
-    def battery_params(cls, preset, dataset):
-        """The step's params in reproduce.py's battery: preset is the preset dict (its 'possessive' entry
-        holds the shared fine-tuning schedule, an entry named after the defence its own overrides)."""
-        params = dict(preset["possessive"]) if cls.trained else {"epochs": 1}
-        params.update(preset.get(cls.name, {}))
-        return params
+    def dataset_settings(cls, dataset):
+        """This defence's own keys as the reproduction sets them on `dataset` (e.g. the dataset's tau); keys
+        left out keep their defaults. Nothing of a preset: reproduce.defence_params composes the step."""
+        return {}
 
     # trained defences
     def __init__(self, cfg):
@@ -112,10 +112,8 @@ class RML(Defence):
         _non_negative(cfg, ("alpha", "beta", "gamma", "beta_warmup"), source)
 
     @classmethod
-    def battery_params(cls, preset, dataset):
-        params = dict(preset["possessive"], tau=DATASET_TAU[dataset], alpha=1.0, beta=1.0, gamma=0.0)
-        params.update(preset.get(cls.name, {}))
-        return params
+    def dataset_settings(cls, dataset):
+        return {"tau": DATASET_TAU[dataset], "alpha": 1.0, "beta": 1.0, "gamma": 0.0}
 
     def loss(self, logits, original_logits, labels, progress):
         cfg = self.cfg
@@ -138,10 +136,8 @@ class Nasty(Defence):
         _non_negative(cfg, ("omega",), source)
 
     @classmethod
-    def battery_params(cls, preset, dataset):
-        params = dict(preset["possessive"], tau=DATASET_TAU[dataset], omega=DATASET_OMEGA[dataset])
-        params.update(preset.get(cls.name, {}))
-        return params
+    def dataset_settings(cls, dataset):
+        return {"tau": DATASET_TAU[dataset], "omega": DATASET_OMEGA[dataset]}
 
     def loss(self, logits, original_logits, labels, progress):
         return nasty_loss(logits, original_logits, labels, self.cfg["tau"], self.cfg["omega"])
@@ -152,7 +148,7 @@ class RMLNasty(Defence):
     """RML's loss plus Nasty's maximisation over the whole distribution (a variant of METHOD.md
     section 9): L = L_RML(alpha, beta, gamma) - omega tau^2 KL(p^tau(z) || p^tau(z^o)). RML's binary term copies
     the original's target-versus-rest confidence, which TCKD reads; Nasty's term moves that confidence too. With
-    omega = 0 it is RML, with alpha = beta = gamma = 0 it is Nasty. The screening settings (battery_params) drop
+    omega = 0 it is RML, with alpha = beta = gamma = 0 it is Nasty. The screening settings (dataset_settings) drop
     the binary term (alpha 0) and keep the reproduction's reversal weight (beta 0.3) and Nasty's omega."""
     name, label = "rmlnasty", "RML + Nasty"
     keys = dict(RML.keys, omega=Nasty.keys["omega"])
@@ -164,11 +160,9 @@ class RMLNasty(Defence):
         Nasty.check(cfg, source)
 
     @classmethod
-    def battery_params(cls, preset, dataset):
-        params = dict(preset["possessive"], tau=DATASET_TAU[dataset], alpha=0.0, beta=0.3, gamma=0.0,
-                      omega=DATASET_OMEGA[dataset])
-        params.update(preset.get(cls.name, {}))
-        return params
+    def dataset_settings(cls, dataset):
+        return {"tau": DATASET_TAU[dataset], "alpha": 0.0, "beta": 0.3, "gamma": 0.0,
+                "omega": DATASET_OMEGA[dataset]}
 
     def loss(self, logits, original_logits, labels, progress):
         terms = RML.loss(self, logits, original_logits, labels, progress)
@@ -363,8 +357,8 @@ class KeyedFlat(KeyedPermutation):
                             f"e.g. 0.9 (method keyed permutes without fixing it)")
 
     @classmethod
-    def battery_params(cls, preset, dataset):
-        return dict(super().battery_params(preset, dataset), keyed_confidence=0.9, keyed_tau=DATASET_TAU[dataset])
+    def dataset_settings(cls, dataset):
+        return dict(super().dataset_settings(dataset), keyed_confidence=0.9, keyed_tau=DATASET_TAU[dataset])
 
 
 class DefendedModel(torch.nn.Module):
@@ -378,3 +372,28 @@ class DefendedModel(torch.nn.Module):
 
     def forward(self, x):
         return DEFENCES[self.defence].transform(self.model(x), self._answer)
+
+
+def build_from_checkpoint(path, what, dataset=None, num_classes=None, arch=None, mean=None, std=None,
+                          allow_unfinished=False):
+    """The model a checkpoint answers with: checkpoint.rebuild_model (the stored model, checked against what the
+    command expects; its arguments), and for the teacher file of a training-free defence the original's model
+    answering through that defence (a keyed one with its secret key, or one clear UserError). Returns (model,
+    ckpt) as rebuild_model does."""
+    model, ckpt = rebuild_model(path, what, dataset=dataset, num_classes=num_classes, arch=arch, mean=mean, std=std,
+                                allow_unfinished=allow_unfinished)
+    spec = ckpt.get("defence")
+    if spec:  # a training-free defence: the original's weights answering through the defence
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        if name not in DEFENCES or DEFENCES[name].trained:
+            raise UserError(f"{what} {path} names defence '{name}', which is not a training-free defence of this "
+                            f"version ({', '.join(n for n, d in DEFENCES.items() if not d.trained)})")
+        runtime = {}
+        if DEFENCES[name].needs_key:
+            key, problem = checked_key(os.path.dirname(os.path.abspath(path)), dict(spec, name=name))
+            if problem:
+                raise UserError(f"{what} {path} is keyed ({name}) and cannot answer: {problem}")
+            runtime = DEFENCES[name].runtime(spec, key, ckpt["num_classes"])
+        model = DefendedModel(model, name, spec, runtime)
+    return model, ckpt
