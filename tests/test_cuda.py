@@ -94,7 +94,7 @@ def test_cuda_checkpoints_load_on_cpu_with_weights_only(tmp_path, cifar_root):
         assert torch.isfinite(model.eval()(torch.randn(2, 3, 32, 32))).all()
 
 
-from test_scratch import _StopAt  # noqa: E402 (the interrupting task the CPU resume test uses)
+from test_engine import _StopAt  # noqa: E402 (the interrupting task the CPU resume test uses)
 
 
 @cuda_only
