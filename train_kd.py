@@ -12,7 +12,11 @@ kd_delay epochs, the final head learning from labels and that head; not in the b
 With tau_sweep the attack runs once per tau into SAVE_PATH/tau_<tau>/ and SAVE_PATH/sweep.json names the best;
 alpha_sweep adds the KD weight (SAVE_PATH/tau_<tau>_alpha_<alpha>/). The best is picked on the test split (an
 upper bound) unless val_split > 0: then val_split of the thief's own training images are held out (a draw fixed
-by subset_seed, never trained on) and the thief picks there, as a real thief would.
+by subset_seed, never trained on) and the thief picks there, as a real thief would. tau_from then runs any
+attack at what such a sweep picked: the thief's own tau (and alpha), for the same images and teacher.
+
+    python train_kd.py --save_path exps/t/kd_vanilla_nasty_sweep --tau_sweep 1,4,10,20 --val_split 500
+    python train_kd.py --save_path exps/t/kd_dkd_nasty --attack dkd --tau_from exps/t/kd_vanilla_nasty_sweep
 
     python train_kd.py --battery exps/mini/kd_vanilla_rml_cnn,exps/mini/kd_tckd_rml_cnn,...
 
@@ -27,22 +31,17 @@ import torch
 
 import models
 from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, finished_weights, input_record
-from utils.config import (ADDED_KEYS, TRAIN_DEFAULTS, changed_result_key, checkpoint_keys, checkpoint_options,
-                          close_match, parse_config, resolve_config, thief_has_labels, write_config)
+from utils.config import (TRAIN_DEFAULTS, checkpoint_keys, close_match, parse_config, resolve_config, thief_has_labels,
+                          write_config)
 from utils.constants import DATASETS
-from utils.defences import build_from_checkpoint
 from utils.engine import Engine, Member, Task, refuse_finished, train_together, tracked_by_git
 from utils.errors import UserError, cli_main
 from utils.attacks import ATTACKS, attack_keys
+from utils.thief import SWEEP_PROTOCOL, VAL_PROTOCOL, grid, load_teacher, read_done, tau_name, tuned
 
 DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", **checkpoint_keys("teacher"), tau=4.0, attack="vanilla", **attack_keys(),
-                tau_sweep=[], alpha_sweep=[], val_split=0)
+                tau_sweep=[], alpha_sweep=[], val_split=0, tau_from="")
 
-SWEEP_PROTOCOL = ("best_tau is picked on the test split: the thief's most favourable temperature, so "
-                  "best_acc is an upper bound on what this attack steals")
-VAL_PROTOCOL = ("best_tau (and best_alpha) are picked on the thief's validation split, held out of its own training "
-                "images (val_acc); best_acc is the test accuracy of the run picked there, what a thief tuning "
-                "itself gets")
 
 
 def check_kd_config(cfg, source):
@@ -68,6 +67,8 @@ def check_kd_config(cfg, source):
     if cfg["val_split"] < 0:
         raise UserError(f"{source}: 'val_split' must be >= 0 (images held out of the thief's training images; 0: "
                         f"none), got {cfg['val_split']}")
+
+SINGLE_RUN_FILES = ("metrics.json", WEIGHTS_FILE, "last.pth", "best.pth", "log.csv")
 
 
 class KDTask(Task):
@@ -145,21 +146,18 @@ class KDTask(Task):
         return m
 
 
-def load_teacher(cfg):
-    """The teacher rebuilt from its checkpoint; exit-2 errors for a missing, corrupt or mismatched file."""
-    return build_from_checkpoint(cfg["teacher"], "teacher", dataset=cfg["dataset"],
-                                 num_classes=DATASETS[cfg["dataset"]].num_classes, **checkpoint_options(cfg, "teacher"))
-
-
-def prepare(cfg, save_path, resume=False, shared=None, overwrite=False):
+def prepare(cfg, save_path, resume=False, shared=None, overwrite=False, tuned_by=None):
     """(engine, task) of one attack run into save_path, ready for engine.fit or a battery.
 
     shared: the battery's {"teacher": SharedForward, "teacher_acc", "loaders"} once its first student is
     prepared. The teacher checkpoint is still read here for every student: its digest goes into the run's
     inputs, and building it draws from the RNG before the student is built, as in a lone run, so the
-    student starts from the same weights either way.
+    student starts from the same weights either way. tuned_by: the record of the sweep whose pick this run's tau
+    is (tuned), kept in metrics.json as `tau_from`.
     """
     engine = Engine(cfg, save_path, "train_kd.py", resume=resume, overwrite=overwrite)
+    if tuned_by is not None:
+        engine.notes["tau_from"] = tuned_by
     teacher, ckpt = load_teacher(cfg)
     engine.add_input("teacher", cfg["teacher"], ckpt)
     if shared:
@@ -174,14 +172,15 @@ def prepare(cfg, save_path, resume=False, shared=None, overwrite=False):
         teacher_acc = shared["teacher_acc"]
     else:
         teacher_acc, _ = engine.evaluate(teacher, diagnostics=False)
+    picked = "" if tuned_by is None else f" (picked on {tuned_by['val_images']} held-out images by {tuned_by['path']})"
     engine.log(f"teacher {cfg['teacher']} ({ckpt['arch']}): test acc {teacher_acc:.2f}; attack {cfg['attack']}, "
-               f"tau {cfg['tau']:g}")
+               f"tau {cfg['tau']:g}{picked}")
     return engine, KDTask(student, teacher, cfg, ckpt["arch"], teacher_acc)
 
 
-def train(cfg, save_path, resume=False, overwrite=False):
+def train(cfg, save_path, resume=False, overwrite=False, tuned_by=None):
     """One attack run into save_path; returns its metrics."""
-    engine, task = prepare(cfg, save_path, resume, overwrite=overwrite)
+    engine, task = prepare(cfg, save_path, resume, overwrite=overwrite, tuned_by=tuned_by)
     return engine.fit(task)
 
 
@@ -190,7 +189,7 @@ def battery(folders, args):
     (utils/battery.py, in the engine's loop); command-line keys override every folder's params. Returns their
     metrics. One folder is a battery of one: it trains as its lone run would."""
     from utils import battery as bat
-    cfgs = []
+    cfgs, records = [], []
     for folder in folders:
         args.save_path = folder
         cfg = resolve_config(args, DEFAULTS, checks=[check_kd_config])
@@ -198,6 +197,8 @@ def battery(folders, args):
         if cfg["tau_sweep"] or cfg["alpha_sweep"]:
             raise UserError(f"{folder}/params.json: a tau_sweep or alpha_sweep run is not trained in a battery; run "
                             f"it alone (--save_path {folder})")
+        cfg, record = tuned(cfg, f"{folder}/params.json")
+        records.append(record)
         if cfgs and cfg["val_split"] != cfgs[0]["val_split"]:
             raise UserError(f"--battery: {folder} has val_split={cfg['val_split']!r}, {folders[0]} has "
                             f"val_split={cfgs[0]['val_split']!r}; the students of a battery must share val_split "
@@ -211,8 +212,8 @@ def battery(folders, args):
             refuse_finished(folder, "train_kd.py")
     how = f"python train_kd.py --battery {','.join(folders)} --resume"
     members, shared = [], None
-    for cfg, folder in zip(cfgs, folders):
-        engine, task = prepare(cfg, folder, args.resume, shared, overwrite=args.overwrite)
+    for cfg, folder, record in zip(cfgs, folders, records):
+        engine, task = prepare(cfg, folder, args.resume, shared, overwrite=args.overwrite, tuned_by=record)
         if shared is None:
             shared = {"teacher": bat.SharedForward(task.teacher), "teacher_acc": task.teacher_acc,
                       "loaders": engine.loaders}
@@ -226,55 +227,6 @@ def battery(folders, args):
                                 f"{group[0].start[0]} step {group[0].start[1]}; they run together, the rest after")
         results += train_together(group, how)
     return results
-
-
-def _tau_name(tau):
-    return f"{tau:g}"
-
-
-def _read_done(path, sub_cfg, teacher):
-    """(metrics of a finished tau run made with this config and teacher or None, why an existing one is not
-    reused); teacher: the input record (path, weights digest) of the teacher the sweep loads now."""
-    metrics_path = os.path.join(path, "metrics.json")
-    if not os.path.isfile(metrics_path):
-        return None, None
-    try:
-        with open(metrics_path) as f:
-            done = json.load(f)
-    except (OSError, ValueError):
-        done = None
-    if not (isinstance(done, dict) and isinstance(done.get("config"), dict)
-            and isinstance(done.get("final_acc"), (int, float))):
-        return None, f"{metrics_path} is unreadable or incomplete"
-    old = dict({k: v for k, v in ADDED_KEYS.items() if k in sub_cfg}, **done["config"])
-    key = changed_result_key(old, sub_cfg)
-    if key is not None:
-        return None, (f"{metrics_path} was made with {key}={old.get(key)!r}, "
-                      f"this sweep has {key}={sub_cfg.get(key)!r}")
-    used = done.get("inputs", {}).get("teacher", {}).get("weights_sha256")
-    if used != teacher["weights_sha256"]:
-        return None, (f"{metrics_path} was distilled from teacher weights {(used or 'unrecorded')[:12]}, "
-                      f"the teacher now has {teacher['weights_sha256'][:12]}")
-    return done, None
-
-
-SINGLE_RUN_FILES = ("metrics.json", WEIGHTS_FILE, "last.pth", "best.pth", "log.csv")
-
-
-def _grid(cfg):
-    """[(run name, folder name, tau, alpha)] of a sweep: every tau of tau_sweep (or the run's tau) with every
-    alpha of alpha_sweep (or the run's alpha). Without alpha_sweep a run is named by its tau and lives in
-    tau_<tau>/; with it, <tau>/<alpha> in tau_<tau>_alpha_<alpha>/."""
-    def unique(values):
-        out = []
-        for v in values:
-            if float(v) not in out:
-                out.append(float(v))
-        return out
-    taus, alphas = unique(cfg["tau_sweep"] or [cfg["tau"]]), unique(cfg["alpha_sweep"] or [cfg["alpha"]])
-    if not cfg["alpha_sweep"]:
-        return [(_tau_name(t), f"tau_{_tau_name(t)}", t, cfg["alpha"]) for t in taus]
-    return [(f"{_tau_name(t)}/{a:g}", f"tau_{_tau_name(t)}_alpha_{a:g}", t, a) for t in taus for a in alphas]
 
 
 def sweep(cfg, save_path, resume=False, overwrite=False):
@@ -292,12 +244,12 @@ def sweep(cfg, save_path, resume=False, overwrite=False):
     _, ckpt = load_teacher(cfg)  # a bad teacher stops the sweep before any folder is made
     teacher = input_record(cfg["teacher"], ckpt)
     plan = []
-    for name, folder, tau, alpha in _grid(cfg):
+    for name, folder, tau, alpha in grid(cfg):
         sub = os.path.join(save_path, folder)
         sub_cfg = dict(cfg, tau=tau, alpha=alpha, tau_sweep=[], alpha_sweep=[])
-        what = f"tau {_tau_name(tau)}" + (f", alpha {alpha:g}" if cfg["alpha_sweep"] else "")
+        what = f"tau {tau_name(tau)}" + (f", alpha {alpha:g}" if cfg["alpha_sweep"] else "")
         # --overwrite trains every run again from the start; without it a finished run of this config is reused
-        plan.append((name, what, sub, sub_cfg) + ((None, None) if overwrite else _read_done(sub, sub_cfg, teacher)))
+        plan.append((name, what, sub, sub_cfg) + ((None, None) if overwrite else read_done(sub, sub_cfg, teacher)))
     is_main = int(os.environ.get("RANK", 0)) == 0
     if is_main:
         acquire(save_path)
@@ -353,7 +305,7 @@ def sweep(cfg, save_path, resume=False, overwrite=False):
             val = f"  {m['val_acc']:9.2f}" if on_val else ""
             print(f"{n:>{width}}  {m['final_acc']:9.2f}{val}{'  <- best' if n == best else ''}")
         alpha = f", alpha {best_cfg['alpha']:g}" if cfg["alpha_sweep"] else ""
-        print(f"best tau {_tau_name(best_cfg['tau'])}{alpha}" + (" (on the validation split)" if on_val else "") +
+        print(f"best tau {tau_name(best_cfg['tau'])}{alpha}" + (" (on the validation split)" if on_val else "") +
               f": final test acc {summary['best_acc']:.2f} ({cfg['attack']} KD of {cfg['model']} from "
               f"{cfg['teacher']}); {os.path.join(save_path, 'sweep.json')}", flush=True)
     return summary
@@ -387,9 +339,11 @@ def main(argv=None):
     cfg = resolve_config(args, DEFAULTS, checks=[check_kd_config])
     cfg["teacher"] = finished_weights(cfg["teacher"], "teacher")
     if cfg["tau_sweep"] or cfg["alpha_sweep"]:
+        tuned(cfg, os.path.join(args.save_path, "params.json"))  # refuses tau_from beside a sweep
         sweep(cfg, args.save_path, args.resume, args.overwrite)
     else:
-        train(cfg, args.save_path, args.resume, args.overwrite)
+        cfg, record = tuned(cfg, os.path.join(args.save_path, "params.json"))
+        train(cfg, args.save_path, args.resume, args.overwrite, tuned_by=record)
     return 0
 
 

@@ -36,8 +36,12 @@ def read_run(exp_root, name):
     metrics = read_json(os.path.join(folder, "metrics.json"))
     if metrics is None:
         return None
-    return {"acc": metrics["final_acc"], "tau": metrics.get("tau", metrics.get("config", {}).get("tau")),
-            "metrics": metrics, "seconds": total_seconds([metrics])}
+    out = {"acc": metrics["final_acc"], "tau": metrics.get("tau", metrics.get("config", {}).get("tau")),
+           "metrics": metrics, "seconds": total_seconds([metrics])}
+    tuned = metrics.get("tau_from")
+    if tuned:  # a run at the tau (and alpha) a sweep of the thief picked on its own held-out images
+        out["chosen"] = {"alpha": tuned.get("alpha"), "val_images": tuned.get("val_images")}
+    return out
 
 
 def _sweep_inputs(metrics_list):

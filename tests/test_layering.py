@@ -133,7 +133,8 @@ LAYERS = (
     ("configuration, data, and the defences (with the loader that puts a defence around a stored model)",
      ("utils.config", "utils.data", "utils.defences")),
     ("training: the engine and the battery of students", ("utils.engine", "utils.battery")),
-    ("the attacks (their learnt parts are the engine's)", ("utils.attacks",)),
+    ("the attacks (their learnt parts are the engine's) and the thief's sweeps and tuning around them",
+     ("utils.attacks", "utils.thief")),
 )
 TOP = len(LAYERS)  # the scripts, reporting/, bench/
 LAYERED = ("utils", "models")
