@@ -8,7 +8,7 @@ non-target logits are reversed again, around its own argmax or the label, before
 non-target part weighted by dkd_beta); tckd (dkd with dkd_beta = 0: only the target-vs-rest binary part);
 hardlabel (CE on the teacher's argmax alone); markov (Markov KD: per-class Markov matrices learnt jointly);
 skeptical (the Skeptical student: the teacher distilled into an auxiliary head on an intermediate stage after
-kd_delay epochs, the final head learning from labels and that head; not in the battery).
+kd_delay epochs, the final head learning from labels and that head).
 With tau_sweep the attack runs once per tau into SAVE_PATH/tau_<tau>/ and SAVE_PATH/sweep.json names the best;
 alpha_sweep adds the KD weight (SAVE_PATH/tau_<tau>_alpha_<alpha>/). The best is picked on the test split (an
 upper bound) unless val_split > 0: then val_split of the thief's own training images are held out (a draw fixed

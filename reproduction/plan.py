@@ -5,7 +5,7 @@ import os
 from utils.checkpoint import WEIGHTS_FILE
 from utils.defences import DEFENCES
 
-from .presets import (CHECKPOINT_KEYS, PRESETS, battery_attacks, battery_teachers, defence_params, seeded,
+from .presets import (CHECKPOINT_KEYS, PRESETS, battery_teachers, defence_params, grid_attacks, seeded,
                       threat_model)
 
 
@@ -85,12 +85,18 @@ def student_steps(preset, dataset, seeds, teacher_ckpt, amp=None, threat=None, f
             for teacher in teacher_ckpt:
                 if teacher in first_seed_only and seed != min(seeds):
                     continue  # a defence being screened is attacked with the first seed only
-                for attack in battery_attacks():
+                for attack in grid_attacks(p, threat):
                     sweep = {"tau_sweep": p["taus"]} if len(p["taus"]) > 1 else {"tau": p["taus"][0]}
                     arm(f"kd_{attack}_{teacher}_{student}",
                         {"kind": "kd", "arch": student, "teacher": teacher, "attack": attack},
                         model=student, teacher=teacher_ckpt[teacher], attack=attack, **sweep, **student_cfg,
                         **p.get("attacks", {}).get(attack, {}))
+                if t is not None and t.get("val_split") and p.get("tuned_taus"):
+                    # the self-tuning thief: vanilla KD at the tau it picks on its own held-out images
+                    arm(f"kd_tuned_{teacher}_{student}",
+                        {"kind": "kd", "arch": student, "teacher": teacher, "attack": "tuned"},
+                        model=student, teacher=teacher_ckpt[teacher], attack="vanilla", tau_sweep=p["tuned_taus"],
+                        val_split=t["val_split"], **student_cfg)
         for teacher in dfad_teachers if t is None else []:
             student = p["dfad_student"]
             arm(f"dfad_{teacher}_{student}", {"kind": "dfad", "arch": student, "teacher": teacher},

@@ -28,6 +28,12 @@ def battery_attacks():
     return [name for name, a in ATTACKS.items() if a.battery]
 
 
+def grid_attacks(p, threat=None):
+    """The attacks a preset's plan runs against every teacher: the registry's battery, or for a preset's
+    full-data grid the attacks its committed runs hold ("grid_attacks") when it names them."""
+    return list(p["grid_attacks"]) if threat is None and "grid_attacks" in p else battery_attacks()
+
+
 PRESETS = {
     # Seconds per step on generated data: the test suite runs the whole chain with it.
     "tiny": {
@@ -37,10 +43,13 @@ PRESETS = {
         "possessive": {"epochs": 1, "lr": 0.02, "init_from_original": True},
         "student": {"epochs": 1, "lr": 0.05},
         "taus": [4.0],
+        "tuned_taus": [1.0, 4.0],
         "dfad": {"epochs": 1, "iters_per_epoch": 2, "k": 2, "batch_size": 16, "lr": 0.05},
         "threats": {
-            "s50": {"title": "50 labelled images", "subset": 50, "labels": True, "student": {"epochs": 2}},
-            "s50nl": {"title": "50 images, no labels", "subset": 50, "labels": False, "student": {"epochs": 2}},
+            "s50": {"title": "50 labelled images", "subset": 50, "labels": True, "val_split": 10,
+                    "student": {"epochs": 2}},
+            "s50nl": {"title": "50 images, no labels", "subset": 50, "labels": False, "val_split": 10,
+                      "student": {"epochs": 2}},
         },
     },
     # CPU scale (2 cores): METHOD.md section 6 settings for the teachers; students and the thief's tau cut
@@ -56,6 +65,13 @@ PRESETS = {
         "student": {"epochs": 3, "lr": 0.05},
         "seeds": [0, 1, 2],  # METHOD.md section 8: a verdict needs n >= 3
         "taus": [4.0],
+        # The attacks of the full-data grid as its committed runs hold them (exps/mini): an attack that joins the
+        # registry's battery later (the Skeptical student) is in every threat model's battery at once, and here
+        # once its runs against the released teachers land.
+        "grid_attacks": ["vanilla", "rereverse", "dkd", "tckd", "hardlabel", "markov"],
+        # The self-tuning thief of every threat model: vanilla KD swept over these temperatures, picked on the
+        # threat model's val_split of the thief's own images (METHOD.md section 10).
+        "tuned_taus": [1.0, 4.0, 10.0, 20.0],
         # DFAD: 8 epochs of 50 generator iterations at a constant lr (milestone at the end), the budget where
         # the student of the original passes 40% (exps/mini_dfad_curve, README); about 12 min a run, one thread
         "dfad": {"epochs": 8, "iters_per_epoch": 50, "k": 5, "batch_size": 128, "lr": 0.1,
@@ -64,15 +80,16 @@ PRESETS = {
         # into exps/mini_<NAME> (the full-data one into exps/mini_long), against the teachers of exps/mini.
         # Each schedule is the one chosen by the doubling rule on its own curve (exps/threat_curve).
         "threats": {
+            # val_split: the images (a tenth of the thief's) the self-tuning thief holds out to pick its tau
             "full": {"title": "all 50,000 labelled images", "subset": 0, "labels": True, "root": "mini_long",
-                     "suffix": "_e24", "student": {"epochs": 24}},
-            "p10": {"title": "5,000 labelled images (10%)", "subset": 5000, "labels": True,
+                     "suffix": "_e24", "val_split": 5000, "student": {"epochs": 24}},
+            "p10": {"title": "5,000 labelled images (10%)", "subset": 5000, "labels": True, "val_split": 500,
                     "student": {"epochs": P10_EPOCHS, "eval_every": 10}},
-            "p10nl": {"title": "5,000 images (10%), no labels", "subset": 5000, "labels": False,
+            "p10nl": {"title": "5,000 images (10%), no labels", "subset": 5000, "labels": False, "val_split": 500,
                       "student": {"epochs": P10_EPOCHS, "eval_every": 10}},
-            "p2": {"title": "1,000 labelled images (2%)", "subset": 1000, "labels": True,
+            "p2": {"title": "1,000 labelled images (2%)", "subset": 1000, "labels": True, "val_split": 100,
                    "student": {"epochs": P2_EPOCHS, "eval_every": 50}},
-            "p2nl": {"title": "1,000 images (2%), no labels", "subset": 1000, "labels": False,
+            "p2nl": {"title": "1,000 images (2%), no labels", "subset": 1000, "labels": False, "val_split": 100,
                      "student": {"epochs": P2_EPOCHS, "eval_every": 50}},
         },
     },

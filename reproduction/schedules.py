@@ -14,11 +14,7 @@ the 24-epoch point of the full-data curve.
 from utils.errors import UserError
 
 from .plan import dependencies, plan
-from .presets import battery_teachers
-
-# The attacks of the battery when these experiments were run, named here so that a later attack of the registry
-# is not reported as a missing run of an experiment that never had it.
-ATTACKS_RUN = ("vanilla", "rereverse", "dkd", "tckd", "hardlabel", "markov")
+from .presets import PRESETS, battery_teachers
 
 
 def variant(step, name, **params):
@@ -46,12 +42,13 @@ def mini_long():
     """The full-data threat model's 24-epoch students, three seeds: label smoothing, vanilla KD and TCKD from every
     teacher of the battery, every attack against Nasty, and Markov KD from the original (seed 0)."""
     s = _steps("mini", seeds=(0, 1, 2), threat="full")
+    attacks = PRESETS["mini"]["grid_attacks"]  # the battery when the long schedule ran
     names = []
     for seed in (0, 1, 2):
         sfx = "_e24" + (f"_seed{seed}" if seed else "")
         names.append(f"ls_cnn{sfx}")
         names += [f"kd_{a}_{t}_cnn{sfx}" for a in ("vanilla", "tckd") for t in battery_teachers()]
-        names += [f"kd_{a}_nasty_cnn{sfx}" for a in ATTACKS_RUN if a not in ("vanilla", "tckd")]
+        names += [f"kd_{a}_nasty_cnn{sfx}" for a in attacks if a not in ("vanilla", "tckd")]
     names.append("kd_markov_original_cnn_e24")
     out = [s[n] for n in names]
     shared = "kd_vanilla_original_cnn_e24"  # the curve's 24-epoch point: one run, in exps/mini_curve

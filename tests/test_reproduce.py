@@ -38,7 +38,7 @@ def test_results_table_has_every_row(chain):
     md = open(os.path.join(exp_root, "results.md")).read()
     teachers = ("original", "possessive (RML)", "Nasty", "Stingy (top-k)", "post-hoc reversal")
     assert [report.TEACHER_NAMES[t] for t in reproduce.battery_teachers()] == list(teachers)
-    assert reproduce.battery_attacks() == ["vanilla", "rereverse", "dkd", "tckd", "hardlabel", "markov"]
+    assert reproduce.battery_attacks() == ["vanilla", "rereverse", "dkd", "tckd", "hardlabel", "markov", "skeptical"]
     for teacher in teachers:
         assert f"| {teacher} |" in md
         for attack in reproduce.battery_attacks():

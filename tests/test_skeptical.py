@@ -184,4 +184,4 @@ def test_kd_delay_is_capped_at_a_quarter_of_the_run():
     used = ATTACKS["skeptical"].as_used({"kd_delay": 20.0, "epochs": 12})
     assert used["kd_delay"] == 3.0 and "quarter" in used["_why"]
     assert ATTACKS["skeptical"].as_used({"kd_delay": 2.0, "epochs": 12}) == {}
-    assert ATTACKS["skeptical"].battery is False  # a lone attack until it joins the battery's plan
+    assert ATTACKS["skeptical"].battery is True  # every threat model's battery attacks with it

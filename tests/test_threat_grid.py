@@ -24,11 +24,30 @@ def test_a_threat_model_plans_every_student_arm_on_its_images_and_labels():
         sources = {s["role"]["source"] for s in students if s["role"]["kind"] == "student"}
         assert sources == ({"scratch", "ls"} if labels else {"ls"})
         kd = [s for s in students if s["role"]["kind"] == "kd"]
-        assert len(kd) == 3 * len(reproduce.battery_teachers()) * len(reproduce.battery_attacks())
+        # every attack of the registry's battery, and the self-tuning thief, against every teacher, every seed
+        assert len(kd) == 3 * len(reproduce.battery_teachers()) * (len(reproduce.battery_attacks()) + 1)
+        assert "skeptical" in reproduce.battery_attacks()
+        tuned = [s for s in kd if s["role"]["attack"] == "tuned"]
+        assert len(tuned) == 3 * len(reproduce.battery_teachers())
+        for s in tuned:
+            p = s["params"]
+            assert p["attack"] == "vanilla" and p["tau_sweep"] == [1.0, 4.0, 10.0, 20.0] and p["val_split"] == 500
+            assert p.get("labels", True) is labels and "tau" not in p
         assert any(s["role"]["teacher"] == "original" and s["role"]["attack"] == "hardlabel" for s in kd)  # the floor
     full = reproduce.plan("mini", seeds=[0], threat="full")
     assert all("subset" not in s["params"] for s in full)
     assert {s["name"] for s in full} >= {"ls_cnn_e24", "kd_tckd_nasty_cnn_e24"}  # the long schedule's folders
+
+
+def test_the_committed_full_data_grid_keeps_the_attacks_its_runs_hold():
+    """An attack that joins the registry's battery (the Skeptical student) joins every threat model at once, and
+    the mini preset's full-data grid once its runs land: its plan names the attacks exps/mini holds."""
+    grid = reproduce.plan("mini", seeds=[0, 1, 2])
+    attacks = {s["role"]["attack"] for s in grid if s["role"]["kind"] == "kd"}
+    assert attacks == set(reproduce.PRESETS["mini"]["grid_attacks"]) and "skeptical" not in attacks
+    assert "tuned" not in attacks  # the self-tuning thief needs a threat model's validation split
+    tiny = {s["role"]["attack"] for s in reproduce.plan("tiny") if s["role"]["kind"] == "kd"}
+    assert tiny == set(reproduce.battery_attacks())
 
 
 def test_an_unknown_threat_model_is_one_line(capsys):
@@ -69,7 +88,7 @@ def test_the_summary_has_a_column_per_threat_model(threat_runs):
     summary = read_json(os.path.join(out, "summary.json"))
     assert [m["threat"]["name"] for m in summary["threat_models"]] == ["s50", "s50nl"]
     row = summary["threat_models"][1]["rows"]["cnn_small/nasty"]
-    assert row["strongest"] in ("vanilla", "rereverse", "dkd", "tckd", "hardlabel", "markov") and row["n"] == 1
+    assert row["strongest"] in reproduce.battery_attacks() + ["tuned"] and row["n"] == 1
 
 
 def test_the_summary_refuses_a_folder_without_a_threat_model(tiny_chain, tmp_path, capsys):

@@ -348,7 +348,6 @@ class Skeptical(Attack):
     name, label = "skeptical", "Skeptical student"
     keys = {"alpha": 0.9, "kd_delay": 20.0, "skeptical_weight": 1.0, "skeptical_sd": 0.3,
             "skeptical_aux_ce": 0.7, "skeptical_stage": 0}
-    battery = False
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
