@@ -181,7 +181,7 @@ def run_plan(steps, selected, exp_root, teachers_root, manifest, data_root, devi
     digests = {}  # teacher step -> digest of the weights its dependents will load (None: trained in this run)
     for step in steps:
         name = step["name"]
-        folder = os.path.join(teachers_root if step["role"]["kind"] == "teacher" else exp_root, name)
+        folder = os.path.normpath(os.path.join(teachers_root if step["role"]["kind"] == "teacher" else exp_root, name))
         params = resolve_paths(step, teachers_root)
         deps = {key: (dep, digests.get(dep)) for key, dep in dependency_keys(step).items()}
         state, reason = step_state(folder, params, deps, weights_needed=name in loaded)

@@ -41,7 +41,10 @@ def test_a_schedules_dry_run_finds_every_committed_run_done(name, capsys, monkey
             "before provenance was recorded" in line or "is to be trained again" in line for line in screened)
         return
     assert out[-1] == f"{len(steps)} steps: {len(steps)} done", out[-1]
-    assert runs and all(f"{s['name']}: done" in "\n".join(out) for s in runs)
+    text = "\n".join(out)
+    root = os.path.join("exps", sched["root"])
+    assert runs and all(f"{os.path.normpath(os.path.join(root, s['name']))}: done" in text
+                        for s in runs if s["role"]["kind"] != "teacher")
     # the schedule covers the whole experiment folder: every run in it is one of the schedule's runs, or (the
     # fp32 run) a copy of a teacher of the preset folder the schedule attacks
     names = {s["name"] for s in runs}
@@ -53,6 +56,18 @@ def test_a_schedules_dry_run_finds_every_committed_run_done(name, capsys, monkey
         assert os.path.isfile(copy_of), f"{root}/{folder} is in no schedule"
         with open(copy_of, "rb") as a, open(os.path.join(root, folder, "metrics.json"), "rb") as b:
             assert a.read() == b.read(), f"{root}/{folder} is neither a run of the schedule nor a teacher's copy"
+
+
+def test_a_run_in_another_experiments_folder_is_found_before_this_one_exists(capsys, monkeypatch):
+    """A schedule names a run of another experiment by its path from its own folder ("../mini_curve/..."); the
+    dry run of a clone without the schedule's own folder yet still finds that run where it is."""
+    monkeypatch.chdir(ROOT)
+    root = os.path.join("exps", "mini_long_not_made_yet")
+    assert not os.path.exists(root)
+    assert run_main(reproduce.main, ["--schedule", "mini_long", "--dry_run", "--exp_root", root]) == 0
+    out = capsys.readouterr().out
+    assert "exps/mini_curve/kd_vanilla_original_cnn_e24: done" in out and "/../" not in out
+    assert f"{root}/ls_cnn_e24: new" in out and not os.path.exists(root)
 
 
 def test_a_run_two_experiments_share_is_trained_once_with_one_config():
