@@ -106,6 +106,24 @@ def mini_rml_screen():
     return out
 
 
+def mini_skeptical():
+    """The Skeptical student against the original and Nasty (the defence it was made to beat) on the full-data
+    grid's 3-epoch schedule, three seeds, in fp32 with the scratch and label-smoothing bars of the same precision
+    (seed 0's are the fp32 run's, exps/mini_fp32)."""
+    s = _steps("mini", seeds=(0, 1, 2), amp="off")
+    out = []
+    for seed in (0, 1, 2):
+        sfx = f"_seed{seed}" if seed else ""
+        for source in ("scratch", "ls"):
+            name = f"{source}_cnn{sfx}"
+            out.append(variant(s[name], f"../mini_fp32/{name}" if seed == 0 else name))
+        for teacher in ("original", "nasty"):
+            run = variant(s[f"kd_vanilla_{teacher}_cnn{sfx}"], f"kd_skeptical_{teacher}_cnn{sfx}", attack="skeptical")
+            run["role"]["attack"] = "skeptical"
+            out.append(run)
+    return out
+
+
 # name -> what it is, its preset, its folder under exps/, its runs, and how its report is rebuilt
 # (curve: report.py --curve with these folders' points too; compare: results.md and comparison.md against a folder)
 SCHEDULES = {
@@ -119,6 +137,8 @@ SCHEDULES = {
                      "steps": threat_curve, "report": {"curve": []}},
     "mini_fp32": {"title": "seed 0 of the mini grid in fp32", "preset": "mini", "root": "mini_fp32",
                   "steps": mini_fp32, "report": {"compare": "mini"}},
+    "mini_skeptical": {"title": "the Skeptical student against the original and Nasty, fp32", "preset": "mini",
+                       "root": "mini_skeptical", "steps": mini_skeptical, "report": {"results": True}},
     "mini_rml_screen": {"title": "the RML settings screened before the preset's", "preset": "mini",
                         "root": "mini/rml_tradeoff", "steps": mini_rml_screen, "report": {}},
 }
