@@ -67,6 +67,9 @@ def check_kd_config(cfg, source):
     if cfg["val_split"] < 0:
         raise UserError(f"{source}: 'val_split' must be >= 0 (images held out of the thief's training images; 0: "
                         f"none), got {cfg['val_split']}")
+    if cfg["tau_from"] and (cfg["tau_sweep"] or cfg["alpha_sweep"]):
+        raise UserError(f"{source}: 'tau_from' runs at a finished sweep's pick, 'tau_sweep'/'alpha_sweep' make this a "
+                        f"sweep itself; keep one of them")
 
 SINGLE_RUN_FILES = ("metrics.json", WEIGHTS_FILE, "last.pth", "best.pth", "log.csv")
 
@@ -339,7 +342,6 @@ def main(argv=None):
     cfg = resolve_config(args, DEFAULTS, checks=[check_kd_config])
     cfg["teacher"] = finished_weights(cfg["teacher"], "teacher")
     if cfg["tau_sweep"] or cfg["alpha_sweep"]:
-        tuned(cfg, os.path.join(args.save_path, "params.json"))  # refuses tau_from beside a sweep
         sweep(cfg, args.save_path, args.resume, args.overwrite)
     else:
         cfg, record = tuned(cfg, os.path.join(args.save_path, "params.json"))

@@ -85,9 +85,6 @@ def tuned(cfg, source):
     folder = cfg["tau_from"]
     if not folder:
         return cfg, None
-    if cfg["tau_sweep"] or cfg["alpha_sweep"]:
-        raise UserError(f"{source}: 'tau_from' runs at a finished sweep's pick, 'tau_sweep'/'alpha_sweep' make this a "
-                        f"sweep itself; keep one of them")
     path = folder if folder.endswith(".json") else os.path.join(folder, "sweep.json")
     summary = read_json(path)
     if not isinstance(summary, dict) or not isinstance(summary.get("best_tau"), (int, float)):
