@@ -82,8 +82,8 @@ def curve(curve_root, others=()):
     out = {"arms": [], "rule": "the schedule is long enough where doubling the epochs gains < 1 point"}
     lines = [f"# Convergence: `{curve_root}`", "",
              "Final-epoch test accuracy (%) against the number of epochs (each a full run with its own one-cycle "
-             "schedule), mean ± std (n seeds); Δ: gain over the previous point. The rule (issue: students trained "
-             "to convergence): a schedule is long enough where doubling the epochs gains < 1 point.", "",
+             "schedule), mean ± std (n seeds); Δ: gain over the previous point. The rule (docs/METHOD.md section "
+             "8): a schedule is long enough where doubling the epochs gains < 1 point.", "",
              "| arm | epochs | accuracy | Δ vs previous | runs |", "|---|---|---|---|---|"]
     for arm in arms:
         epochs = sorted(arm["points"])
