@@ -21,6 +21,7 @@ from reporting.collect import collect, provenance, total_seconds
 from reporting.comparison import comparison, rows
 from reporting.curves import curve, schedule, schedule_frontier
 from reporting.figures import accuracy_bars, figures
+from reporting.screen import screen
 from reporting.names import TEACHER_NAMES
 from reporting.tables import markdown
 from reporting.threats import threat_summary
@@ -32,7 +33,7 @@ from utils.errors import UserError, cli_main
 # them as report.<name> (reproduce.py, the tests), the last three also under the names they had here.
 __all__ = ["BAR_NAMES", "TEACHER_NAMES", "accuracy_bars", "build", "collect", "comparison", "curve", "figures",
            "frontier", "hard_label_floor", "main", "markdown", "provenance", "rows", "schedule", "schedule_frontier",
-           "threat_summary", "below_cell", "dfad_against_original", "total_seconds",
+           "screen", "threat_summary", "below_cell", "dfad_against_original", "total_seconds",
            "_below_cell", "_dfad_against_original", "_total_seconds"]
 _below_cell, _dfad_against_original, _total_seconds = below_cell, dfad_against_original, total_seconds
 

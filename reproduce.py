@@ -38,7 +38,8 @@ from utils.errors import UserError, cli_main
 from reproduction.jobs import batteries, job_env, job_names, run_plan, run_step  # noqa: F401
 from reproduction.plan import dependencies, describe, plan, student_steps  # noqa: F401
 from reproduction.presets import (CHECKPOINT_KEYS, P2_EPOCHS, P10_EPOCHS, PRESETS, battery_attacks,  # noqa: F401
-                                  battery_teachers, defence_params, seeded, threat_model, threat_record)
+                                  battery_teachers, defence_params, grid_teachers, seeded, threat_model,
+                                  threat_record)
 from reproduction.schedules import SCHEDULES, schedule_plan
 from reproduction.state import finished_record, step_state, weights_digest, write_params  # noqa: F401
 
@@ -180,7 +181,7 @@ def preset_steps(args):
     screened = _parse_defences(args.defences)
     screened += [s["role"]["teacher"] for s in old_steps  # defences screened before stay in the plan
                  if s["role"].get("kind") == "teacher" and s["role"]["teacher"] in DEFENCES
-                 and s["role"]["teacher"] not in battery_teachers(screened)]
+                 and s["role"]["teacher"] not in grid_teachers(PRESETS[preset], args.threat, screened)]
     steps = plan(preset, args.dataset, sorted(set(seeds) | set(known)), screened, args.amp, args.threat)
     run_seeds = set(seeds) if args.seeds is not None else set(seeds) | set(known)
     manifest = {"preset": preset}
@@ -210,6 +211,9 @@ def rebuild_report(args, exp_root, todo, seconds):
     if "curve" in spec:
         report.curve(exp_root, [os.path.join("exps", other) for other in spec["curve"]])
         return os.path.join(exp_root, "curve.md")
+    if spec.get("screen"):
+        report.screen(exp_root)
+        return os.path.join(exp_root, "screen.md")
     if args.schedule and not spec:
         return exp_root  # its runs' own metrics.json are the result
     if not todo:  # nothing ran: the wall time of the last run that trained something still describes the folder

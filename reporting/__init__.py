@@ -8,4 +8,5 @@
     comparison   a run's rows beside a reference folder's
     curves       convergence and schedule tables of a curve folder
     threats      the teacher x threat model summary
+    screen       the tables of a screening schedule (teachers fine-tuned with other settings, their students)
 """

@@ -5,14 +5,13 @@ import os
 from utils.checkpoint import WEIGHTS_FILE
 from utils.defences import DEFENCES
 
-from .presets import (CHECKPOINT_KEYS, PRESETS, battery_teachers, defence_params, grid_attacks, seeded,
-                      threat_model)
+from .presets import CHECKPOINT_KEYS, PRESETS, defence_params, grid_attacks, grid_teachers, seeded, threat_model
 
 
 def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None):
     """The steps of a preset: a list of dicts {name, script, params, role}. Teachers are trained once (seed
     0); every student arm (scratch, label smoothing, each attack x teacher) and DFAD once per seed.
-    defences: registered defences outside the battery to screen as well (battery_teachers): every attack
+    defences: registered defences outside the battery to screen as well (grid_teachers): every attack
     against them with the first seed alone; a defence joins the battery (Defence.battery) for the full protocol.
     amp: the precision of every student arm and DFAD run (the config's amp: auto, off, bf16, fp16), e.g. off to
     measure a seed without a fast low precision; None keeps the preset's. Teachers keep the preset's either
@@ -21,9 +20,9 @@ def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None):
     drawn with the arm's seed) and labels or not, on its schedule; the label-free one has no scratch student (its
     bar is hard-label KD from the original, which is in the battery; label smoothing stays as the literature's
     bar); DFAD holds no images, so it is not planned again."""
-    teachers = battery_teachers(defences)
-    in_battery = set(battery_teachers())
     p = PRESETS[preset]
+    teachers = grid_teachers(p, threat, defences)
+    in_battery = set(grid_teachers(p, threat))
     dataset = dataset or p["dataset"]
     base = dict(p["train"], dataset=dataset, seed=0)
     steps = []

@@ -28,6 +28,13 @@ def battery_attacks():
     return [name for name, a in ATTACKS.items() if a.battery]
 
 
+def grid_teachers(p, threat=None, extra=()):
+    """The teachers a preset's plan attacks: the registry's battery, or for a preset's full-data grid the teachers
+    its committed runs hold ("grid_teachers") when it names them; then the defences screened (`extra`)."""
+    names = list(p["grid_teachers"]) if threat is None and "grid_teachers" in p else battery_teachers()
+    return names + [name for name in extra if name not in names]
+
+
 def grid_attacks(p, threat=None):
     """The attacks a preset's plan runs against every teacher: the registry's battery, or for a preset's
     full-data grid the attacks its committed runs hold ("grid_attacks") when it names them."""
@@ -69,6 +76,8 @@ PRESETS = {
         # registry's battery later (the Skeptical student) is in every threat model's battery at once, and here
         # once its runs against the released teachers land.
         "grid_attacks": ["vanilla", "rereverse", "dkd", "tckd", "hardlabel", "markov"],
+        # Its teachers likewise: RML + Nasty joined the battery after the full-data grid ran.
+        "grid_teachers": ["original", "rml", "nasty", "stingy", "posthoc"],
         # The self-tuning thief of every threat model: vanilla KD swept over these temperatures, picked on the
         # threat model's val_split of the thief's own images (METHOD.md section 10).
         "tuned_taus": [1.0, 4.0, 10.0, 20.0],

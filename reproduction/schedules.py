@@ -14,7 +14,7 @@ the 24-epoch point of the full-data curve.
 from utils.errors import UserError
 
 from .plan import dependencies, plan
-from .presets import PRESETS, battery_teachers
+from .presets import PRESETS
 
 
 def variant(step, name, **params):
@@ -47,7 +47,7 @@ def mini_long():
     for seed in (0, 1, 2):
         sfx = "_e24" + (f"_seed{seed}" if seed else "")
         names.append(f"ls_cnn{sfx}")
-        names += [f"kd_{a}_{t}_cnn{sfx}" for a in ("vanilla", "tckd") for t in battery_teachers()]
+        names += [f"kd_{a}_{t}_cnn{sfx}" for a in ("vanilla", "tckd") for t in PRESETS["mini"]["grid_teachers"]]
         names += [f"kd_{a}_nasty_cnn{sfx}" for a in attacks if a not in ("vanilla", "tckd")]
     names.append("kd_markov_original_cnn_e24")
     out = [s[n] for n in names]
@@ -125,7 +125,8 @@ def mini_skeptical():
 
 
 # name -> what it is, its preset, its folder under exps/, its runs, and how its report is rebuilt
-# (curve: report.py --curve with these folders' points too; compare: results.md and comparison.md against a folder)
+# (curve: report.py --curve with these folders' points too; compare: results.md and comparison.md against a folder;
+# screen: screen.md, the screened teachers and their students)
 SCHEDULES = {
     "mini_curve": {"title": "full-data convergence curve", "preset": "mini", "root": "mini_curve",
                    "steps": mini_curve, "report": {"curve": ["mini"]}},
@@ -140,7 +141,7 @@ SCHEDULES = {
     "mini_skeptical": {"title": "the Skeptical student against the original and Nasty, fp32", "preset": "mini",
                        "root": "mini_skeptical", "steps": mini_skeptical, "report": {"results": True}},
     "mini_rml_screen": {"title": "the RML settings screened before the preset's", "preset": "mini",
-                        "root": "mini/rml_tradeoff", "steps": mini_rml_screen, "report": {}},
+                        "root": "mini/rml_tradeoff", "steps": mini_rml_screen, "report": {"screen": True}},
 }
 
 

@@ -59,10 +59,12 @@ def test_posthoc_reversal_keeps_the_top1_and_reverses_the_others():
 
 def test_rml_plus_nasty_screening_settings():
     """The screening settings drop the binary term and keep the reproduction's beta and Nasty's omega; the
-    variant is screened, not in the default battery (its loss: tests/test_losses.py)."""
+    variant is a teacher of the registry's battery (every threat model's), not of the committed full-data grid
+    (its loss: tests/test_losses.py)."""
     screen = reproduce.defence_params(reproduce.PRESETS["mini"], "rmlnasty", "cifar10")
     assert (screen["alpha"], screen["beta"], screen["omega"], screen["tau"]) == (0.0, 0.3, 0.04, 4.0)
-    assert not RMLNasty.battery and DEFENCES["rmlnasty"] is RMLNasty
+    assert RMLNasty.battery and DEFENCES["rmlnasty"] is RMLNasty and "rmlnasty" in reproduce.battery_teachers()
+    assert "rmlnasty" not in reproduce.grid_teachers(reproduce.PRESETS["mini"])
 
 
 def test_a_defence_step_is_the_schedule_then_the_defences_settings_then_the_presets_overrides():

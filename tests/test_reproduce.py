@@ -36,7 +36,7 @@ def test_every_step_has_metrics(chain):
 def test_results_table_has_every_row(chain):
     exp_root, _ = chain
     md = open(os.path.join(exp_root, "results.md")).read()
-    teachers = ("original", "possessive (RML)", "Nasty", "Stingy (top-k)", "post-hoc reversal")
+    teachers = ("original", "possessive (RML)", "Nasty", "RML + Nasty", "Stingy (top-k)", "post-hoc reversal")
     assert [report.TEACHER_NAMES[t] for t in reproduce.battery_teachers()] == list(teachers)
     assert reproduce.battery_attacks() == ["vanilla", "rereverse", "dkd", "tckd", "hardlabel", "markov", "skeptical"]
     for teacher in teachers:
@@ -141,9 +141,11 @@ def test_killed_run_completes_on_rerun(tmp_path, cifar_root):
     assert os.path.isfile(os.path.join(exp_root, "results.md"))
 
 
-def _as_cloned(src, dst, released=("teacher_cnn", "rml_cnn", "nasty_cnn", "stingy_cnn", "posthoc_cnn")):
-    """Copy a preset folder as a fresh clone has it: the small outputs and the released teachers' weights,
-    no training checkpoints, no TensorBoard or run logs."""
+def _as_cloned(src, dst):
+    """Copy a preset folder as a fresh clone has it: the small outputs and the released teachers' weights (every
+    teacher of the tiny plan), no training checkpoints, no TensorBoard or run logs."""
+    released = {s["name"] for s in reproduce.plan("tiny") if s["role"]["kind"] == "teacher"}
+
     def ignore(folder, names):
         step = os.path.basename(folder)
         return [n for n in names if n in ("tb", "run.log", "last.pth", "best.pth")

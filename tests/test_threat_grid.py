@@ -50,6 +50,30 @@ def test_the_committed_full_data_grid_keeps_the_attacks_its_runs_hold():
     assert tiny == set(reproduce.battery_attacks())
 
 
+def test_the_committed_full_data_grid_keeps_the_teachers_its_runs_hold():
+    """A defence that joins the registry's battery (RML + Nasty) is a teacher of every threat model at once, trained
+    into the preset's folder by the first threat-model run; the full-data grid attacks the teachers exps/mini
+    holds, and screens a battery defence outside them (--defences) with the first seed, as any variant."""
+    names = reproduce.PRESETS["mini"]["grid_teachers"]
+    assert "rmlnasty" in reproduce.battery_teachers() and "rmlnasty" not in names
+
+    def teachers(steps, kind="teacher"):
+        return [s["role"]["teacher"] for s in steps if s["role"]["kind"] == kind]
+
+    assert teachers(reproduce.plan("mini", seeds=[0, 1, 2])) == names
+    for threat in ("full", "p10", "p2nl"):
+        steps = reproduce.plan("mini", seeds=[0, 1, 2], threat=threat)
+        assert teachers(steps) == reproduce.battery_teachers()
+        assert {s["role"]["seed"] for s in steps if s["role"].get("teacher") == "rmlnasty"
+                and s["role"]["kind"] == "kd"} == {0, 1, 2}
+    screened = reproduce.plan("mini", seeds=[0, 1, 2], defences=["rmlnasty"])
+    assert teachers(screened) == names + ["rmlnasty"]
+    assert {s["role"]["seed"] for s in screened if s["role"].get("teacher") == "rmlnasty"
+            and s["role"]["kind"] == "kd"} == {0}
+    rml = next(s for s in screened if s["name"] == "rmlnasty_resnet20")
+    assert rml["params"]["method"] == "rmlnasty" and rml["params"]["original"] == "teacher_resnet20/weights.pth"
+
+
 def test_an_unknown_threat_model_is_one_line(capsys):
     assert run_main(reproduce.main, ["--preset", "mini", "--threat", "p5", "--dry_run"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

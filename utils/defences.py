@@ -152,7 +152,6 @@ class RMLNasty(Defence):
     the binary term (alpha 0) and keep the reproduction's reversal weight (beta 0.3) and Nasty's omega."""
     name, label = "rmlnasty", "RML + Nasty"
     keys = dict(RML.keys, omega=Nasty.keys["omega"])
-    battery = False  # screened first: reproduce.py --defences rmlnasty
 
     @classmethod
     def check(cls, cfg, source):
