@@ -53,7 +53,7 @@ COMMANDS = [
     ("reproduce.py --schedule mini_dfad_curve --data_root ./data --jobs 2", 0),
     ("reproduce.py --schedule threat_curve --data_root ./data --jobs 2", 0),
     ("reproduce.py --schedule mini_fp32 --data_root ./data --jobs 2", 0),
-    ("reproduce.py --schedule mini_rml_screen --data_root ./data --dry_run", 0),
+    ("reproduce.py --schedule mini_rml_screen --data_root ./data --jobs 2", 0),
     ("reproduce.py --schedule mini_skeptical --data_root ./data --jobs 2", 0),
 ]
 PLACEHOLDERS = {"DIR", "FILE", "ARCH"}
