@@ -65,17 +65,22 @@ def _tau_key(tau, runs):
     raise KeyError(tau)
 
 
-def collect(exp_root):
-    """The results of a preset folder written by reproduce.py: teachers, students (scratch, label smoothing and
-    every attack x teacher), DFAD, the steps without results, wall times, provenance, verdicts and the frontier."""
+def read_manifest(exp_root):
+    """(steps.json of a folder reproduce.py wrote, the folder of its teachers)."""
     manifest = read_json(os.path.join(exp_root, "steps.json"))
     if manifest is None:
         raise UserError(f"{exp_root}/steps.json not found; run reproduce.py first (it writes the manifest)")
+    return manifest, os.path.normpath(os.path.join(exp_root, manifest.get("teachers_from", ".")))
+
+
+def collect(exp_root):
+    """The results of a preset folder written by reproduce.py: teachers, students (scratch, label smoothing and
+    every attack x teacher), DFAD, the steps without results, wall times, provenance, verdicts and the frontier."""
+    manifest, teachers_root = read_manifest(exp_root)
     res = {"preset": manifest["preset"], "teachers": {}, "students": {}, "dfad": {}, "missing": [], "compute": {},
            "runs": {}}
     if manifest.get("threat"):  # a threat model's students, against the teachers of another preset folder
         res["threat"] = manifest["threat"]
-    teachers_root = os.path.normpath(os.path.join(exp_root, manifest.get("teachers_from", ".")))
     for step in manifest["steps"]:
         role = step["role"]
         run = read_run(teachers_root if role["kind"] == "teacher" else exp_root, step["name"])

@@ -4,20 +4,16 @@ against the plain cross-entropy control on the same images and schedule where th
 reversal diagnostics; then every student distilled from those teachers."""
 import os
 
-from utils.checkpoint import atomic_write_json, atomic_write_text, read_json
+from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.defences import DEFENCES
 from utils.errors import UserError
+
+from .cells import fmt
+from .collect import read_manifest, read_run
 
 # A teacher's settings as the table names them: (config key, column)
 SETTINGS = (("method", "method"), ("alpha", "α"), ("beta", "β"), ("gamma", "γ"), ("tau", "τ"), ("lr", "peak lr"),
             ("epochs", "epochs"), ("subset", "images"))
-
-
-def _folder(exp_root, teachers_from, step):
-    """A step's run folder: a teacher in the folder of the schedule's teachers, a student in the schedule's."""
-    if step["role"].get("kind") == "teacher":
-        return os.path.normpath(os.path.join(exp_root, teachers_from, step["name"]))
-    return os.path.normpath(os.path.join(exp_root, step["name"]))
 
 
 def _is_control(cfg):
@@ -38,23 +34,22 @@ def _precision(m):
 
 def screen(exp_root):
     """Write EXP_ROOT/screen.md and screen.json from the run folders its steps.json lists; return the rows."""
-    manifest = read_json(os.path.join(exp_root, "steps.json"))
-    if not isinstance(manifest, dict) or "steps" not in manifest:
-        raise UserError(f"{exp_root} has no steps.json; run its schedule first (python reproduce.py --schedule NAME)")
-    teachers_from = manifest.get("teachers_from", ".")
+    manifest, teachers_root = read_manifest(exp_root)
     teachers, students, missing = [], [], []
     for step in manifest["steps"]:
         kind = step["role"].get("kind")
-        folder = _folder(exp_root, teachers_from, step)
-        m = read_json(os.path.join(folder, "metrics.json"))
         if kind == "teacher" and step["script"] == "train_scratch.py":
             continue  # the original: the teachers' own rows carry its accuracy
-        if m is None:
-            missing.append(os.path.relpath(folder, exp_root))
+        root = teachers_root if kind == "teacher" else exp_root
+        run = read_run(root, step["name"])
+        if run is None:
+            missing.append(os.path.relpath(os.path.join(root, step["name"]), exp_root))
             continue
+        m = run["metrics"]
         cfg = m.get("config") or {}
-        row = {"run": os.path.relpath(folder, exp_root), "acc": m["final_acc"], "precision": _precision(m),
-               "wall_time_s": m.get("wall_time_s"), "git_commit": m.get("git_commit")}
+        row = {"run": os.path.relpath(os.path.join(root, step["name"]), exp_root), "acc": run["acc"],
+               "precision": _precision(m), "wall_time_s": run["seconds"], "git_commit": m.get("git_commit"),
+               "inputs": run.get("inputs", m.get("inputs"))}
         if kind == "teacher":
             diag = m.get("final_diagnostics") or {}
             row.update({key: cfg.get(key) for key, _ in SETTINGS}, original_acc=m.get("original_acc"),
@@ -62,8 +57,8 @@ def screen(exp_root):
                        control=_is_control(cfg), schedule=list(_schedule_key(cfg)))
             teachers.append(row)
         else:
-            path = (m.get("inputs") or {}).get("teacher", {}).get("path") or m.get("teacher") or cfg.get("teacher")
-            row.update(attack=step["role"].get("attack") or m.get("attack"), tau=m.get("tau"),
+            path = (row["inputs"] or {}).get("teacher", {}).get("path") or m.get("teacher") or cfg.get("teacher")
+            row.update(attack=step["role"].get("attack") or m.get("attack"), tau=run["tau"],
                        teacher=os.path.relpath(os.path.dirname(path), os.path.dirname(exp_root)) if path else "?",
                        teacher_acc=m.get("teacher_acc"))
             students.append(row)
@@ -92,16 +87,18 @@ def _markdown(exp_root, out):
              "|---" * (len(SETTINGS) + 8) + "|"]
     for t in out["teachers"]:
         settings = [_setting(k, t[k]) for k, _ in SETTINGS]
-        lines.append(f"| `{t['run']}` | " + " | ".join(settings) + f" | {t['acc']:.2f} | {_signed(t['delta_original'])} | "
-                     f"{'control' if t['control'] else _signed(t['delta_control'])} | {_num(t['kendall'], '+.3f')} | "
-                     f"{_num(t['reversed_top1'], '.1%')} | {t['precision']} | {_secs(t['wall_time_s'])} |")
+        control = "control" if t["control"] else fmt(t["delta_control"], signed=True)
+        lines.append(f"| `{t['run']}` | " + " | ".join(settings) + f" | {t['acc']:.2f} | "
+                     f"{fmt(t['delta_original'], signed=True)} | {control} | {fmt(t['kendall'], '{:+.3f}')} | "
+                     f"{fmt(t['reversed_top1'], '{:.1%}')} | {t['precision']} | {_secs(t['wall_time_s'])} |")
     if out["students"]:
-        lines += ["", "Students distilled from the screened teachers (the preset's student schedule):", "",
+        lines += ["", "Students distilled from the screened teachers (the preset's student schedule; the wall time of a "
+                  "student trained in a battery is its share of the battery's):", "",
                   "| run | attack | τ | teacher (its acc) | test acc | precision | wall time |",
                   "|---|---|---|---|---|---|---|"]
         for s in out["students"]:
-            lines.append(f"| `{s['run']}` | {s['attack']} | {_num(s['tau'], 'g')} | `{s['teacher']}` "
-                         f"({_num(s['teacher_acc'], '.2f')}) | {s['acc']:.2f} | {s['precision']} | "
+            lines.append(f"| `{s['run']}` | {s['attack']} | {fmt(s['tau'], '{:g}')} | `{s['teacher']}` "
+                         f"({fmt(s['teacher_acc'])}) | {s['acc']:.2f} | {s['precision']} | "
                          f"{_secs(s['wall_time_s'])} |")
     if out["missing"]:
         lines += ["", "Not finished yet: " + ", ".join(f"`{r}`" for r in out["missing"]) + "."]
@@ -114,13 +111,5 @@ def _setting(key, value):
     return "–" if value is None else (format(value, "g") if isinstance(value, (int, float)) else str(value))
 
 
-def _signed(x):
-    return "–" if x is None else f"{x:+.2f}"
-
-
-def _num(x, spec):
-    return "–" if x is None else format(x, spec)
-
-
 def _secs(x):
-    return "–" if x is None else f"{x:.0f} s"
+    return fmt(x, "{:.0f} s")

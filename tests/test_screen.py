@@ -65,7 +65,7 @@ def test_each_teacher_against_its_original_and_the_control_of_its_schedule(scree
 
 
 def test_a_folder_without_a_schedule_or_runs_is_one_line(tmp_path, screened):
-    with pytest.raises(UserError, match="no steps.json"):
+    with pytest.raises(UserError, match="steps.json not found"):
         report.screen(str(tmp_path))
     for folder, _, files in os.walk(os.path.dirname(screened)):
         if "metrics.json" in files:
