@@ -2,6 +2,7 @@
 other edit; Markov KD learns and resumes its matrices; the hard-label thief reads the argmax alone; the
 training-free defences match METHOD.md section 7 on hand-made logits."""
 import os
+import shutil
 import signal
 
 import pytest
@@ -220,7 +221,7 @@ def toys(monkeypatch):
     yield
 
 
-def test_a_new_attack_and_defence_reach_the_battery_table_and_figures(toys, tmp_path, cifar_root):
+def test_a_new_attack_and_defence_reach_the_battery_table_and_figures(toys, tiny_chain, tmp_path, cifar_root, capsys):
     steps = {s["name"]: s for s in reproduce.plan("tiny")}
     assert "toyflip_cnn" in steps and steps["toyflip_cnn"]["params"]["method"] == "toyflip"
     for teacher in reproduce.battery_teachers():
@@ -228,7 +229,13 @@ def test_a_new_attack_and_defence_reach_the_battery_table_and_figures(toys, tmp_
     for attack in reproduce.battery_attacks():
         assert f"kd_{attack}_toyflip_cnn_small" in steps
     exp_root = str(tmp_path / "tiny")
+    shutil.copytree(tiny_chain[0], exp_root)  # the chain before the toys: only their steps are new
     assert run_main(reproduce.main, ["--preset", "tiny", "--data_root", cifar_root, "--exp_root", exp_root]) == 0
+    out = capsys.readouterr().out
+    toy_steps = [name for name in steps if "toy" in name]
+    assert out.count("done, skipped") == len(steps) - len(toy_steps)
+    for name in toy_steps:
+        assert os.path.isfile(os.path.join(exp_root, name, "metrics.json")), name
     text = open(os.path.join(exp_root, "results.md")).read()
     assert "| toy flip |" in text  # the teacher row
     for attack in reproduce.battery_attacks():

@@ -2,6 +2,7 @@
 run completes on re-run."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -123,11 +124,25 @@ def test_report_rebuilds_from_folders(chain, tmp_path):
     assert bad.returncode == 2 and "steps.json not found" in bad.stderr
 
 
-def test_killed_run_completes_on_rerun(tmp_path, cifar_root):
-    exp_root = str(tmp_path / "tiny")
+def _without(src, dst, teacher):
+    """A copy of the finished tiny chain without one teacher, the steps that load it and the report: what a run
+    stopped before that teacher leaves (a whole chain from nothing would train every other step again too).
+    Returns the copy and the names of the removed steps, teacher first."""
+    shutil.copytree(src, dst)
+    gone = [teacher] + [s["name"] for s in reproduce.plan("tiny") if teacher in reproduce.dependencies(s)]
+    for name in gone:
+        shutil.rmtree(os.path.join(dst, name))
+    for name in ("results.md", "results.json"):
+        if os.path.exists(os.path.join(dst, name)):
+            os.remove(os.path.join(dst, name))
+    return dst, gone
+
+
+def test_killed_run_completes_on_rerun(chain, tmp_path, cifar_root):
+    exp_root, gone = _without(chain[0], str(tmp_path / "tiny"), "nasty_cnn")
     proc = subprocess.Popen(_reproduce(exp_root, cifar_root), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    first = os.path.join(exp_root, "teacher_cnn", "metrics.json")
+    first = os.path.join(exp_root, "nasty_cnn", "metrics.json")
     deadline = time.time() + 300
     while not os.path.isfile(first) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -135,9 +150,12 @@ def test_killed_run_completes_on_rerun(tmp_path, cifar_root):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert os.path.isfile(first)
+    assert not all(os.path.isfile(os.path.join(exp_root, name, "metrics.json")) for name in gone)  # stopped early
     out = subprocess.run(_reproduce(exp_root, cifar_root), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "teacher_cnn: done, skipped" in out.stdout
+    assert "nasty_cnn: done, skipped" in out.stdout
+    for name in gone:
+        assert os.path.isfile(os.path.join(exp_root, name, "metrics.json")), name
     assert os.path.isfile(os.path.join(exp_root, "results.md"))
 
 
@@ -228,21 +246,27 @@ def test_half_trained_teacher_is_not_done(chain, cifar_root, tmp_path, capsys):
 
 
 def test_parallel_jobs_give_the_same_results(chain, cifar_root, tmp_path):
-    """--jobs 2 runs steps side by side in their own processes, teachers before what loads them, and every
-    step ends with the same accuracy as in the one-process run (same seed, same data, same code)."""
+    """--jobs 2 runs steps side by side in their own processes, a teacher before what loads it, and every step
+    ends with the same accuracy as in the one-process run (same seed, same data, same code). The chain's
+    students of Nasty, Nasty itself and the two label-trained students are run again, two at a time."""
     exp_root, _ = chain
-    par_root = str(tmp_path / "tiny")
+    par_root, gone = _without(exp_root, str(tmp_path / "tiny"), "nasty_cnn")
+    for name in ("scratch_cnn_small", "ls_cnn_small"):  # steps that need no teacher: the other slot's work
+        shutil.rmtree(os.path.join(par_root, name))
+        gone.append(name)
     out = subprocess.run(_reproduce(par_root, cifar_root) + ["--jobs", "2"], cwd=ROOT, capture_output=True,
                          text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "in slot 1" in out.stdout  # two processes did run at once
-    order = [line.split()[2].rstrip(":") for line in out.stdout.splitlines() if ": running in slot" in line]
-    finished = [line.split()[2].rstrip(":") for line in out.stdout.splitlines() if ": finished in" in line]
-    teacher = os.path.join(par_root, "teacher_cnn")
-    for name in ("rml_cnn", "nasty_cnn"):
-        assert finished.index(teacher) < order.index(os.path.join(par_root, name))
-    for step in reproduce.plan("tiny"):
-        name = step["name"]
+    lines = out.stdout.splitlines()
+
+    def mentions(line, names):  # a step's folder, as a whole path, in a progress line
+        return any(re.search(re.escape(os.path.join(par_root, name)) + r"[,):\s]", line) for name in names)
+
+    nasty_done = next(i for i, line in enumerate(lines) if "finished in" in line and mentions(line, ["nasty_cnn"]))
+    loaders = [i for i, line in enumerate(lines) if "running in slot" in line and mentions(line, gone[1:-2])]
+    assert loaders and min(loaders) > nasty_done  # Nasty finished before a step that loads it started
+    for name in gone:
         assert os.path.isfile(os.path.join(par_root, name, "run.log"))
         one = read_json(os.path.join(exp_root, name, "metrics.json"))
         two = read_json(os.path.join(par_root, name, "metrics.json"))
