@@ -33,6 +33,23 @@ def verdict_cell(a):
     return f"{word} ({test})"
 
 
+PRECISIONS = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def precision(metrics):
+    """The precision a run trained in, from its metrics.json ('amp'): bf16, fp16 or fp32."""
+    return PRECISIONS.get(metrics.get("amp"), "fp32")
+
+
+def precision_mark(row, bar):
+    """' [fp32]' after a row that ran in another precision than its bar ('' when they agree or one is unknown):
+    precision moves a row about as much as a seed does, so such a verdict compares unlike runs."""
+    mine, theirs = row.get("precision"), (bar or {}).get("precision")
+    if not mine or not theirs or mine == theirs:
+        return ""
+    return f" [{'/'.join(mine)}]"
+
+
 PROVENANCE_MARKS = {"mismatch": " ✗", "unrecorded": " ?"}
 
 

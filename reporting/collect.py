@@ -7,6 +7,7 @@ from utils.checkpoint import read_json
 from utils.errors import UserError
 from utils.stats import mean_std, verdict
 
+from .cells import precision
 from .verdicts import bar_of, dfad_against_original, floor_of, frontier
 
 
@@ -90,7 +91,8 @@ def collect(exp_root):
         m = run["metrics"]
         res["compute"][step["name"]] = run["seconds"]
         res["runs"][step["name"]] = {"role": role, "weights_sha256": m.get("weights_sha256"),
-                                     "inputs": run.get("inputs", m.get("inputs")), "git_commit": m.get("git_commit")}
+                                     "inputs": run.get("inputs", m.get("inputs")), "git_commit": m.get("git_commit"),
+                                     "precision": precision(m)}
         if role["kind"] == "teacher":
             diag = m.get("final_diagnostics", {})
             res["teachers"][role["teacher"]] = {
@@ -119,6 +121,8 @@ def collect(exp_root):
                 a["provenance"] = _worst(res["provenance"], a["folders"])
     for d in res["dfad"].values():
         d["provenance"] = _worst(res["provenance"], d["folders"])
+    for entry in _arms(res):
+        entry["precision"] = sorted({res["runs"][f]["precision"] for f in entry["folders"]})
     orig = res["teachers"].get("original")
     if orig is not None and orig["ece"] is None:  # a defended teacher's run scores its original too
         orig["ece"] = next((t["original_ece"] for t in res["teachers"].values() if t.get("original_ece")), None)
@@ -158,6 +162,16 @@ def _add_seed(group, key, role, run, folder, extra):
     entry["folders"].append(folder)
     entry["acc"], entry["std"] = mean_std([entry["accs"][k] for k in sorted(entry["accs"])])
     entry["n"] = len(entry["accs"])
+
+
+def _arms(res):
+    """Every arm of a collected folder that holds runs of its own: scratch, label smoothing, each attack x
+    teacher, each DFAD student."""
+    for s in res["students"].values():
+        yield from (s[k] for k in ("scratch", "ls") if k in s)
+        for attacks in s["kd"].values():
+            yield from attacks.values()
+    yield from res["dfad"].values()
 
 
 def _worst(prov, folders):

@@ -8,7 +8,7 @@ from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.defences import DEFENCES
 from utils.errors import UserError
 
-from .cells import fmt
+from .cells import fmt, precision
 from .collect import read_manifest, read_run
 
 # A teacher's settings as the table names them: (config key, column)
@@ -28,10 +28,6 @@ def _schedule_key(cfg):
     return cfg.get("subset") or 0, cfg.get("subset_seed"), cfg.get("epochs"), cfg.get("original")
 
 
-def _precision(m):
-    return {"bfloat16": "bf16", "float16": "fp16"}.get(m.get("amp"), "fp32")
-
-
 def screen(exp_root):
     """Write EXP_ROOT/screen.md and screen.json from the run folders its steps.json lists; return the rows."""
     manifest, teachers_root = read_manifest(exp_root)
@@ -48,7 +44,7 @@ def screen(exp_root):
         m = run["metrics"]
         cfg = m.get("config") or {}
         row = {"run": os.path.relpath(os.path.join(root, step["name"]), exp_root), "acc": run["acc"],
-               "precision": _precision(m), "wall_time_s": run["seconds"], "git_commit": m.get("git_commit"),
+               "precision": precision(m), "wall_time_s": run["seconds"], "git_commit": m.get("git_commit"),
                "inputs": run.get("inputs", m.get("inputs"))}
         if kind == "teacher":
             diag = m.get("final_diagnostics") or {}

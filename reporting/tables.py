@@ -1,7 +1,7 @@
 """results.md: the table of docs/METHOD.md section 5, a piece per section."""
 from utils.stats import ALPHA, RULE
 
-from .cells import below_cell, chosen_note, fmt, provenance_mark, seeded, tau_cell, verdict_cell
+from .cells import below_cell, chosen_note, fmt, precision_mark, provenance_mark, seeded, tau_cell, verdict_cell
 from .names import TEACHER_NAMES, teacher_order
 from .verdicts import bar_name, bar_of, bar_text, floor_of
 
@@ -9,7 +9,7 @@ from .verdicts import bar_name, bar_of, bar_text, floor_of
 def markdown(res, extra=None):
     """results.md of a collected folder: the teachers, a table per student architecture, DFAD, the frontier,
     which teachers resist which attacks, provenance and compute; extra: what reproduce.py recorded of its run."""
-    lines = _header_lines(res) + _teacher_lines(res)
+    lines = _header_lines(res) + _precision_lines(res) + _teacher_lines(res)
     for arch, s in res["students"].items():
         lines += (_threat_student_lines if res.get("threat") else _student_lines)(res, arch, s)
     lines += _dfad_lines(res)
@@ -44,6 +44,27 @@ def _header_lines(res):
     return lines
 
 
+def _precision_lines(res):
+    """Which precision the runs trained in: one line when every student agrees; when they do not, which ran in
+    which, and the rows that ran in another precision than their bar are marked."""
+    kinds = {}
+    for name, run in res.get("runs", {}).items():
+        kinds.setdefault("teacher" if run["role"]["kind"] == "teacher" else "student", {}).setdefault(
+            run.get("precision", "fp32"), []).append(name)
+    if not kinds.get("student"):
+        return []
+    def count(group):
+        return ", ".join(f"{p} ({len(names)} run{'s' * (len(names) > 1)})" for p, names in sorted(group.items()))
+
+    teachers = f"; the teachers: {count(kinds['teacher'])}" if kinds.get("teacher") else ""
+    if len(kinds["student"]) == 1:
+        return [f"Precision: every student run in {count(kinds['student'])}{teachers}.", ""]
+    return [f"Precision: **mixed**, the students in {count(kinds['student'])}{teachers}. A student row marked "
+            "[fp32] (or [bf16], [fp16]) ran in another precision than its bar: precision moves a row about as much "
+            "as a seed does (docs/RESULTS.md, \"Which schedule, within which budget?\"), so its Δ and verdict "
+            "compare unlike runs; re-run it in its bar's precision (reproduce.py --amp).", ""]
+
+
 def _teacher_lines(res):
     lines = ["## Teachers", "",
              "| teacher | test acc | Δ vs original | Kendall τ vs original (non-target order) | reversed top-1 | "
@@ -67,7 +88,8 @@ def _student_lines(res, arch, s):
              "|---|---|---|---|---|---|---|"]
     for teacher in teacher_order(res):
         for attack, a in s["kd"].get(teacher, {}).items():
-            lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {seeded(a)}{provenance_mark(a)} | {tau_cell(a)} | "
+            lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {seeded(a)}{provenance_mark(a)}"
+                         f"{precision_mark(a, s.get('ls'))} | {tau_cell(a)} | "
                          f"{fmt(a['delta_scratch'], signed=True)} | {fmt(a['delta_ls'], signed=True)} | "
                          f"{verdict_cell(a)} |")
     return lines + chosen_note(s)
@@ -86,8 +108,8 @@ def _threat_student_lines(res, arch, s):
     for teacher in teacher_order(res):
         for attack, a in s["kd"].get(teacher, {}).items():
             cell = "the bar" if a is bar_of(res, s) else verdict_cell(a)
-            lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {seeded(a)}{provenance_mark(a)} | "
-                         f"{tau_cell(a)} | {fmt(a['delta_ls'], signed=True)} | "
+            lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {seeded(a)}{provenance_mark(a)}"
+                         f"{precision_mark(a, bar_of(res, s))} | {tau_cell(a)} | {fmt(a['delta_ls'], signed=True)} | "
                          f"{fmt(a.get('delta_floor'), signed=True)} | {cell} |")
     return lines + chosen_note(s)
 

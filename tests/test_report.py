@@ -147,6 +147,33 @@ def test_without_labels_the_hard_label_floor_is_the_bar_and_is_not_judged(tmp_pa
     assert "or below the bar, the hard-label floor (KD on the original's argmax alone)" in text
 
 
+def test_one_precision_is_one_line_and_no_row_is_marked(preset):
+    text = markdown(collect(preset))
+    assert "Precision: every student run in fp32 (12 runs); the teachers: fp32 (2 runs)." in text
+    assert "[fp32]" not in text and "[bf16]" not in text and "mixed" not in text
+
+
+@pytest.mark.parametrize("threat", [None, {"name": "p10nl", "title": "5,000 images, no labels", "images": 5000,
+                                           "labels": False, "bar": "hardlabel"}])
+def test_a_row_in_another_precision_than_its_bar_is_marked(tmp_path, threat):
+    """A grid whose rows came from two machines: the verdicts of the fp32 rows against a bf16 bar are flagged,
+    and the rows that share the bar's precision are not."""
+    bf16 = {"amp": "bfloat16"}
+    runs = [_teacher("original", 90.0), _teacher("nasty", 89.6)]
+    for seed in range(3):
+        runs += [_student("ls", seed, 60.0 + seed), _kd("original", "hardlabel", seed, 55.0, **bf16),
+                 _kd("nasty", "vanilla", seed, 58.0 + 0.1 * seed, **bf16),
+                 _kd("nasty", "tckd", seed, 58.5, **({} if seed else bf16))]
+    runs = [(n, r, dict(m, **bf16)) if r.get("source") == "ls" else (n, r, m) for n, r, m in runs]
+    res = collect(_preset(str(tmp_path / "mixed"), runs, threat=threat))
+    s = res["students"]["cnn"]
+    assert s["kd"]["nasty"]["tckd"]["precision"] == ["bf16", "fp32"] and s["ls"]["precision"] == ["bf16"]
+    text = markdown(res)
+    assert "Precision: **mixed**, the students in bf16 (10 runs), fp32 (2 runs); the teachers: fp32 (2 runs)." in text
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| Nasty | ")}
+    assert "58.50 ± 0.00 (3) [bf16/fp32] |" in rows["tckd"] and "[" not in rows["vanilla"].split(" | ")[2]
+
+
 def test_a_student_trained_from_other_weights_is_marked_and_refused_with_strict(tmp_path, capsys):
     runs = [_teacher("original", 90.0), _student("ls", 0, 65.0),
             _kd("original", "vanilla", 0, 66.0, inputs={"teacher": {"weights_sha256": "f" * 64}}),
