@@ -136,6 +136,8 @@ def curves_figure(res, path):
         curves += [(f"{arch} KD {t}/{a}", v["history"]) for t, atts in s["kd"].items() for a, v in atts.items()
                    if a == "vanilla"]
     curves += [(f"DFAD {t}", d["history"]) for t, d in res["dfad"].items()]
+    # a run with eval_every > 1 (the threat models' long schedules) has test accuracy at its evaluated epochs only
+    curves = [(n, [r for r in h if r.get("test_acc") is not None]) for n, h in curves]
     curves = [(n, h) for n, h in curves if h]
     if not curves:
         return False

@@ -9,7 +9,7 @@ import report
 from conftest import read_json, run_main
 from reporting.cells import fmt, provenance_mark, seeded, verdict_cell
 from reporting.collect import collect
-from reporting.figures import figures
+from reporting.figures import curves_figure, figures
 from reporting.tables import markdown
 from reporting.verdicts import bar_of
 
@@ -226,6 +226,22 @@ def test_figures_draw_what_the_folder_holds(preset, tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     labels, values, _ = report.accuracy_bars(res)
     assert labels[:2] == ["teacher\noriginal", "teacher\nNasty"] and len(values) == 2 + 2 + 2
+
+
+def test_the_curves_of_runs_evaluated_every_few_epochs_are_drawn(tmp_path):
+    """The threat models' students evaluate every eval_every epochs: the epochs between have no test accuracy."""
+    history = [dict({"epoch": e, "train_acc": 50.0 + e}, **({"test_acc": 40.0 + e} if e % 10 == 0 else {}))
+               for e in range(1, 31)]
+    runs = [_teacher("original", 90.0), _student("ls", 0, 60.0), _kd("original", "vanilla", 0, 62.0)]
+    res = collect(_preset(str(tmp_path / "p10"), [(n, r, dict(m, history=history)) if r["kind"] != "teacher"
+                                                  else (n, r, m) for n, r, m in runs]))
+    assert curves_figure(res, str(tmp_path / "fig_curves.png"))
+    assert os.path.getsize(tmp_path / "fig_curves.png") > 0
+    only_train = [{"epoch": 1, "train_acc": 10.0}]
+    for arm in (res["students"]["cnn"]["ls"], res["students"]["cnn"]["kd"]["original"]["vanilla"],
+                res["teachers"]["original"]):
+        arm["history"] = only_train
+    assert not curves_figure(res, str(tmp_path / "none.png"))  # nothing evaluated: no figure
 
 
 def test_build_keeps_what_reproduce_recorded_and_drops_the_histories(preset):
