@@ -128,6 +128,22 @@ def mini_skeptical():
     return out
 
 
+THREAT_SKEPTICAL_SEEDS = (0,)  # seeds 1 and 2 join in later sessions (about 90 min a seed on 2 AVX2 cores)
+
+
+def threat_skeptical():
+    """The Skeptical student where stealing pays: the p10 threat model (5,000 labelled images, its 240-epoch
+    schedule), against the original and Nasty, beside vanilla KD from Nasty and the label-smoothing bar, all in
+    fp32 (the threat grid's rows will be in the precision of the machine that runs it)."""
+    s = _steps("mini", seeds=THREAT_SKEPTICAL_SEEDS, threat="p10", amp="off")
+    out = []
+    for seed in THREAT_SKEPTICAL_SEEDS:
+        sfx = f"_seed{seed}" if seed else ""
+        out += [s[f"{name}{sfx}"] for name in ("ls_cnn", "kd_skeptical_nasty_cnn", "kd_skeptical_original_cnn",
+                                                "kd_vanilla_nasty_cnn")]
+    return out
+
+
 # name -> what it is, its preset, its folder under exps/, its runs, and how its report is rebuilt
 # (curve: report.py --curve with these folders' points too; compare: results.md and comparison.md against a folder;
 # screen: screen.md, the screened teachers and their students)
@@ -145,6 +161,9 @@ SCHEDULES = {
     "mini_skeptical": {"title": "the Skeptical student against every teacher of the full-data grid, fp32",
                        "preset": "mini", "root": "mini_skeptical", "steps": mini_skeptical,
                        "report": {"results": True}},
+    "threat_skeptical": {"title": "the Skeptical student on 5,000 labelled images, fp32", "preset": "mini",
+                         "root": "threat_skeptical", "steps": threat_skeptical, "report": {"results": True},
+                         "threat": "p10"},
     "mini_rml_screen": {"title": "the RML settings screened before the preset's", "preset": "mini",
                         "root": "mini/rml_tradeoff", "steps": mini_rml_screen, "report": {"screen": True}},
 }
