@@ -50,9 +50,10 @@ def _precision_lines(res):
     kinds = {}
     for name, run in res.get("runs", {}).items():
         kinds.setdefault("teacher" if run["role"]["kind"] == "teacher" else "student", {}).setdefault(
-            run.get("precision", "fp32"), []).append(name)
+            run["precision"], []).append(name)
     if not kinds.get("student"):
         return []
+
     def count(group):
         return ", ".join(f"{p} ({len(names)} run{'s' * (len(names) > 1)})" for p, names in sorted(group.items()))
 

@@ -49,9 +49,9 @@ def _teacher(name, acc):
     return (f"teacher_{name}", {"kind": "teacher", "teacher": name}, {"final_acc": acc})
 
 
-def _student(source, seed, acc, arch="cnn"):
+def _student(source, seed, acc, arch="cnn", **metrics):
     return (f"{source}_{arch}_s{seed}", {"kind": "student", "arch": arch, "source": source, "seed": seed},
-            {"final_acc": acc})
+            dict({"final_acc": acc}, **metrics))
 
 
 def _kd(teacher, attack, seed, acc, arch="cnn", **metrics):
@@ -161,10 +161,9 @@ def test_a_row_in_another_precision_than_its_bar_is_marked(tmp_path, threat):
     bf16 = {"amp": "bfloat16"}
     runs = [_teacher("original", 90.0), _teacher("nasty", 89.6)]
     for seed in range(3):
-        runs += [_student("ls", seed, 60.0 + seed), _kd("original", "hardlabel", seed, 55.0, **bf16),
+        runs += [_student("ls", seed, 60.0 + seed, **bf16), _kd("original", "hardlabel", seed, 55.0, **bf16),
                  _kd("nasty", "vanilla", seed, 58.0 + 0.1 * seed, **bf16),
                  _kd("nasty", "tckd", seed, 58.5, **({} if seed else bf16))]
-    runs = [(n, r, dict(m, **bf16)) if r.get("source") == "ls" else (n, r, m) for n, r, m in runs]
     res = collect(_preset(str(tmp_path / "mixed"), runs, threat=threat))
     s = res["students"]["cnn"]
     assert s["kd"]["nasty"]["tckd"]["precision"] == ["bf16", "fp32"] and s["ls"]["precision"] == ["bf16"]
@@ -232,9 +231,9 @@ def test_the_curves_of_runs_evaluated_every_few_epochs_are_drawn(tmp_path):
     """The threat models' students evaluate every eval_every epochs: the epochs between have no test accuracy."""
     history = [dict({"epoch": e, "train_acc": 50.0 + e}, **({"test_acc": 40.0 + e} if e % 10 == 0 else {}))
                for e in range(1, 31)]
-    runs = [_teacher("original", 90.0), _student("ls", 0, 60.0), _kd("original", "vanilla", 0, 62.0)]
-    res = collect(_preset(str(tmp_path / "p10"), [(n, r, dict(m, history=history)) if r["kind"] != "teacher"
-                                                  else (n, r, m) for n, r, m in runs]))
+    runs = [_teacher("original", 90.0), _student("ls", 0, 60.0, history=history),
+            _kd("original", "vanilla", 0, 62.0, history=history)]
+    res = collect(_preset(str(tmp_path / "p10"), runs))
     assert curves_figure(res, str(tmp_path / "fig_curves.png"))
     assert os.path.getsize(tmp_path / "fig_curves.png") > 0
     only_train = [{"epoch": 1, "train_acc": 10.0}]
