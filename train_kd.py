@@ -214,28 +214,39 @@ def battery(folders, args):
         if not args.resume and not args.overwrite:
             refuse_finished(folder, "train_kd.py")
     how = f"python train_kd.py --battery {','.join(folders)} --resume"
+    runs = [(cfg, folder, args.resume, args.overwrite, record) for cfg, folder, record in zip(cfgs, folders, records)]
+    return train_shared(runs, how)
+
+
+def train_shared(runs, how):
+    """Train runs [(cfg, folder, resume, overwrite, tuned_by)] of one teacher, with the same batches, in one pass:
+    one teacher forward per batch serves every run (utils/battery.py). Runs at different resume positions train
+    group by group. Returns their metrics, in the order of `runs`; each run's metrics.json names the battery."""
+    from utils import battery as bat
+    folders = [folder for _, folder, *_ in runs]
     members, shared = [], None
-    for cfg, folder, record in zip(cfgs, folders, records):
-        engine, task = prepare(cfg, folder, args.resume, shared, overwrite=args.overwrite, tuned_by=record)
+    for cfg, folder, resume, overwrite, record in runs:
+        engine, task = prepare(cfg, folder, resume, shared, overwrite=overwrite, tuned_by=record)
         if shared is None:
             shared = {"teacher": bat.SharedForward(task.teacher), "teacher_acc": task.teacher_acc,
                       "loaders": engine.loaders}
             task.teacher = shared["teacher"]
         engine.notes["battery"] = list(folders)
         members.append(Member(engine, task, engine.begin(task)))
-    results = []
+    results = {}
     for group in bat.groups(members):
         if len(group) < len(members):
             group[0].engine.log(f"battery: {len(group)} of {len(members)} students resume at epoch "
                                 f"{group[0].start[0]} step {group[0].start[1]}; they run together, the rest after")
-        results += train_together(group, how)
-    return results
+        for member, metrics in zip(group, train_together(group, how)):
+            results[member.engine.save_path] = metrics
+    return [results[folder] for folder in folders]
 
 
 def sweep(cfg, save_path, resume=False, overwrite=False):
-    """Run the attack once per tau (and alpha: alpha_sweep) in-process, one engine each, and record the best in
-    sweep.json: picked on the thief's validation split when val_split > 0, else on the test split (an upper
-    bound).
+    """Run the attack once per tau (and alpha: alpha_sweep) in-process, one engine each, trained together as a
+    battery of one teacher (each run ends where its lone run ends), and record the best in sweep.json: picked on
+    the thief's validation split when val_split > 0, else on the test split (an upper bound).
 
     The folder holds the sweep alone: the files of a single run there (a folder used before without
     tau_sweep) are refused, or removed with overwrite. With overwrite every run is trained again."""
@@ -267,7 +278,7 @@ def sweep(cfg, save_path, resume=False, overwrite=False):
         summary_path = os.path.join(save_path, "sweep.json")
         if os.path.isfile(summary_path) and any(p[4] is None for p in plan):
             os.remove(summary_path)  # stale until every run is done: a half-run sweep must not look finished
-    results = {}
+    results, todo = {}, []
     for name, what, sub, sub_cfg, done, stale in plan:
         if done is None:
             if is_main:
@@ -277,10 +288,21 @@ def sweep(cfg, save_path, resume=False, overwrite=False):
                 atomic_write_json(os.path.join(sub, "params.json"),
                                   dict(sub_cfg, _comment=f"{what} of the sweep in {save_path}", _script="train_kd.py"))
             sub_resume = resume and os.path.isfile(os.path.join(sub, "last.pth"))
-            done = train(sub_cfg, sub, resume=sub_resume, overwrite=not sub_resume)
-        elif is_main:
-            print(f"{what}: {sub}/metrics.json exists, skipped", flush=True)
-        results[name] = done
+            todo.append((name, (sub_cfg, sub, sub_resume, not sub_resume, None)))
+        else:
+            if is_main:
+                print(f"{what}: {sub}/metrics.json exists, skipped", flush=True)
+            results[name] = done
+    # The runs left train together, one teacher forward per batch for all of them (they differ in tau/alpha
+    # alone, so they see the same batches): a sweep of four costs about what a battery of four students does,
+    # not four lone runs. Under torchrun (a battery is one process) they train one after another.
+    how = f"python train_kd.py --save_path {save_path} --resume"
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        trained = [train(run[0], run[1], resume=run[2], overwrite=run[3]) for _, run in todo]
+    else:
+        trained = train_shared([run for _, run in todo], how) if todo else []
+    results.update(zip([name for name, _ in todo], trained))
+    results = {name: results[name] for name, *_ in plan}  # the sweep's order: a tie goes to the first
     on_val = cfg["val_split"] > 0
     score = "val_acc" if on_val else "final_acc"
     best = max(results, key=lambda n: results[n][score])  # the first of a tie, in the sweep's order

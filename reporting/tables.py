@@ -205,7 +205,8 @@ def _frontier_lines(res):
         delta = "" if r["teacher"] == "original" else f" ({fmt(r['teacher_delta'], signed=True)})"
         entry = {"acc": r["acc"], "std": r["std"], "n": r["n"]}
         lines.append(f"| `{r['arch']}` | {TEACHER_NAMES[r['teacher']]} | {fmt(r['teacher_acc'])}{delta} | {r['strongest']} "
-                     f"| {seeded(entry)} | {fmt(r['delta_ls'], signed=True)} | "
+                     f"| {seeded(entry)}{precision_mark(r, {'precision': r.get('bar_precision')})} | "
+                     f"{fmt(r['delta_ls'], signed=True)} | "
                      f"{verdict_cell({'verdict': r['verdict'], 'p': r['p'], 'n_paired': r['n']})} | "
                      f"{'yes' if r['resists_all'] else 'no'} ({r['attacks']} attacks) |")
     return lines

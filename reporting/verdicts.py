@@ -69,7 +69,8 @@ def frontier(res):
     every attack when each attack's verdict is KD-resistant (METHOD.md section 8)."""
     out = []
     for arch, s in res["students"].items():
-        bar = bar_of(res, s).get("acc")
+        bar_row = bar_of(res, s)
+        bar = bar_row.get("acc")
         for teacher in teacher_order(res):
             attacks = {a: r for a, r in s["kd"].get(teacher, {}).items() if r.get("acc") is not None}
             t = res["teachers"].get(teacher)
@@ -81,5 +82,6 @@ def frontier(res):
                         "strongest": best, "acc": b["acc"], "std": b.get("std"), "n": b.get("n", 1),
                         "delta_ls": None if bar is None else b["acc"] - bar, "verdict": b.get("verdict"),
                         "p": b.get("p"), "bar": bar, "attacks": len(attacks),
+                        "precision": b.get("precision"), "bar_precision": bar_row.get("precision"),
                         "resists_all": resists_all})
     return out

@@ -169,6 +169,25 @@ def test_tau_sweep_writes_each_tau_and_the_best(tmp_path, cifar_root, teacher_ck
     assert all(read_json(os.path.join(d, f"tau_{t}", "metrics.json"))["alpha"] == 0.5 for t in (1, 4))
 
 
+def test_a_sweep_asks_its_teacher_once_per_batch(tmp_path, cifar_root, teacher_ckpt, monkeypatch):
+    from utils.battery import SharedForward
+    seen = []
+    real = SharedForward.forward
+
+    def counted(self, x):
+        out = real(self, x)
+        seen.append((self.calls, self.hits))
+        return out
+
+    monkeypatch.setattr(SharedForward, "forward", counted)
+    d = _exp(tmp_path, cifar_root, teacher_ckpt, tau_sweep=[1, 4, 10])
+    assert run_main(train_kd.main, ["--save_path", d]) == 0
+    assert seen, "the sweep's runs did not share one teacher forward"
+    calls, hits = seen[-1]
+    batches = calls // 3  # every training batch: the first temperature's call runs it, the other two reuse it
+    assert batches == 5 and calls == 3 * batches and hits == 2 * batches  # 1 epoch of 5 batches of 20
+
+
 class _StopAtTau4(train_kd.KDTask):
     """Raise the engine's stop flag at the 3rd step of the tau-4 run, as SIGTERM would."""
 
@@ -178,22 +197,31 @@ class _StopAtTau4(train_kd.KDTask):
             engine.request_stop(signal.SIGTERM)
 
 
-def test_interrupted_sweep_resumes_the_unfinished_tau(tmp_path, cifar_root, teacher_ckpt, monkeypatch, capsys):
+def test_interrupted_sweep_resumes_every_unfinished_tau(tmp_path, cifar_root, teacher_ckpt, monkeypatch, capsys):
     d = _exp(tmp_path, cifar_root, teacher_ckpt, tau_sweep=[1, 4])
     monkeypatch.setattr(train_kd, "KDTask", _StopAtTau4)
     assert run_main(train_kd.main, ["--save_path", d]) == 128 + signal.SIGTERM
-    assert os.path.isfile(os.path.join(d, "tau_1", "metrics.json"))
+    # the temperatures train together (one teacher forward per batch): the stop halts both after the same step
+    for tau in (1, 4):
+        assert torch.load(os.path.join(d, f"tau_{tau}", "last.pth"), weights_only=True)["step"] == 3
+        assert not os.path.isfile(os.path.join(d, f"tau_{tau}", "metrics.json"))
     assert not os.path.isfile(os.path.join(d, "sweep.json"))
-    assert torch.load(os.path.join(d, "tau_4", "last.pth"), weights_only=True)["step"] == 3
+    assert f"Resume with: python train_kd.py --save_path {d} --resume" in capsys.readouterr().out
     monkeypatch.undo()
-    capsys.readouterr()
     assert run_main(train_kd.main, ["--save_path", d, "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    s = read_json(os.path.join(d, "sweep.json"))
+    for tau in (1, 4):  # each resumed temperature ends where its uninterrupted lone run ends
+        alone = _exp(tmp_path, cifar_root, teacher_ckpt, f"alone{tau}", tau=float(tau))
+        assert run_main(train_kd.main, ["--save_path", alone]) == 0
+        assert s["final_acc"][str(tau)] == read_json(os.path.join(alone, "metrics.json"))["final_acc"]
+    # a sweep that finds one temperature done trains only the other, and counts the done one's time alone
+    assert run_main(train_kd.main, ["--save_path", d, "--tau_sweep", "1,4,10"]) == 0
     out = capsys.readouterr().out
-    assert "tau 1:" in out and "skipped" in out and "resumed from" in out
-    alone = _exp(tmp_path, cifar_root, teacher_ckpt, "alone", tau=4.0)
-    assert run_main(train_kd.main, ["--save_path", alone]) == 0
-    assert read_json(os.path.join(d, "sweep.json"))["final_acc"]["4"] == \
-        read_json(os.path.join(alone, "metrics.json"))["final_acc"]
+    assert out.count("skipped") == 2 and "tau 10" in out
+    m10 = read_json(os.path.join(d, "tau_10", "metrics.json"))
+    assert m10["battery"] == [os.path.join(d, "tau_10")]
+    assert read_json(os.path.join(d, "tau_1", "metrics.json"))["battery"] == [os.path.join(d, f"tau_{t}") for t in (1, 4)]
 
 
 # ------------------------------------------------------------------------------------------ bad input

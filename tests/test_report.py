@@ -171,6 +171,9 @@ def test_a_row_in_another_precision_than_its_bar_is_marked(tmp_path, threat):
     assert "Precision: **mixed**, the students in bf16 (10 runs), fp32 (2 runs); the teachers: fp32 (2 runs)." in text
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| Nasty | ")}
     assert "58.50 ± 0.00 (3) [bf16/fp32] |" in rows["tckd"] and "[" not in rows["vanilla"].split(" | ")[2]
+    # the frontier table carries the mark of the strongest attack's row it shows
+    glance = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| `cnn` | ")}
+    assert "| tckd | 58.50 ± 0.00 (3) [bf16/fp32] |" in glance["Nasty"] and "[" not in glance["original"]
 
 
 def test_a_student_trained_from_other_weights_is_marked_and_refused_with_strict(tmp_path, capsys):
