@@ -28,12 +28,23 @@ def markdown(res, extra=None):
     return "\n".join(lines)
 
 
+def _kd_rows_text(res):
+    """How the KD rows' temperature was chosen: a sweep picked on the test split (an upper bound), the thief's
+    own held-out images (val N), or none (the τ the arm was run at)."""
+    arms = [a for s in res["students"].values() for attacks in s["kd"].values() for a in attacks.values()]
+    if any(a.get("per_tau") and not a.get("chosen") for a in arms):
+        return "KD rows: the thief's best temperature, picked on the test split (an upper bound for the attack)."
+    if any(a.get("chosen") for a in arms):
+        return ("KD rows: at the temperature in the τ column; one marked (val N) is the thief's own pick, made on "
+                "N of its training images held out.")
+    return "KD rows: at the temperature in the τ column (no sweep)."
+
+
 def _header_lines(res):
     lines = [f"# Results: preset `{res['preset']}`", ""]
     seeds = res.get("seeds", [0])
     lines += ["Final-epoch top-1 test accuracy (%); student rows are mean ± std (n seeds) over seeds "
-              f"{', '.join(map(str, seeds))}. KD rows: the thief's best temperature, picked on the test split (an "
-              "upper bound for the attack).", "", RULE, ""]
+              f"{', '.join(map(str, seeds))}. {_kd_rows_text(res)}", "", RULE, ""]
     threat = res.get("threat")
     if threat:
         lines += [f"**Threat model `{threat['name']}`: {threat['title']}.** Every student arm holds the same "

@@ -104,6 +104,7 @@ def test_one_seed_is_inconclusive_above_the_bar_and_its_cell_says_so(tmp_path):
     assert verdict_cell(a) == "inconclusive (n=1)" and seeded(a) == "66.00 (1)"
     assert a["delta_scratch"] is None  # no scratch student: no Δ, not an error
     assert "| original | vanilla | 66.00 (1) | 4 | – | +1.00 | inconclusive (n=1) |" in markdown(collect(root))
+    assert "KD rows: at the temperature in the τ column (no sweep)." in markdown(collect(root))
 
 
 def test_a_tau_sweep_counts_at_the_thiefs_best_temperature_and_every_temperatures_time(tmp_path):
@@ -125,6 +126,13 @@ def test_a_tau_sweep_counts_at_the_thiefs_best_temperature_and_every_temperature
     a = res["students"]["cnn"]["kd"]["original"]["vanilla"]
     assert (a["acc"], a["tau"], a["per_tau"]) == (67.0, 4.0, {"1.0": 66.0, "4.0": 67.0})
     assert res["compute"][name] == 75.0 and a["provenance"] == "ok"
+    assert "KD rows: the thief's best temperature, picked on the test split (an upper bound" in markdown(res)
+    # the same sweep picked on the thief's own held-out images: the header says so, the τ cell is marked
+    sweep = dict(read_json(os.path.join(folder, "sweep.json")), selected_on="val", val_images=500)
+    _write(os.path.join(folder, "sweep.json"), sweep)
+    text = markdown(collect(root))
+    assert "test split (an upper bound for the attack)" not in text and "| 4 (val 500) |" in text
+    assert "one marked (val N) is the thief's own pick, made on N of its training images held out." in text
 
 
 def test_without_labels_the_hard_label_floor_is_the_bar_and_is_not_judged(tmp_path):
