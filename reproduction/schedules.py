@@ -144,6 +144,32 @@ def threat_skeptical():
     return out
 
 
+MINI_TUNED_SEEDS = (0,)  # seeds 1 and 2 join in later sessions (about 35 min a seed with two jobs on 2 AVX2 cores)
+MINI_TUNED_TEACHERS = ("nasty", "original")  # RML, Stingy and post-hoc reversal join later, as for the Skeptical
+
+
+def mini_tuned():
+    """The self-tuning thief against the teachers of the full-data grid on its 3-epoch schedule: vanilla KD swept
+    over the preset's tuned_taus, each temperature's student scored on 5,000 of the thief's 50,000 images held out
+    (the full threat model's val_split, never trained on) and the pick made there, in fp32 beside the fp32
+    label-smoothing and scratch bars of mini_skeptical (seed 0's are the fp32 run's, exps/mini_fp32)."""
+    p = PRESETS["mini"]
+    s = _steps("mini", seeds=(0, 1, 2), amp="off")
+    out = []
+    for seed in MINI_TUNED_SEEDS:
+        sfx = f"_seed{seed}" if seed else ""
+        for source in ("scratch", "ls"):
+            name = f"{source}_cnn{sfx}"
+            out.append(variant(s[name], f"../mini_fp32/{name}" if seed == 0 else f"../mini_skeptical/{name}"))
+        for teacher in MINI_TUNED_TEACHERS:
+            run = variant(s[f"kd_vanilla_{teacher}_cnn{sfx}"], f"kd_tuned_{teacher}_cnn{sfx}",
+                          tau_sweep=p["tuned_taus"], val_split=p["threats"]["full"]["val_split"])
+            del run["params"]["tau"]  # each temperature of the sweep sets its own, as in every threat model
+            run["role"]["attack"] = "tuned"
+            out.append(run)
+    return out
+
+
 # name -> what it is, its preset, its folder under exps/, its runs, and how its report is rebuilt
 # (curve: report.py --curve with these folders' points too; compare: results.md and comparison.md against a folder;
 # screen: screen.md, the screened teachers and their students)
@@ -161,6 +187,8 @@ SCHEDULES = {
     "mini_skeptical": {"title": "the Skeptical student against every teacher of the full-data grid, fp32",
                        "preset": "mini", "root": "mini_skeptical", "steps": mini_skeptical,
                        "report": {"results": True}},
+    "mini_tuned": {"title": "the self-tuning thief against the teachers of the full-data grid, fp32",
+                   "preset": "mini", "root": "mini_tuned", "steps": mini_tuned, "report": {"results": True}},
     "threat_skeptical": {"title": "the Skeptical student on 5,000 labelled images, fp32", "preset": "mini",
                          "root": "threat_skeptical", "steps": threat_skeptical, "report": {"results": True},
                          "threat": "p10"},
