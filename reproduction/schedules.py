@@ -128,7 +128,7 @@ def mini_skeptical():
     return out
 
 
-THREAT_SKEPTICAL_SEEDS = (0,)  # seeds 1 and 2 join in later sessions (about 90 min a seed on 2 AVX2 cores)
+THREAT_SKEPTICAL_SEEDS = (0, 1)  # seed 2 joins in a later session (90-120 min a seed with two jobs on 2 AVX2 cores)
 
 
 def threat_skeptical():
@@ -144,7 +144,7 @@ def threat_skeptical():
     return out
 
 
-MINI_TUNED_SEEDS = (0,)  # seeds 1 and 2 join in later sessions (about 35 min a seed with two jobs on 2 AVX2 cores)
+MINI_TUNED_SEEDS = (0,)  # seeds 1 and 2 join in later sessions (about 25 min a sweep on one thread of 2 AVX2 cores)
 MINI_TUNED_TEACHERS = ("nasty", "original")  # RML, Stingy and post-hoc reversal join later, as for the Skeptical
 
 
