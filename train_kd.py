@@ -296,11 +296,12 @@ def sweep(cfg, save_path, resume=False, overwrite=False):
     # The runs left train together, one teacher forward per batch for all of them (they differ in tau/alpha
     # alone, so they see the same batches): a sweep of four costs about what a battery of four students does,
     # not four lone runs. Under torchrun (a battery is one process) they train one after another.
-    how = f"python train_kd.py --save_path {save_path} --resume"
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        trained = [train(run[0], run[1], resume=run[2], overwrite=run[3]) for _, run in todo]
+    from utils.battery import one_process
+    runs = [run for _, run in todo]
+    if one_process():
+        trained = train_shared(runs, f"python train_kd.py --save_path {save_path} --resume")
     else:
-        trained = train_shared([run for _, run in todo], how) if todo else []
+        trained = [train(sub_cfg, sub, resume=sub_resume, overwrite=over) for sub_cfg, sub, sub_resume, over, _ in runs]
     results.update(zip([name for name, _ in todo], trained))
     results = {name: results[name] for name, *_ in plan}  # the sweep's order: a tie goes to the first
     on_val = cfg["val_split"] > 0

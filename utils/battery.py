@@ -48,6 +48,11 @@ class SharedForward(torch.nn.Module):
         return out
 
 
+def one_process():
+    """Whether this is one process (not a rank under torchrun): a battery trains its students in one process."""
+    return int(os.environ.get("WORLD_SIZE", 1)) <= 1
+
+
 def check_members(cfgs, folders):
     """Refuse a battery whose students would not see the same batches and teacher; one line naming both."""
     if len(set(os.path.abspath(f) for f in folders)) != len(folders):
@@ -59,7 +64,7 @@ def check_members(cfgs, folders):
                 raise UserError(f"--battery: {folder} has {key}={cfg.get(key)!r}, {folders[0]} has "
                                 f"{key}={first.get(key)!r}; the students of a battery must share {key} (they "
                                 f"share batches and teacher); run them in separate batteries or alone")
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if not one_process():
         raise UserError("--battery runs in one process; under torchrun train each student alone (--save_path)")
 
 
