@@ -7,6 +7,7 @@ from utils.errors import UserError
 
 from .collect import collect
 from .figures import figures
+from .names import kd_arms
 from .tables import markdown
 
 
@@ -29,9 +30,8 @@ def build(exp_root, extra=None, strict=False):
     for s in slim["students"].values():
         for k in ("scratch", "ls"):
             s.get(k, {}).pop("history", None)
-        for atts in s["kd"].values():
-            for a in atts.values():
-                a.pop("history", None)
+        for a in kd_arms(s):
+            a.pop("history", None)
     slim["extra"] = extra
     atomic_write_json(os.path.join(exp_root, "results.json"), slim)
     atomic_write_text(os.path.join(exp_root, "results.md"), markdown(res, extra))

@@ -1,5 +1,7 @@
 """Table cells shared by every report: numbers, mean ± std over seeds, verdicts, provenance marks."""
-from utils.stats import ALPHA
+from utils.stats import ALPHA, MIN_SEEDS
+
+from .names import kd_arms
 
 
 def fmt(v, spec="{:.2f}", signed=False):
@@ -29,7 +31,13 @@ def verdict_cell(a):
     if not a.get("verdict"):
         return "–"
     word = a["verdict"] + (", harmful" if a.get("harmful") else "")
-    test = f"n={a.get('n_paired', 1)}" if a.get("p") is None else f"p={a['p']:.3g}"
+    n = a.get("n_paired", 1)
+    if a.get("p") is None:
+        test = f"n={n}"
+    elif n < MIN_SEEDS:  # a t-test at n = 2 is shown but decides nothing (METHOD.md section 8)
+        test = f"n={n} < {MIN_SEEDS}, p={a['p']:.3g}"
+    else:
+        test = f"p={a['p']:.3g}"
     return f"{word} ({test})"
 
 
@@ -70,7 +78,7 @@ def tau_cell(arm):
 
 def chosen_note(student):
     """The line under a student's table when a τ there was picked on the thief's validation split; none else."""
-    if not any(a.get("chosen") for arms in student["kd"].values() for a in arms.values()):
+    if not any(a.get("chosen") for a in kd_arms(student)):
         return []
     return ["", "best τ marked (val N): the thief picked τ (and α where shown) on N of its own training images, held "
                 "out of the student's training (val_split); the accuracy shown is on the test split. Unmarked: picked "

@@ -8,6 +8,7 @@ from utils.errors import UserError
 from utils.stats import mean_std, verdict
 
 from .cells import precision
+from .names import kd_arms
 from .verdicts import bar_of, dfad_against_original, floor_of, frontier
 
 
@@ -133,18 +134,17 @@ def collect(exp_root):
         scratch = s.get("scratch", {}).get("acc")
         ls = s.get("ls", {})
         floor, bar = floor_of(res, s), bar_of(res, s)
-        for attacks in s["kd"].values():
-            for a in attacks.values():
-                a["delta_scratch"] = None if scratch is None else a["acc"] - scratch
-                a["delta_ls"] = None if not ls else a["acc"] - ls["acc"]
-                if "threat" in res:
-                    a["delta_floor"] = None if not floor else a["acc"] - floor["acc"]
-                if a is bar:  # the bar itself: no verdict against itself
-                    a["verdict"], a["harmful"], a["p"], a["t"], a["n_paired"] = None, False, None, None, 0
-                    continue
-                test = verdict(a["accs"], bar.get("accs", {}))
-                a["verdict"], a["harmful"], a["p"], a["t"], a["n_paired"] = (
-                    test["verdict"], test["harmful"], test["p"], test["t"], test["n"])
+        for a in kd_arms(s):
+            a["delta_scratch"] = None if scratch is None else a["acc"] - scratch
+            a["delta_ls"] = None if not ls else a["acc"] - ls["acc"]
+            if "threat" in res:
+                a["delta_floor"] = None if not floor else a["acc"] - floor["acc"]
+            if a is bar:  # the bar itself: no verdict against itself
+                a["verdict"], a["harmful"], a["p"], a["t"], a["n_paired"] = None, False, None, None, 0
+                continue
+            test = verdict(a["accs"], bar.get("accs", {}))
+            a["verdict"], a["harmful"], a["p"], a["t"], a["n_paired"] = (
+                test["verdict"], test["harmful"], test["p"], test["t"], test["n"])
     dfad_against_original(res["dfad"])
     res["seeds"] = sorted({run["role"].get("seed", 0) for run in res["runs"].values()})
     res["frontier"] = frontier(res)
@@ -169,8 +169,7 @@ def _arms(res):
     teacher, each DFAD student."""
     for s in res["students"].values():
         yield from (s[k] for k in ("scratch", "ls") if k in s)
-        for attacks in s["kd"].values():
-            yield from attacks.values()
+        yield from kd_arms(s)
     yield from res["dfad"].values()
 
 

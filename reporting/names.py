@@ -1,4 +1,4 @@
-"""The names a report gives teachers, and the order it lists them in."""
+"""The names a report gives teachers, the order it lists them in, and the walk over its KD arms."""
 
 
 class _Names(dict):
@@ -22,3 +22,10 @@ def teacher_order(res):
         order += [t for t in s["kd"] if t not in order]
     order += [t for t in res["dfad"] if t not in order]
     return order
+
+
+def kd_arms(*students):
+    """Every attack x teacher arm of the given student tables (a collected folder's res["students"] values)."""
+    for s in students:
+        for attacks in s["kd"].values():
+            yield from attacks.values()

@@ -1,8 +1,8 @@
 """results.md: the table of docs/METHOD.md section 5, a piece per section."""
-from utils.stats import ALPHA, RULE
+from utils.stats import ALPHA, MIN_SEEDS, RULE
 
 from .cells import below_cell, chosen_note, fmt, precision_mark, provenance_mark, seeded, tau_cell, verdict_cell
-from .names import TEACHER_NAMES, teacher_order
+from .names import TEACHER_NAMES, kd_arms, teacher_order
 from .verdicts import bar_name, bar_of, bar_text, floor_of
 
 
@@ -31,7 +31,7 @@ def markdown(res, extra=None):
 def _kd_rows_text(res):
     """How the KD rows' temperature was chosen: a sweep picked on the test split (an upper bound), the thief's
     own held-out images (val N), or none (the τ the arm was run at)."""
-    arms = [a for s in res["students"].values() for attacks in s["kd"].values() for a in attacks.values()]
+    arms = list(kd_arms(*res["students"].values()))
     if any(a.get("per_tau") and not a.get("chosen") for a in arms):
         return "KD rows: the thief's best temperature, picked on the test split (an upper bound for the attack)."
     if any(a.get("chosen") for a in arms):
@@ -193,8 +193,12 @@ def _resistance_lines(res):
             parts = []
             if by["distillable"]:
                 parts.append(f"**distillable** by {', '.join(by['distillable'])}")
-            if by["inconclusive"]:
-                parts.append(f"above the bar but not significantly (inconclusive) with {', '.join(by['inconclusive'])}")
+            few = [k for k in by["inconclusive"] if attacks[k]["n_paired"] < MIN_SEEDS]
+            if few:
+                parts.append(f"above the bar on fewer than {MIN_SEEDS} seeds (inconclusive) with {', '.join(few)}")
+            tested = [k for k in by["inconclusive"] if k not in few]
+            if tested:
+                parts.append(f"above the bar but not significantly (inconclusive) with {', '.join(tested)}")
             if by["KD-resistant"]:
                 parts.append(f"resists {', '.join(by['KD-resistant'])}")
             out.append(f"- {TEACHER_NAMES[teacher]} → `{arch}`: " + "; ".join(parts) + ".")

@@ -207,8 +207,24 @@ def test_cells_read_as_the_table_prints_them():
     assert seeded(None) == "–" and seeded({"acc": None}) == "–"
     assert seeded({"acc": 65.123, "std": 0.456, "n": 3}) == "65.12 ± 0.46 (3)"
     assert verdict_cell({}) == "–"
+    # two seeds: the p shows, and the cell says it decides nothing
+    assert verdict_cell({"verdict": "inconclusive", "harmful": False, "p": 0.0397, "n_paired": 2}) == \
+        "inconclusive (n=2 < 3, p=0.0397)"
     assert verdict_cell({"verdict": "KD-resistant", "harmful": True, "p": 0.01234, "n_paired": 3}) == \
         "KD-resistant, harmful (p=0.0123)"
+
+
+def test_resistance_line_tells_too_few_seeds_from_no_significance():
+    from reporting.tables import _resistance_lines
+
+    def arm(word, n):
+        return {"verdict": word, "n_paired": n}
+
+    res = {"teachers": {}, "dfad": {}, "students": {"cnn": {"kd": {"nasty": {
+        "vanilla": arm("inconclusive", 2), "dkd": arm("inconclusive", 3), "tckd": arm("KD-resistant", 2)}}}}}
+    assert _resistance_lines(res) == [
+        "- Nasty → `cnn`: above the bar on fewer than 3 seeds (inconclusive) with vanilla; above the bar but not "
+        "significantly (inconclusive) with dkd; resists tckd."]
 
 
 def test_results_md_sections(preset):

@@ -44,6 +44,11 @@ def test_each_outcome_of_the_verdict_rule():
     one = verdict({0: 70.0}, {0: 65.0})  # one seed: above the bar is never significant
     assert one["verdict"] == "inconclusive" and one["p"] is None and one["n"] == 1
     assert verdict({0: 60.0}, {0: 65.0})["verdict"] == "KD-resistant"
+    # two seeds: the t-test has one degree of freedom, and METHOD.md section 8 asks for three
+    two = verdict({0: 70.0, 1: 70.2}, {0: 65.0, 1: 65.1})
+    assert two["p"] < 0.05 and two["verdict"] == "inconclusive" and two["n"] == 2
+    two_below = verdict({0: 60.0, 1: 60.2}, {0: 65.0, 1: 65.1})
+    assert two_below["p_less"] < 0.05 and two_below["verdict"] == "KD-resistant" and not two_below["harmful"]
     # only seeds both arms have are paired
     partial = verdict({0: 70.0, 1: 70.0, 5: 10.0}, {0: 65.0, 1: 65.0, 2: 99.0})
     assert partial["seeds"] == [0, 1] and partial["diff"] == 5.0

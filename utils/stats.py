@@ -2,17 +2,21 @@
 of a stolen student against the label-smoothing bar, in plain Python (no SciPy needed).
 
     distillable   the attack's mean is above the bar and significantly so (one-sided paired t-test, p < 0.05)
-    inconclusive  above the bar, not significantly (always so with one seed: no test is possible)
-    KD-resistant  at or below the bar; `harmful` beside it when significantly below (p < 0.05 the other way)
+    inconclusive  above the bar, not significantly, or with fewer than MIN_SEEDS paired seeds (section 8 asks
+                  for n >= 3: a t-test at n = 2 has one degree of freedom, and two lucky seeds pass it)
+    KD-resistant  at or below the bar; `harmful` beside it when significantly below (p < 0.05 the other way,
+                  n >= MIN_SEEDS)
 """
 import math
 
 ALPHA = 0.05
+MIN_SEEDS = 3  # METHOD.md section 8: every arm has n >= 3 seeds; below that no test decides a verdict
 RULE = ("Verdict per attack x teacher against the label-smoothing student of the same architecture, paired by "
         "seed (same seeds for every arm), final-epoch accuracy: *distillable* when the stolen student's mean is "
         "above the bar and a one-sided paired t-test gives p < 0.05; *inconclusive* when above but not "
-        "significantly (always with n = 1); *KD-resistant* when at or below the bar, *harmful* beside it when "
-        "significantly below (p < 0.05). With n = 3, significance needs t > 2.92.")
+        "significantly, and always with fewer than 3 paired seeds (METHOD.md section 8 asks for n >= 3); "
+        "*KD-resistant* when at or below the bar, *harmful* beside it when significantly below (p < 0.05, n >= 3). "
+        "With n = 3, significance needs t > 2.92.")
 
 
 def mean_std(values):
@@ -94,7 +98,9 @@ def paired_t(a, b):
 def verdict(attack, bar):
     """The verdict of METHOD.md section 8 for an attack's accuracies against the bar's, each {seed: acc};
     only seeds present in both are paired. Returns a dict: verdict, harmful, n, diff (mean of the paired
-    differences), t, p (one-sided, above the bar), p_less (one-sided, below it) and seeds."""
+    differences), t, p (one-sided, above the bar), p_less (one-sided, below it) and seeds. t and p are given
+    from n = 2 on, but with fewer than MIN_SEEDS pairs they decide nothing: above the bar is inconclusive,
+    below it is never harmful."""
     seeds = sorted(set(attack) & set(bar))
     if not seeds:
         return {"verdict": None, "harmful": False, "n": 0, "diff": None, "t": None, "p": None, "p_less": None,
@@ -102,10 +108,11 @@ def verdict(attack, bar):
     a, b = [attack[s] for s in seeds], [bar[s] for s in seeds]
     diff = sum(x - y for x, y in zip(a, b)) / len(seeds)
     t, p, p_less = paired_t(a, b)
+    tested = len(seeds) >= MIN_SEEDS
     if diff > 0:
-        word = "distillable" if p is not None and p < ALPHA else "inconclusive"
+        word = "distillable" if tested and p < ALPHA else "inconclusive"
     else:
         word = "KD-resistant"
-    harmful = diff < 0 and p_less is not None and p_less < ALPHA
+    harmful = diff < 0 and tested and p_less < ALPHA
     return {"verdict": word, "harmful": harmful, "n": len(seeds), "diff": diff, "t": t, "p": p, "p_less": p_less,
             "seeds": seeds}
