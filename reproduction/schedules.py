@@ -128,7 +128,7 @@ def mini_skeptical():
     return out
 
 
-THREAT_SKEPTICAL_SEEDS = (0, 1)  # seed 2 joins in a later session (90-120 min a seed with two jobs on 2 AVX2 cores)
+THREAT_SKEPTICAL_SEEDS = (0, 1, 2)
 
 
 def threat_skeptical():
