@@ -145,7 +145,7 @@ def threat_skeptical():
 
 
 MINI_TUNED_SEEDS = (0,)  # seeds 1 and 2 join in later sessions (about 25 min a sweep on one thread of 2 AVX2 cores)
-MINI_TUNED_TEACHERS = ("nasty", "original")  # RML, Stingy and post-hoc reversal join later, as for the Skeptical
+MINI_TUNED_TEACHERS = ("nasty", "original", "rml", "stingy", "posthoc")  # every teacher of the full-data grid
 
 
 def mini_tuned():
