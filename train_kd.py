@@ -37,6 +37,7 @@ from utils.constants import DATASETS
 from utils.engine import Engine, Member, Task, refuse_finished, train_together, tracked_by_git
 from utils.errors import UserError, cli_main
 from utils.attacks import ATTACKS, attack_keys
+from utils import battery as bat
 from utils.thief import SWEEP_PROTOCOL, VAL_PROTOCOL, grid, load_teacher, read_done, tau_name, tuned
 
 DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", **checkpoint_keys("teacher"), tau=4.0, attack="vanilla", **attack_keys(),
@@ -191,7 +192,6 @@ def battery(folders, args):
     """Train the attack runs of `folders` (each with its params.json) against their one teacher in one pass
     (utils/battery.py, in the engine's loop); command-line keys override every folder's params. Returns their
     metrics. One folder is a battery of one: it trains as its lone run would."""
-    from utils import battery as bat
     cfgs, records = [], []
     for folder in folders:
         args.save_path = folder
@@ -222,7 +222,6 @@ def train_shared(runs, how):
     """Train runs [(cfg, folder, resume, overwrite, tuned_by)] of one teacher, with the same batches, in one pass:
     one teacher forward per batch serves every run (utils/battery.py). Runs at different resume positions train
     group by group. Returns their metrics, in the order of `runs`; each run's metrics.json names the battery."""
-    from utils import battery as bat
     folders = [folder for _, folder, *_ in runs]
     members, shared = [], None
     for cfg, folder, resume, overwrite, record in runs:
@@ -296,9 +295,8 @@ def sweep(cfg, save_path, resume=False, overwrite=False):
     # The runs left train together, one teacher forward per batch for all of them (they differ in tau/alpha
     # alone, so they see the same batches): a sweep of four costs about what a battery of four students does,
     # not four lone runs. Under torchrun (a battery is one process) they train one after another.
-    from utils.battery import one_process
     runs = [run for _, run in todo]
-    if one_process():
+    if bat.one_process():
         trained = train_shared(runs, f"python train_kd.py --save_path {save_path} --resume")
     else:
         trained = [train(sub_cfg, sub, resume=sub_resume, overwrite=over) for sub_cfg, sub, sub_resume, over, _ in runs]

@@ -14,8 +14,9 @@ MIN_SEEDS = 3  # METHOD.md section 8: every arm has n >= 3 seeds; below that no 
 RULE = ("Verdict per attack x teacher against the label-smoothing student of the same architecture, paired by "
         "seed (same seeds for every arm), final-epoch accuracy: *distillable* when the stolen student's mean is "
         "above the bar and a one-sided paired t-test gives p < 0.05; *inconclusive* when above but not "
-        "significantly, and always with fewer than 3 paired seeds (METHOD.md section 8 asks for n >= 3); "
-        "*KD-resistant* when at or below the bar, *harmful* beside it when significantly below (p < 0.05, n >= 3). "
+        f"significantly, and always with fewer than {MIN_SEEDS} paired seeds (METHOD.md section 8 asks for "
+        f"n >= {MIN_SEEDS}); *KD-resistant* when at or below the bar, *harmful* beside it when significantly below "
+        f"(p < 0.05, n >= {MIN_SEEDS}). "
         "With n = 3, significance needs t > 2.92.")
 
 
