@@ -41,7 +41,10 @@ from utils import battery as bat
 from utils.thief import SWEEP_PROTOCOL, VAL_PROTOCOL, grid, load_teacher, read_done, tau_name, tuned
 
 DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", **checkpoint_keys("teacher"), tau=4.0, attack="vanilla", **attack_keys(),
-                tau_sweep=[], alpha_sweep=[], val_split=0, tau_from="")
+                tau_sweep=[], alpha_sweep=[], val_split=0, tau_from="", teacher_cache="auto")
+HELP_NOTES = {"teacher_cache": "keep the frozen teacher's answer for each augmented version of a training image "
+                               "and answer repeats from it (auto: when the table fits in 1 GiB and it saves at "
+                               "least a fifth of the teacher's forwards, as on a small thief set trained long)"}
 
 
 
@@ -52,6 +55,9 @@ def check_kd_config(cfg, source):
                         f"{close_match(str(cfg['attack']), ATTACKS)}")
     if not cfg["tau"] > 0:
         raise UserError(f"{source}: 'tau' must be > 0, got {cfg['tau']}")
+    if cfg["teacher_cache"] not in bat.CACHE_MODES:
+        raise UserError(f"{source}: 'teacher_cache' must be one of {', '.join(bat.CACHE_MODES)}, got "
+                        f"'{cfg['teacher_cache']}'{close_match(str(cfg['teacher_cache']), bat.CACHE_MODES)}")
     for attack in ATTACKS.values():  # every key is checked, also those the chosen attack does not read
         attack.check(cfg, source)
     if cfg["label_smoothing"]:
@@ -140,10 +146,20 @@ class KDTask(Task):
         correct, total = engine.all_reduce(counts).tolist()
         return 100.0 * correct / total
 
+    def answer_cache(self):
+        """The AnswerCache around the teacher (inside a battery's SharedForward), or None."""
+        teacher = self.teacher
+        while not isinstance(teacher, bat.AnswerCache) and isinstance(getattr(teacher, "module", None), torch.nn.Module):
+            teacher = teacher.module
+        return teacher if isinstance(teacher, bat.AnswerCache) else None
+
     def metrics(self):
         m = {"attack": self.attack.name, "tau": self.tau, "teacher": self.teacher_path,
              "teacher_arch": self.teacher_arch, "teacher_acc": self.teacher_acc}
         m.update(self.attack.metrics())
+        cache = self.answer_cache()
+        if cache is not None:
+            m["teacher_answers"] = cache.record()
         val = self.val_acc()
         if val is not None:
             m["val_acc"] = val
@@ -169,6 +185,7 @@ def prepare(cfg, save_path, resume=False, shared=None, overwrite=False, tuned_by
     else:
         teacher = engine.prepare_frozen(teacher)
         engine.load_data()
+        teacher = bat.answer_cache(teacher, cfg, engine.loaders["train"], engine.info.num_classes)
     if engine.is_main:
         write_config(save_path, cfg, ATTACKS[cfg["attack"]].as_used(cfg))
     student = models.build(cfg["model"], engine.info.num_classes)
@@ -179,6 +196,11 @@ def prepare(cfg, save_path, resume=False, shared=None, overwrite=False, tuned_by
     picked = "" if tuned_by is None else f" (picked on {tuned_by['val_images']} held-out images by {tuned_by['path']})"
     engine.log(f"teacher {cfg['teacher']} ({ckpt['arch']}): test acc {teacher_acc:.2f}; attack {cfg['attack']}, "
                f"tau {cfg['tau']:g}{picked}")
+    if isinstance(teacher, bat.AnswerCache) and not shared:
+        loader = engine.loaders["train"]
+        engine.log(f"teacher_cache: the teacher's answers to the {teacher.size:,} versions of the {len(loader.labels):,} "
+                   f"training images are kept (expected to save "
+                   f"{bat.expected_saved(cfg['epochs'], loader.variants):.0%} of its forwards)")
     return engine, KDTask(student, teacher, cfg, ckpt["arch"], teacher_acc)
 
 
@@ -344,8 +366,9 @@ def _battery_arg(parser):
 def parse_args(argv=None):
     """The command line of train_kd.py: (args namespace, parser), as utils/config.py parse_config gives them."""
     return parse_config(__doc__.splitlines()[0], DEFAULTS, argv, extra_args=_battery_arg,
-                        choices={"attack": tuple(ATTACKS), "rereverse_target": ATTACKS["rereverse"].TARGETS},
-                        script="train_kd.py")
+                        choices={"attack": tuple(ATTACKS), "rereverse_target": ATTACKS["rereverse"].TARGETS,
+                                 "teacher_cache": bat.CACHE_MODES},
+                        script="train_kd.py", notes=HELP_NOTES)
 
 
 @cli_main

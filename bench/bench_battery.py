@@ -2,6 +2,8 @@
 
     python bench/bench_battery.py [--teacher resnet20] [--student cnn] [--attacks vanilla rereverse dkd tckd]
                                   [--steps 20] [--warmup 3] [--batch_size 128] [--threads N] [--json FILE]
+                                  [--cache_epochs E ...]
+
 
 Both paths are the engine's own: Engine.train_step of train_kd.py's KDTask on batches of the engine's loader
 (generated images, a randomly initialised teacher: the speed does not depend on the weights). Separate: each
@@ -11,6 +13,11 @@ Battery: one batch and one teacher forward per step serve every attack (utils/ba
 from over the wall time they take (separate: the sum of the runs' times; battery: its one pass), so the
 speed-up is how much less time the same students cost. --threads sets torch's threads
 (default: torch's own, the cores of this machine; reproduce.py --jobs 2 gives each job half of them).
+
+--cache_epochs E also times the battery with the teacher's answer cache (train_kd.py's teacher_cache) as it is
+on average over an E-epoch run: each image version of the timed batches is already kept with the probability
+utils/battery.py expected_saved(E, 162) gives (0.48 at the 10% thief's 240 epochs, 0.86 at the 2% thief's 1,200),
+so the teacher runs on the rest, as a sub-batch.
 """
 import argparse
 import contextlib
@@ -28,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 from bench_train import fake_split  # noqa: E402
 from train_kd import DEFAULTS, KDTask  # noqa: E402
-from utils.battery import SharedForward  # noqa: E402
+from utils.battery import AnswerCache, SharedForward, expected_saved  # noqa: E402
 from utils.checkpoint import freeze  # noqa: E402
 from utils.constants import DATASETS  # noqa: E402
 from utils.data import DeviceLoader  # noqa: E402
@@ -89,6 +96,20 @@ def time_battery(members, loader, steps, warmup, device):
     return time.perf_counter() - t
 
 
+def warm_cache(teacher, loader, saved, seed=0):
+    """An AnswerCache of `teacher` over `loader`'s versions in which each version of epoch 0's batches is kept
+    with probability `saved` (its answer computed here, before any timing), as on average over a long run."""
+    cache = AnswerCache(teacher, len(loader.labels) * loader.variants)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for x, _ in _batches(loader):
+            cache(x)
+    keep = torch.rand(cache.size, generator=g) < saved
+    cache.seen &= keep.to(cache.seen.device)
+    cache.served = cache.computed = 0
+    return cache
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--teacher", default="resnet20")
@@ -101,6 +122,9 @@ def main(argv=None):
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", metavar="FILE", default=None, help="also write the figures to FILE")
+    p.add_argument("--cache_epochs", type=int, nargs="*", default=[],
+                   help="also time the battery with the teacher's answer cache, as on average over runs of these "
+                        "many epochs (e.g. 240 1200)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,6 +147,16 @@ def main(argv=None):
         shared = SharedForward(teacher)
         together = [_member(a, args, os.path.join(tmp, f"battery_{a}"), loaders, shared) for a in args.attacks]
         battery = time_battery(together, loaders["train"], args.steps, args.warmup, device)
+        cached = {}
+        for epochs in args.cache_epochs:
+            saved = expected_saved(epochs, loaders["train"].variants)
+            with probe.autocast():  # the answers kept in the precision the students read them in
+                cache = warm_cache(teacher, loaders["train"], saved)
+            shared = SharedForward(cache)
+            members = [_member(a, args, os.path.join(tmp, f"cached{epochs}_{a}"), loaders, shared)
+                       for a in args.attacks]
+            cached[epochs] = (saved, time_battery(members, loaders["train"], args.steps, args.warmup, device),
+                              cache.record())
     images_per_student = args.steps * args.batch_size
     sep_rate = len(args.attacks) * images_per_student / sum(separate)
     bat_rate = len(args.attacks) * images_per_student / battery
@@ -131,6 +165,13 @@ def main(argv=None):
         print(f"{attack:<12} {images_per_student / sec:>15.0f}")
     print(f"{'per student':<12} {'separate img/s':>15} {'battery img/s':>14} {'speed-up':>9}")
     print(f"{len(args.attacks)} students {sep_rate:>15.0f} {bat_rate:>14.0f} {bat_rate / sep_rate:>8.2f}x", flush=True)
+    cache_rows = {}
+    for epochs, (saved, sec, record) in cached.items():
+        rate = len(args.attacks) * images_per_student / sec
+        cache_rows[epochs] = {"expected_saved": saved, "battery_s": sec, "battery_img_s_per_student": rate,
+                              "speedup_over_battery": rate / bat_rate, "teacher_answers": record}
+        print(f"battery with the answer cache, as over {epochs} epochs ({saved:.0%} of the teacher's answers kept): "
+              f"{rate:.0f} img/s per student, {rate / bat_rate:.2f}x the battery", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -138,7 +179,7 @@ def main(argv=None):
                        "attacks": args.attacks, "batch_size": args.batch_size, "steps": args.steps,
                        "separate_s": dict(zip(args.attacks, separate)), "battery_s": battery,
                        "separate_img_s_per_student": sep_rate, "battery_img_s_per_student": bat_rate,
-                       "speedup": bat_rate / sep_rate}, f, indent=2)
+                       "speedup": bat_rate / sep_rate, "cache": cache_rows}, f, indent=2)
     return 0
 
 

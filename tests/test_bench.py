@@ -21,11 +21,17 @@ def test_bench_prints_a_row_per_step():
 def test_battery_bench_prints_separate_and_shared_per_student(tmp_path):
     out = subprocess.run([sys.executable, "bench/bench_battery.py", "--teacher", "cnn_small", "--student", "cnn_small",
                           "--attacks", "vanilla", "tckd", "--steps", "2", "--warmup", "1", "--batch_size", "8",
-                          "--json", str(tmp_path / "b.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--json", str(tmp_path / "b.json"), "--cache_epochs", "1200"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    last = out.stdout.strip().splitlines()[-1].split()
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1].startswith("battery with the answer cache, as over 1200 epochs (87% of the teacher's answers kept)")
+    last = lines[-2].split()
     assert last[:2] == ["2", "students"] and float(last[2]) > 0 and float(last[3]) > 0 and last[4].endswith("x")
     with open(tmp_path / "b.json") as f:
         rec = json.load(f)
     assert set(rec["separate_s"]) == {"vanilla", "tckd"} and rec["speedup"] == pytest.approx(
         rec["battery_img_s_per_student"] / rec["separate_img_s_per_student"])
+    cache = rec["cache"]["1200"]  # the timed batches' answers: the teacher ran on the versions not kept
+    assert cache["teacher_answers"]["served"] == 3 * 8 and cache["teacher_answers"]["computed"] < 3 * 8  # warm-up too
+    assert cache["battery_img_s_per_student"] > 0

@@ -11,9 +11,11 @@ computes what its lone run with the same seed computes (tests/test_battery.py ch
 The lead student's task draws the batches; every student's task reads the teacher through one
 SharedForward, which computes the teacher's answer for a batch once and hands the same tensor to the rest.
 This module holds what is the battery's own: which students may share (check_members, groups) and the
-shared teacher forward.
+shared teacher forward; and the teacher's answer cache (AnswerCache), which a lone run uses as well.
 """
+import math
 import os
+
 
 import torch
 
@@ -24,7 +26,13 @@ from .errors import UserError
 # model, attack, temperature, lr, schedule...) may differ from student to student.
 SHARED_KEYS = ("dataset", "data_root", "download", "subset", "subset_seed", "labels", "transfer", "test_subset",
                "batch_size", "eval_batch_size", "seed", "epochs", "teacher", "teacher_arch", "teacher_mean",
-               "teacher_std", "amp", "device", "channels_last")
+               "teacher_std", "amp", "device", "channels_last", "teacher_cache")
+
+# teacher_cache auto keeps the answers when the table fits in this many bytes and the schedule repeats enough
+# versions of each image that at least MIN_SAVED of the teacher's forwards are saved (in expectation)
+CACHE_MODES = ("auto", "on", "off")
+CACHE_BYTES = 1 << 30
+MIN_SAVED = 0.2
 
 
 class SharedForward(torch.nn.Module):
@@ -46,6 +54,75 @@ class SharedForward(torch.nn.Module):
         out = self.module(x)
         self._last = (x, out)
         return out
+
+
+class AnswerCache(torch.nn.Module):
+    """A frozen teacher whose answer for each augmented version of a training image is kept: a batch that
+    carries variant_keys (utils/data.py, DeviceLoader) is answered from the table where every version was seen
+    before, and the teacher runs on the versions never seen (on the whole batch when none was). A small thief set
+    trained for many epochs sees each of an image's 162 versions (4-pixel crops, flips) again and again: at 1,000
+    images and 1,200 epochs the teacher computes one answer in seven. Any input without keys (evaluation,
+    generated images) runs the teacher. The kept answer is the teacher's own output for that input; a version
+    first seen in a sub-batch may differ from the full batch's in the last bits (as with any batch size)."""
+
+    def __init__(self, module, size):
+        super().__init__()
+        self.module = module
+        self.size = size  # the number of keys: training images x versions of each
+        self.table = self.seen = None
+        self.served = self.computed = 0
+
+    def forward(self, x):
+        keys = getattr(x, "variant_keys", None)
+        if keys is None:
+            return self.module(x)
+        self.served += len(keys)
+        if self.table is None:  # the first batch: nothing seen yet
+            out = self.module(x)
+            self.table = torch.empty((self.size, *out.shape[1:]), dtype=out.dtype, device=out.device)
+            self.seen = torch.zeros(self.size, dtype=torch.bool, device=out.device)
+        else:
+            new = ~self.seen[keys]
+            count = int(new.sum())
+            if count == 0:
+                return self.table[keys]
+            if count == len(keys):
+                out = self.module(x)
+            else:
+                sub = x[new]
+                if x.is_contiguous(memory_format=torch.channels_last):
+                    sub = sub.contiguous(memory_format=torch.channels_last)
+                self.table[keys[new]] = self.module(sub)
+                self.seen[keys[new]] = True
+                self.computed += count
+                return self.table[keys]
+        self.table[keys] = out
+        self.seen[keys] = True
+        self.computed += len(keys)
+        return out
+
+    def record(self):
+        """metrics.json's account of the cache: answers served, answers the teacher computed."""
+        return {"served": self.served, "computed": self.computed}
+
+
+def expected_saved(epochs, variants):
+    """The expected fraction of teacher forwards a cache saves when each epoch draws one of an image's
+    `variants` versions at random: 1 - (expected distinct versions seen) / epochs."""
+    distinct = variants * -math.expm1(epochs * math.log1p(-1.0 / variants)) if variants > 1 else 1.0
+    return 1.0 - distinct / epochs
+
+
+def answer_cache(teacher, cfg, loader, num_classes, bytes_per_answer=4):
+    """The teacher wrapped in an AnswerCache over the training loader's versions when cfg's teacher_cache
+    asks for one (on; auto: when the table fits in CACHE_BYTES and at least MIN_SAVED of the forwards are
+    saved in expectation), else the teacher itself."""
+    mode = cfg.get("teacher_cache", "auto")
+    size = len(loader.labels) * loader.variants
+    if mode == "off" or mode == "auto" and (size * num_classes * bytes_per_answer > CACHE_BYTES
+                                            or expected_saved(cfg["epochs"], loader.variants) < MIN_SAVED):
+        return teacher
+    return AnswerCache(teacher, size)
 
 
 def one_process():

@@ -47,10 +47,11 @@ TRAIN_DEFAULTS = {
     "eval_every": 1,         # epochs between test evaluations (the last is always scored; a small subset's epoch is short)
 }
 
-# Keys that do not change what a run computes: where the data lives, which device, how often the bar updates.
+# Keys that do not change what a run computes: where the data lives, which device, how often the bar updates
+# (compile and teacher_cache compute the same, up to the last bits a different kernel or batch size may give).
 # Every other key does, so a --resume must keep it and a finished run only counts as done when it matches.
 NON_RESULT_KEYS = frozenset({"data_root", "download", "device", "log_every", "eval_batch_size", "eval_every", "compile",
-                             "allow_unfinished_teacher", "allow_unfinished_original"})
+                             "teacher_cache", "allow_unfinished_teacher", "allow_unfinished_original"})
 
 
 def changed_result_key(old, new, keys=None, ignore=()):

@@ -220,6 +220,9 @@ class DeviceLoader:
         self.rank, self.world_size = rank, world_size
         self.channels_last = channels_last
         self.pad = pad
+        # the augmented versions of one image: (2 pad + 1)^2 crops, each flipped or not. A training batch carries
+        # the key of each image's version (variant_keys), so a frozen teacher's answers can be kept (AnswerCache)
+        self.variants = (2 * pad + 1) ** 2 * 2
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
         self.epoch = 0
@@ -271,11 +274,18 @@ class DeviceLoader:
         for step in range(start_step, len(self)):
             idx = perm[step * self.batch_size:(step + 1) * self.batch_size]
             idx = idx[self.rank * local:(self.rank + 1) * local]
-            x = self._augment(self.images[idx], offsets[idx], flips[idx], size)
-            yield self.normalise(x), self.labels[idx]
+            x = self.normalise(self._augment(self.images[idx], offsets[idx], flips[idx], size))
+            x.variant_keys = self.variant_keys(idx, offsets[idx], flips[idx])
+            yield x, self.labels[idx]
 
     def __iter__(self):
         return self.iterate()
+
+    def variant_keys(self, idx, offsets, flips):
+        """The key of each image's augmented version, in [0, number of images x variants): the image, its crop
+        offsets and its flip fix the float input the model reads, so equal keys mean equal inputs."""
+        crop = offsets[:, 0] * (2 * self.pad + 1) + offsets[:, 1]
+        return (idx * (self.variants // 2) + crop) * 2 + flips.long()
 
 
 def build_loaders(cfg, device, rank=0, world_size=1, train=True):
