@@ -43,8 +43,9 @@ from utils.thief import SWEEP_PROTOCOL, VAL_PROTOCOL, grid, load_teacher, read_d
 DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", **checkpoint_keys("teacher"), tau=4.0, attack="vanilla", **attack_keys(),
                 tau_sweep=[], alpha_sweep=[], val_split=0, tau_from="", teacher_cache="auto")
 HELP_NOTES = {"teacher_cache": "keep the frozen teacher's answer for each augmented version of a training image "
-                               "and answer repeats from it (auto: when the table fits in 1 GiB and it saves at "
-                               "least a fifth of the teacher's forwards, as on a small thief set trained long)"}
+                               "and answer repeats from it (auto: on a CPU, when the table fits in 1 GiB and it "
+                               "saves at least a fifth of the teacher's forwards, as on a small thief set trained "
+                               "long; on a GPU only with on)"}
 
 
 

@@ -8,6 +8,8 @@ The checks (their names for --only / --skip):
   tiny         reproduce.py --preset tiny end to end, on a generated tiny CIFAR-10
   bench        bench/bench_train.py per model: the engine's path against a plain loop and its share of the
                matmul peak, in fp32 and in the precision the engine picks
+  battery      bench/bench_battery.py: the threat grid's KD students of one teacher, separate, as one battery,
+               and with the teacher's answer cache (train_kd.py teacher_cache) as over the p10 and p2 schedules
   torchrun     a short tiny train_scratch.py run under torchrun --nproc_per_node N
   compile      train_scratch.py with --compile false, then true: the time of each
   paper_epoch  one epoch of the paper preset's ResNet-18 teacher: a whole epoch of real CIFAR-10 with
@@ -45,11 +47,12 @@ import fakedata  # noqa: E402
 import models  # noqa: E402
 import reproduce  # noqa: E402
 from utils.checkpoint import atomic_write_json, atomic_write_text, export_weights, model_record  # noqa: E402
+from reproduction.presets import battery_attacks  # noqa: E402
 from utils.cost import runs_of  # noqa: E402
 from utils.engine import cpu_supports_bf16  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402
 
-CHECKS = ("tests", "tiny", "bench", "torchrun", "compile", "paper_epoch", "epochs")
+CHECKS = ("tests", "tiny", "bench", "battery", "torchrun", "compile", "paper_epoch", "epochs")
 PRESET = "paper"
 TRAIN_IMAGES, TEST_IMAGES = 50000, 10000  # CIFAR-10, the paper preset's dataset
 # A tiny run: the settings of the test suite's end-to-end runs (tests/conftest.py TINY).
@@ -261,6 +264,30 @@ def check_bench(ctx):
     return rows
 
 
+def check_battery(ctx):
+    """The threat grid's KD students of one teacher (the mini preset's models, every attack of the registry's
+    battery) in the engine's precision: images/s per student trained separately, as one battery, and as one
+    battery with the teacher's answer cache as it is on average over the p10 (240) and p2 (1,200) epochs."""
+    a, mini = ctx.args, reproduce.PRESETS["mini"]
+    out = os.path.join(ctx.work, "battery.json")
+    attacks = battery_attacks()
+    cmd = [sys.executable, "bench/bench_battery.py", "--device", ctx.device_arg, "--teacher", mini["teacher_model"],
+           "--student", mini["students"][0], "--attacks", *attacks, "--steps", str(a.bench_steps),
+           "--warmup", str(a.bench_warmup), "--batch_size", str(a.bench_batch), "--cache_epochs", "240", "1200",
+           "--json", out]
+    code, secs, text = ctx.run("battery", cmd)
+    name = f"battery of {len(attacks)} {mini['students'][0]} students, {mini['teacher_model']} teacher"
+    if code != 0:
+        return [row("battery", name, "FAILED", secs, ctx.why(code, text, "battery"))]
+    with open(out) as f:
+        data = json.load(f)
+    figure = (f"{data['precision']}: separate {data['separate_img_s_per_student']:.0f} img/s per student, battery "
+              f"{data['battery_img_s_per_student']:.0f} (x{data['speedup']:.2f}); with the answer cache " +
+              ", ".join(f"as over {e} epochs {c['battery_img_s_per_student']:.0f} (x{c['speedup_over_battery']:.2f})"
+                        for e, c in data["cache"].items()))
+    return [row("battery", name, "ok", secs, figure)]
+
+
 def check_torchrun(ctx):
     n = ctx.args.nproc
     folder = write_run(os.path.join(ctx.work, "torchrun"), dict(TINY, data_root=ctx.tiny_data, device=ctx.device_arg,
@@ -397,8 +424,8 @@ def check_epochs(ctx):
     return rows
 
 
-RUN = {"tests": check_tests, "tiny": check_tiny, "bench": check_bench, "torchrun": check_torchrun,
-       "compile": check_compile, "paper_epoch": check_paper_epoch, "epochs": check_epochs}
+RUN = {"tests": check_tests, "tiny": check_tiny, "bench": check_bench, "battery": check_battery,
+       "torchrun": check_torchrun, "compile": check_compile, "paper_epoch": check_paper_epoch, "epochs": check_epochs}
 
 
 # ------------------------------------------------------------------------------------------ input and output

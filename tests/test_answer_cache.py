@@ -94,6 +94,10 @@ def test_expected_saving_and_when_auto_keeps_the_answers():
     assert not wrapped("auto", 40, 3)  # too few epochs to repeat a version
     assert not wrapped("auto", 40, 240, classes=10 ** 7)  # the table would pass CACHE_BYTES
     assert wrapped("on", 40, 1) and not wrapped("off", 40, 1200)
+    gpu = _loader(n=40, batch=8)
+    gpu.device = torch.device("cuda")  # auto leaves a GPU run as it was (the cache's per-step wait is unmeasured)
+    assert not isinstance(bat.answer_cache(teacher, {"teacher_cache": "auto", "epochs": 1200}, gpu, 10), bat.AnswerCache)
+    assert isinstance(bat.answer_cache(teacher, {"teacher_cache": "on", "epochs": 1200}, gpu, 10), bat.AnswerCache)
 
 
 def _no_crops(monkeypatch):

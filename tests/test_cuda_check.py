@@ -1,5 +1,6 @@
 """bench/cuda_check.py as a CPU rehearsal, end to end at its smallest settings; a failing check; bad input."""
 import os
+import re
 import subprocess
 import sys
 import types
@@ -52,6 +53,10 @@ def test_rehearsal_table_has_a_row_per_check(rehearsal):
     assert all("img/s" in r["figure"] and "matmul peak" in r["figure"] for r in by_check["bench"]
                if r["status"] == "ok")
     assert by_check["torchrun"][0]["figure"].startswith("world size 1 on cpu")
+    battery = by_check["battery"][0]  # every attack of the registry's battery, with and without the answer cache
+    assert battery["name"].startswith(f"battery of {len(cuda_check.battery_attacks())} cnn students")
+    assert re.search(r"battery \d+ \(x[\d.]+\); with the answer cache as over 240 epochs \d+ \(x[\d.]+\), as over "
+                     r"1200 epochs \d+", battery["figure"]), battery["figure"]
     assert [r["name"] for r in by_check["epochs"]] == ["epoch train_scratch.py cnn"]
     assert all(r["seconds"] > 0 for r in rows if r["status"] == "ok")
     # one table on the screen and in the markdown, the same rows in both

@@ -115,11 +115,13 @@ def expected_saved(epochs, variants):
 
 def answer_cache(teacher, cfg, loader, num_classes, bytes_per_answer=4):
     """The teacher wrapped in an AnswerCache over the training loader's versions when cfg's teacher_cache
-    asks for one (on; auto: when the table fits in CACHE_BYTES and at least MIN_SAVED of the forwards are
-    saved in expectation), else the teacher itself."""
+    asks for one (on; auto: on a CPU, when the table fits in CACHE_BYTES and at least MIN_SAVED of the forwards
+    are saved in expectation), else the teacher itself. Auto leaves a GPU without it: there the cache waits for
+    the device once a step (to count the unseen versions), and what that costs has not been measured."""
     mode = cfg.get("teacher_cache", "auto")
     size = len(loader.labels) * loader.variants
-    if mode == "off" or mode == "auto" and (size * num_classes * bytes_per_answer > CACHE_BYTES
+    if mode == "off" or mode == "auto" and (loader.device.type != "cpu"
+                                            or size * num_classes * bytes_per_answer > CACHE_BYTES
                                             or expected_saved(cfg["epochs"], loader.variants) < MIN_SAVED):
         return teacher
     return AnswerCache(teacher, size)
