@@ -149,9 +149,7 @@ class KDTask(Task):
 
     def answer_cache(self):
         """The AnswerCache around the teacher (inside a battery's SharedForward), or None."""
-        teacher = self.teacher
-        while not isinstance(teacher, bat.AnswerCache) and isinstance(getattr(teacher, "module", None), torch.nn.Module):
-            teacher = teacher.module
+        teacher = self.teacher.module if isinstance(self.teacher, bat.SharedForward) else self.teacher
         return teacher if isinstance(teacher, bat.AnswerCache) else None
 
     def metrics(self):
@@ -199,8 +197,8 @@ def prepare(cfg, save_path, resume=False, shared=None, overwrite=False, tuned_by
                f"tau {cfg['tau']:g}{picked}")
     if isinstance(teacher, bat.AnswerCache) and not shared:
         loader = engine.loaders["train"]
-        engine.log(f"teacher_cache: the teacher's answers to the {teacher.size:,} versions of the {len(loader.labels):,} "
-                   f"training images are kept (expected to save "
+        engine.log(f"teacher_cache: the teacher's answers to the {teacher.size:,} versions of the "
+                   f"{len(loader.labels):,} training images are kept (expected to save "
                    f"{bat.expected_saved(cfg['epochs'], loader.variants):.0%} of its forwards)")
     return engine, KDTask(student, teacher, cfg, ckpt["arch"], teacher_acc)
 

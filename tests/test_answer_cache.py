@@ -96,8 +96,9 @@ def test_expected_saving_and_when_auto_keeps_the_answers():
     assert wrapped("on", 40, 1) and not wrapped("off", 40, 1200)
     gpu = _loader(n=40, batch=8)
     gpu.device = torch.device("cuda")  # auto leaves a GPU run as it was (the cache's per-step wait is unmeasured)
-    assert not isinstance(bat.answer_cache(teacher, {"teacher_cache": "auto", "epochs": 1200}, gpu, 10), bat.AnswerCache)
-    assert isinstance(bat.answer_cache(teacher, {"teacher_cache": "on", "epochs": 1200}, gpu, 10), bat.AnswerCache)
+    for mode, cached in (("auto", False), ("on", True)):
+        got = bat.answer_cache(teacher, {"teacher_cache": mode, "epochs": 1200}, gpu, 10)
+        assert isinstance(got, bat.AnswerCache) == cached, mode
 
 
 def _no_crops(monkeypatch):
@@ -125,7 +126,7 @@ def test_a_kd_run_with_the_cache_ends_where_the_run_without_it_ends(tmp_path, ci
     off, on = _weights(runs["off"]), _weights(runs["on"])
     for k in off:
         assert torch.allclose(off[k].float(), on[k].float(), atol=1e-5, rtol=0), k
-    m_off, m_on = read_json(os.path.join(runs["off"], "metrics.json")), read_json(os.path.join(runs["on"], "metrics.json"))
+    m_off, m_on = (read_json(os.path.join(runs[mode], "metrics.json")) for mode in ("off", "on"))
     assert [r["test_acc"] for r in m_on["history"]] == pytest.approx([r["test_acc"] for r in m_off["history"]])
     assert "teacher_answers" not in m_off
     answers = m_on["teacher_answers"]  # 100 images, 2 versions each: at most 200 forwards for 4 x 100 answers
@@ -139,3 +140,22 @@ def test_a_bad_teacher_cache_value_is_one_line(tmp_path, cifar_root, teacher, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'teacher_cache' must be one of auto, on, off" in err[0]
     assert sorted(os.listdir(d)) == ["params.json"]
+
+
+@pytest.mark.device
+def test_a_battery_shares_one_cache_and_ends_where_lone_runs_without_it_end(tmp_path, cifar_root, teacher,
+                                                                           monkeypatch):
+    _no_crops(monkeypatch)
+    base = dict(TINY, data_root=cifar_root, teacher=teacher, epochs=4)
+    lone = [make_exp(tmp_path / f"lone_{a}", **dict(base, attack=a, teacher_cache="off")) for a in ("vanilla", "dkd")]
+    for d in lone:
+        assert run_main(train_kd.main, ["--save_path", d]) == 0
+    together = [make_exp(tmp_path / f"battery_{a}", **dict(base, attack=a, teacher_cache="on"))
+                for a in ("vanilla", "dkd")]
+    assert run_main(train_kd.main, ["--battery", ",".join(together)]) == 0
+    for a, b in zip(lone, together):
+        wa, wb = _weights(a), _weights(b)
+        assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5, rtol=0) for k in wa), b
+        # one cache behind the battery's shared forward: it served each batch once, for both students
+        answers = read_json(os.path.join(b, "metrics.json"))["teacher_answers"]
+        assert answers["served"] == 400 and answers["computed"] <= 200

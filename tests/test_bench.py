@@ -25,7 +25,8 @@ def test_battery_bench_prints_separate_and_shared_per_student(tmp_path):
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
-    assert lines[-1].startswith("battery with the answer cache, as over 1200 epochs (87% of the teacher's answers kept)")
+    assert lines[-1].startswith("battery with the answer cache, as over 1200 epochs (87% of the teacher's answers "
+                                "kept)")
     last = lines[-2].split()
     assert last[:2] == ["2", "students"] and float(last[2]) > 0 and float(last[3]) > 0 and last[4].endswith("x")
     with open(tmp_path / "b.json") as f:
