@@ -67,13 +67,22 @@ def provenance_mark(row):
 
 def tau_cell(arm):
     """An arm's τ: the run's, or the sweep's pick; a pick made on the thief's validation split says so (and
-    names the α it picked with it, when α was swept too)."""
-    cell = fmt(arm["tau"], "{:g}")
+    names the α it picked with it, when α was swept too). Where the seeds picked differently, each seed's
+    pick in seed order ("1 / 1 / 4")."""
+    cell = _per_seed(arm.get("taus"), arm["tau"])
     chosen = arm.get("chosen")
     if not chosen:
         return cell
-    alpha = f", α {chosen['alpha']:g}" if chosen.get("alpha") is not None else ""
+    alpha = f", α {_per_seed(arm.get('alphas'), chosen['alpha'])}" if chosen.get("alpha") is not None else ""
     return f"{cell}{alpha} (val {chosen.get('val_images')})"
+
+
+def _per_seed(by_seed, first):
+    """One value when every seed has it (or none are recorded), else each seed's in seed order: '1 / 1 / 4'."""
+    values = [by_seed[k] for k in sorted(by_seed or {})]
+    if len(set(values)) <= 1:
+        return fmt(first, "{:g}")
+    return " / ".join(fmt(v, "{:g}") for v in values)
 
 
 def chosen_note(student):
@@ -81,5 +90,6 @@ def chosen_note(student):
     if not any(a.get("chosen") for a in kd_arms(student)):
         return []
     return ["", "best τ marked (val N): the thief picked τ (and α where shown) on N of its own training images, held "
-                "out of the student's training (val_split); the accuracy shown is on the test split. Unmarked: picked "
-                "on the test split, an upper bound."]
+                "out of the student's training (val_split), once per seed (where the seeds picked differently, each "
+                "seed's pick in seed order); the accuracy shown is on the test split. Unmarked: picked on the test "
+                "split, an upper bound."]

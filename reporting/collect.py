@@ -159,6 +159,10 @@ def _add_seed(group, key, role, run, folder, extra):
     if entry["accs"] and seed < min(entry["accs"]):
         entry["folder"], entry["history"] = folder, run["metrics"].get("history", [])
     entry["accs"][seed] = run["acc"]
+    if "tau" in extra:  # a KD arm: the temperature each seed ran at, or its sweep picked (and the α it picked)
+        entry.setdefault("taus", {})[seed] = extra["tau"]
+        if extra.get("chosen"):
+            entry.setdefault("alphas", {})[seed] = extra["chosen"].get("alpha")
     entry["folders"].append(folder)
     entry["acc"], entry["std"] = mean_std([entry["accs"][k] for k in sorted(entry["accs"])])
     entry["n"] = len(entry["accs"])

@@ -144,7 +144,7 @@ def threat_skeptical():
     return out
 
 
-MINI_TUNED_SEEDS = (0,)  # seeds 1 and 2 join in later sessions (about 25 min a sweep on one thread of 2 AVX2 cores)
+MINI_TUNED_SEEDS = (0, 1, 2)  # seeds 1 and 2 joined later (15-25 min a sweep on one thread of 2 AVX2 cores)
 MINI_TUNED_TEACHERS = ("nasty", "original", "rml", "stingy", "posthoc")  # every teacher of the full-data grid
 
 

@@ -7,7 +7,7 @@ import pytest
 
 import report
 from conftest import read_json, run_main
-from reporting.cells import fmt, provenance_mark, seeded, verdict_cell
+from reporting.cells import fmt, provenance_mark, seeded, tau_cell, verdict_cell
 from reporting.collect import collect
 from reporting.figures import curves_figure, figures
 from reporting.tables import markdown
@@ -133,6 +133,22 @@ def test_a_tau_sweep_counts_at_the_thiefs_best_temperature_and_every_temperature
     text = markdown(collect(root))
     assert "test split (an upper bound for the attack)" not in text and "| 4 (val 500) |" in text
     assert "one marked (val N) is the thief's own pick, made on N of its training images held out." in text
+
+
+def test_the_tau_cell_shows_each_seeds_pick_where_the_seeds_picked_differently(tmp_path):
+    runs = [_teacher("original", 90.0)] + [_student("ls", s, 65.0 + s / 10) for s in range(3)]
+    runs += [_kd("original", "vanilla", s, 66.0 + s, tau=tau) for s, tau in ((0, 1.0), (1, 1.0), (2, 4.0))]
+    runs += [_kd("original", "tckd", s, 66.0 + s) for s in range(3)]  # every seed at τ 4
+    res = collect(_preset(str(tmp_path / "picks"), runs))
+    kd = res["students"]["cnn"]["kd"]["original"]
+    assert kd["vanilla"]["taus"] == {0: 1.0, 1: 1.0, 2: 4.0} and tau_cell(kd["vanilla"]) == "1 / 1 / 4"
+    assert tau_cell(kd["tckd"]) == "4"
+    assert "| original | vanilla | 67.00 ± 1.00 (3) | 1 / 1 / 4 |" in markdown(res)
+    # a thief's own picks say so once; α is shown per seed as well where it was swept and the picks differ
+    picked = dict(kd["vanilla"], chosen={"alpha": 0.5, "val_images": 500}, alphas={0: 0.5, 1: 0.9, 2: 0.5})
+    assert tau_cell(picked) == "1 / 1 / 4, α 0.5 / 0.9 / 0.5 (val 500)"
+    same = dict(picked, taus={0: 4.0, 1: 4.0, 2: 4.0}, tau=4.0, alphas={0: 0.5, 1: 0.5, 2: 0.5})
+    assert tau_cell(same) == "4, α 0.5 (val 500)"
 
 
 def test_without_labels_the_hard_label_floor_is_the_bar_and_is_not_judged(tmp_path):
