@@ -195,7 +195,7 @@ def prepare(cfg, save_path, resume=False, shared=None, overwrite=False, tuned_by
     picked = "" if tuned_by is None else f" (picked on {tuned_by['val_images']} held-out images by {tuned_by['path']})"
     engine.log(f"teacher {cfg['teacher']} ({ckpt['arch']}): test acc {teacher_acc:.2f}; attack {cfg['attack']}, "
                f"tau {cfg['tau']:g}{picked}")
-    if isinstance(teacher, bat.AnswerCache) and not shared:
+    if isinstance(teacher, bat.AnswerCache):  # a battery's later students hold its SharedForward
         loader = engine.loaders["train"]
         engine.log(f"teacher_cache: the teacher's answers to the {teacher.size:,} versions of the "
                    f"{len(loader.labels):,} training images are kept (expected to save "

@@ -4,7 +4,6 @@
                                   [--steps 20] [--warmup 3] [--batch_size 128] [--threads N] [--json FILE]
                                   [--cache_epochs E ...]
 
-
 Both paths are the engine's own: Engine.train_step of train_kd.py's KDTask on batches of the engine's loader
 (generated images, a randomly initialised teacher: the speed does not depend on the weights). Separate: each
 attack alone, its own crop/flip and teacher forward per batch, one after another, as separate runs are.
@@ -126,6 +125,8 @@ def main(argv=None):
                    help="also time the battery with the teacher's answer cache, as on average over runs of these "
                         "many epochs (e.g. 240 1200)")
     args = p.parse_args(argv)
+    if any(e < 1 for e in args.cache_epochs):
+        p.error(f"--cache_epochs takes epoch counts of at least 1, e.g. 240 1200; got {args.cache_epochs}")
     if args.threads:
         torch.set_num_threads(args.threads)
     n = args.batch_size * (args.steps + args.warmup)

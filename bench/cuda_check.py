@@ -46,8 +46,8 @@ import torch  # noqa: E402
 import fakedata  # noqa: E402
 import models  # noqa: E402
 import reproduce  # noqa: E402
-from utils.checkpoint import atomic_write_json, atomic_write_text, export_weights, model_record  # noqa: E402
 from reproduction.presets import battery_attacks  # noqa: E402
+from utils.checkpoint import atomic_write_json, atomic_write_text, export_weights, model_record  # noqa: E402
 from utils.cost import runs_of  # noqa: E402
 from utils.engine import cpu_supports_bf16  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402

@@ -36,3 +36,11 @@ def test_battery_bench_prints_separate_and_shared_per_student(tmp_path):
     cache = rec["cache"]["1200"]  # the timed batches' answers: the teacher ran on the versions not kept
     assert cache["teacher_answers"]["served"] == 3 * 8 and cache["teacher_answers"]["computed"] < 3 * 8  # warm-up too
     assert cache["battery_img_s_per_student"] > 0
+
+
+def test_battery_bench_refuses_a_run_of_no_epochs():
+    out = subprocess.run([sys.executable, "bench/bench_battery.py", "--cache_epochs", "240", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines()[-1].endswith("--cache_epochs takes epoch counts of at least 1, e.g. 240 "
+                                                         "1200; got [240, 0]")

@@ -16,7 +16,6 @@ shared teacher forward; and the teacher's answer cache (AnswerCache), which a lo
 import math
 import os
 
-
 import torch
 
 from .errors import UserError
@@ -28,9 +27,9 @@ SHARED_KEYS = ("dataset", "data_root", "download", "subset", "subset_seed", "lab
                "batch_size", "eval_batch_size", "seed", "epochs", "teacher", "teacher_arch", "teacher_mean",
                "teacher_std", "amp", "device", "channels_last", "teacher_cache")
 
+CACHE_MODES = ("auto", "on", "off")  # teacher_cache
 # teacher_cache auto keeps the answers when the table fits in this many bytes and the schedule repeats enough
 # versions of each image that at least MIN_SAVED of the teacher's forwards are saved (in expectation)
-CACHE_MODES = ("auto", "on", "off")
 CACHE_BYTES = 1 << 30
 MIN_SAVED = 0.2
 
@@ -77,29 +76,25 @@ class AnswerCache(torch.nn.Module):
         if keys is None:
             return self.module(x)
         self.served += len(keys)
-        if self.table is None:  # the first batch: nothing seen yet
+        new = None if self.table is None else ~self.seen[keys]  # None: nothing seen yet
+        count = len(keys) if new is None else int(new.sum())
+        if count == len(keys):  # no version seen: the whole batch runs, as without the cache
             out = self.module(x)
-            self.table = torch.empty((self.size, *out.shape[1:]), dtype=out.dtype, device=out.device)
-            self.seen = torch.zeros(self.size, dtype=torch.bool, device=out.device)
-        else:
-            new = ~self.seen[keys]
-            count = int(new.sum())
-            if count == 0:
-                return self.table[keys]
-            if count == len(keys):
-                out = self.module(x)
-            else:
-                sub = x[new]
-                if x.is_contiguous(memory_format=torch.channels_last):
-                    sub = sub.contiguous(memory_format=torch.channels_last)
-                self.table[keys[new]] = self.module(sub)
-                self.seen[keys[new]] = True
-                self.computed += count
-                return self.table[keys]
-        self.table[keys] = out
-        self.seen[keys] = True
-        self.computed += len(keys)
-        return out
+            if self.table is None:
+                self.table = torch.empty((self.size, *out.shape[1:]), dtype=out.dtype, device=out.device)
+                self.seen = torch.zeros(self.size, dtype=torch.bool, device=out.device)
+            self.table[keys] = out
+            self.seen[keys] = True
+            self.computed += count
+            return out
+        if count:
+            sub = x[new]
+            if x.is_contiguous(memory_format=torch.channels_last):
+                sub = sub.contiguous(memory_format=torch.channels_last)
+            self.table[keys[new]] = self.module(sub)
+            self.seen[keys[new]] = True
+            self.computed += count
+        return self.table[keys]
 
     def record(self):
         """metrics.json's account of the cache: answers served, answers the teacher computed."""
