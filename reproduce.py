@@ -91,7 +91,9 @@ def build_parser():
                              "given alone it means true, as in the training scripts")
     parser.add_argument("--exp_root", default=None, help="default: exps/<preset> (exps/<preset>_<dataset> if --dataset)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--only", default=None, help="run only the steps whose name contains this text")
+    parser.add_argument("--only", default=None,
+                        help="run only the steps whose name contains this text (or one of several, comma-separated: "
+                             "ls_cnn,kd_vanilla_nasty_cnn)")
     parser.add_argument("--dry_run", action="store_true",
                         help="list the steps and their state, run nothing (needs no data)")
     parser.add_argument("--compare", metavar="REF", default=None,
@@ -154,8 +156,10 @@ def check(args):
 
 
 def select(steps, only, seeds=None):
-    """The steps to bring up to date: those whose name contains `only`, teachers and students of `seeds`."""
-    chosen = [s for s in steps if (not only or only in s["name"])
+    """The steps to bring up to date: those whose name contains `only` (or one of its comma-separated parts),
+    teachers and students of `seeds`."""
+    parts = [part for part in (only or "").split(",") if part]
+    chosen = [s for s in steps if (not parts or any(part in s["name"] for part in parts))
               and (seeds is None or s["role"]["kind"] == "teacher" or s["role"].get("seed", 0) in seeds)]
     if not chosen:
         hint = close_match(only, [s["name"] for s in steps]) if only else ""

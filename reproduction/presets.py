@@ -15,6 +15,12 @@ CHECKPOINT_KEYS = ("original", "teacher")
 P10_EPOCHS = 240
 P2_EPOCHS = 1200
 
+# The threat models' student arms run in fp32 on every machine (the config's amp: off). Their grid is landed piece
+# by piece on whatever machine a session has (a 2-core AVX2 CPU, one with AVX-512 BF16, a GPU), and a verdict
+# pairs the bar with each attack seed by seed: both must be in one precision. reproduce.py --amp still overrides it.
+THREAT_AMP = "off"
+
+
 
 def battery_teachers(extra=()):
     """The teachers every attack is run against: the original, then each defence of the registry's battery,
@@ -93,13 +99,13 @@ PRESETS = {
             "full": {"title": "all 50,000 labelled images", "subset": 0, "labels": True, "root": "mini_long",
                      "suffix": "_e24", "val_split": 5000, "student": {"epochs": 24}},
             "p10": {"title": "5,000 labelled images (10%)", "subset": 5000, "labels": True, "val_split": 500,
-                    "student": {"epochs": P10_EPOCHS, "eval_every": 10}},
+                    "student": {"epochs": P10_EPOCHS, "eval_every": 10, "amp": THREAT_AMP}},
             "p10nl": {"title": "5,000 images (10%), no labels", "subset": 5000, "labels": False, "val_split": 500,
-                      "student": {"epochs": P10_EPOCHS, "eval_every": 10}},
+                      "student": {"epochs": P10_EPOCHS, "eval_every": 10, "amp": THREAT_AMP}},
             "p2": {"title": "1,000 labelled images (2%)", "subset": 1000, "labels": True, "val_split": 100,
-                   "student": {"epochs": P2_EPOCHS, "eval_every": 50}},
+                   "student": {"epochs": P2_EPOCHS, "eval_every": 50, "amp": THREAT_AMP}},
             "p2nl": {"title": "1,000 images (2%), no labels", "subset": 1000, "labels": False, "val_split": 100,
-                     "student": {"epochs": P2_EPOCHS, "eval_every": 50}},
+                     "student": {"epochs": P2_EPOCHS, "eval_every": 50, "amp": THREAT_AMP}},
         },
     },
     # Paper scale (GPU): ResNet-18 teachers as in the Nasty Teacher paper, their CIFAR-10 students.

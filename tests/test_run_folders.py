@@ -325,6 +325,16 @@ def test_download_is_a_flag_in_every_script_and_in_reproduce():
     assert args.cfg_download == "false" and args.cfg_epochs == "2"
 
 
+def test_reproduce_only_takes_several_parts(tmp_path, capsys):
+    root = tmp_path / "exps"
+    args = ["--preset", "tiny", "--data_root", str(tmp_path / "none"), "--exp_root", str(root), "--dry_run"]
+    assert run_main(reproduce.main, args + ["--only", "ls_cnn_small,kd_vanilla_original"]) == 0
+    listed = re.findall(r"\] \S+ \S+/(\S+):", capsys.readouterr().out)
+    assert listed and set(listed) == {"ls_cnn_small", "kd_vanilla_original_cnn_small"}
+    assert run_main(reproduce.main, args + ["--only", ",ls_cnn_small,"]) == 0  # empty parts are ignored
+    assert set(re.findall(r"\] \S+ \S+/(\S+):", capsys.readouterr().out)) == {"ls_cnn_small"}
+
+
 def test_reproduce_only_that_matches_nothing_is_an_error(tmp_path, capsys):
     root = tmp_path / "exps"
     assert run_main(reproduce.main, ["--preset", "tiny", "--data_root", str(tmp_path / "none"), "--exp_root",

@@ -39,6 +39,20 @@ def test_a_threat_model_plans_every_student_arm_on_its_images_and_labels():
     assert {s["name"] for s in full} >= {"ls_cnn_e24", "kd_tckd_nasty_cnn_e24"}  # the long schedule's folders
 
 
+def test_every_threat_model_arm_runs_in_fp32_unless_overridden():
+    """The threat grid lands piece by piece on whatever machine a session has, and a verdict pairs the bar with
+    each attack seed by seed: every arm of a subset threat model is pinned to fp32; reproduce.py --amp still wins."""
+    for name in ("p10", "p10nl", "p2", "p2nl"):
+        students = [s for s in reproduce.plan("mini", seeds=[0, 1], threat=name) if s["role"]["kind"] != "teacher"]
+        assert students and {s["params"]["amp"] for s in students} == {"off"}
+        teachers = [s for s in reproduce.plan("mini", seeds=[0], threat=name) if s["role"]["kind"] == "teacher"]
+        assert all("amp" not in s["params"] for s in teachers)  # the shared teachers keep the preset's
+        overridden = reproduce.plan("mini", seeds=[0], threat=name, amp="bf16")
+        assert {s["params"]["amp"] for s in overridden if s["role"]["kind"] != "teacher"} == {"bf16"}
+    # the full-data threat model's committed runs (exps/mini_long) are in the preset's own precision
+    assert all("amp" not in s["params"] for s in reproduce.plan("mini", seeds=[0], threat="full"))
+
+
 def test_the_committed_full_data_grid_keeps_the_attacks_its_runs_hold():
     """An attack that joins the registry's battery (the Skeptical student) joins every threat model at once, and
     the mini preset's full-data grid once its runs land: its plan names the attacks exps/mini holds."""
