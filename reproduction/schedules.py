@@ -173,6 +173,22 @@ def mini_tuned():
     return out
 
 
+# The seeds each of threat_p2's rows holds so far (runs land a session at a time, ahead of the grid).
+THREAT_P2_ROWS = {"ls_cnn": (0, 1, 2), "kd_vanilla_nasty_cnn": (0, 1, 2)}
+
+
+def threat_p2():
+    """The first rows of the p2 threat model (1,000 labelled images, its 1,200-epoch schedule, fp32 as every
+    threat-model arm): the label-smoothing bar and vanilla KD from Nasty so far. They are the grid's own steps
+    (reproduce.py --preset mini --threat p2 trains the same configs), landed ahead of it."""
+    s = _steps("mini", seeds=(0, 1, 2), threat="p2")
+    out = []
+    for seed in (0, 1, 2):
+        sfx = f"_seed{seed}" if seed else ""
+        out += [s[f"{name}{sfx}"] for name, seeds in THREAT_P2_ROWS.items() if seed in seeds]
+    return out
+
+
 # name -> what it is, its preset, its folder under exps/, its runs, and how its report is rebuilt
 # (curve: report.py --curve with these folders' points too; compare: results.md and comparison.md against a folder;
 # screen: screen.md, the screened teachers and their students)
@@ -195,6 +211,8 @@ SCHEDULES = {
     "threat_skeptical": {"title": "the Skeptical student on 5,000 labelled images, fp32", "preset": "mini",
                          "root": "threat_skeptical", "steps": threat_skeptical, "report": {"results": True},
                          "threat": "p10"},
+    "threat_p2": {"title": "the first rows of the grid on 1,000 labelled images, fp32", "preset": "mini",
+                  "root": "threat_p2", "steps": threat_p2, "report": {"results": True}, "threat": "p2"},
     "mini_rml_screen": {"title": "the RML settings screened before the preset's", "preset": "mini",
                         "root": "mini/rml_tradeoff", "steps": mini_rml_screen, "report": {"screen": True}},
 }
