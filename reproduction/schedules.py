@@ -174,13 +174,14 @@ def mini_tuned():
 
 
 # The seeds each of threat_p2's rows holds so far (runs land a session at a time, ahead of the grid).
-THREAT_P2_ROWS = {"ls_cnn": (0, 1, 2), "kd_vanilla_nasty_cnn": (0, 1, 2)}
+THREAT_P2_ROWS = {"ls_cnn": (0, 1, 2), "kd_vanilla_nasty_cnn": (0, 1, 2), "kd_vanilla_original_cnn": (0, 1)}
 
 
 def threat_p2():
     """The first rows of the p2 threat model (1,000 labelled images, its 1,200-epoch schedule, fp32 as every
-    threat-model arm): the label-smoothing bar and vanilla KD from Nasty so far. They are the grid's own steps
-    (reproduce.py --preset mini --threat p2 trains the same configs), landed ahead of it."""
+    threat-model arm): the label-smoothing bar, vanilla KD from Nasty and from the undefended original so far.
+    They are the grid's own steps (reproduce.py --preset mini --threat p2 trains the same configs), landed ahead of
+    it."""
     s = _steps("mini", seeds=(0, 1, 2), threat="p2")
     out = []
     for seed in (0, 1, 2):
