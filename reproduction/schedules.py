@@ -174,7 +174,7 @@ def mini_tuned():
 
 
 # The seeds each of threat_p2's rows holds so far (runs land a session at a time, ahead of the grid).
-THREAT_P2_ROWS = {"ls_cnn": (0, 1, 2), "kd_vanilla_nasty_cnn": (0, 1, 2), "kd_vanilla_original_cnn": (0, 1)}
+THREAT_P2_ROWS = {"ls_cnn": (0, 1, 2), "kd_vanilla_nasty_cnn": (0, 1, 2), "kd_vanilla_original_cnn": (0, 1, 2)}
 
 
 def threat_p2():
