@@ -21,7 +21,6 @@ P2_EPOCHS = 1200
 THREAT_AMP = "off"
 
 
-
 def battery_teachers(extra=()):
     """The teachers every attack is run against: the original, then each defence of the registry's battery,
     then the defences outside it asked for (`extra`: reproduce.py --defences, e.g. variants being screened)."""

@@ -14,7 +14,7 @@ the 24-epoch point of the full-data curve.
 from utils.errors import UserError
 
 from .plan import dependencies, plan
-from .presets import PRESETS
+from .presets import PRESETS, seeded
 
 
 def variant(step, name, **params):
@@ -138,13 +138,9 @@ def threat_skeptical():
     """The Skeptical student where stealing pays: the p10 threat model (5,000 labelled images, its 240-epoch
     schedule), against the original and Nasty, beside vanilla KD from Nasty and the label-smoothing bar, all in
     fp32, as every threat model's arm is (presets.THREAT_AMP)."""
-    s = _steps("mini", seeds=THREAT_SKEPTICAL_SEEDS, threat="p10", amp="off")
-    out = []
-    for seed in THREAT_SKEPTICAL_SEEDS:
-        sfx = f"_seed{seed}" if seed else ""
-        out += [s[f"{name}{sfx}"] for name in ("ls_cnn", "kd_skeptical_nasty_cnn", "kd_skeptical_original_cnn",
-                                                "kd_vanilla_nasty_cnn")]
-    return out
+    s = _steps("mini", seeds=THREAT_SKEPTICAL_SEEDS, threat="p10")
+    names = ("ls_cnn", "kd_skeptical_nasty_cnn", "kd_skeptical_original_cnn", "kd_vanilla_nasty_cnn")
+    return [s[seeded(name, seed)] for seed in THREAT_SKEPTICAL_SEEDS for name in names]
 
 
 MINI_TUNED_SEEDS = (0, 1, 2)  # seeds 1 and 2 joined later (15-25 min a sweep on one thread of 2 AVX2 cores)
@@ -183,11 +179,7 @@ def threat_p2():
     They are the grid's own steps (reproduce.py --preset mini --threat p2 trains the same configs), landed ahead of
     it."""
     s = _steps("mini", seeds=(0, 1, 2), threat="p2")
-    out = []
-    for seed in (0, 1, 2):
-        sfx = f"_seed{seed}" if seed else ""
-        out += [s[f"{name}{sfx}"] for name, seeds in THREAT_P2_ROWS.items() if seed in seeds]
-    return out
+    return [s[seeded(name, seed)] for seed in (0, 1, 2) for name, seeds in THREAT_P2_ROWS.items() if seed in seeds]
 
 
 # name -> what it is, its preset, its folder under exps/, its runs, and how its report is rebuilt
