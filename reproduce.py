@@ -159,6 +159,9 @@ def select(steps, only, seeds=None):
     """The steps to bring up to date: those whose name contains `only` (or one of its comma-separated parts),
     teachers and students of `seeds`."""
     parts = [part for part in (only or "").split(",") if part]
+    if only and not parts:
+        raise UserError(f"--only {only!r} names no step; give part of a step name, or several separated by commas")
+
     chosen = [s for s in steps if (not parts or any(part in s["name"] for part in parts))
               and (seeds is None or s["role"]["kind"] == "teacher" or s["role"].get("seed", 0) in seeds)]
     if not chosen:

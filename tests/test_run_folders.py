@@ -333,6 +333,10 @@ def test_reproduce_only_takes_several_parts(tmp_path, capsys):
     assert listed and set(listed) == {"ls_cnn_small", "kd_vanilla_original_cnn_small"}
     assert run_main(reproduce.main, args + ["--only", ",ls_cnn_small,"]) == 0  # empty parts are ignored
     assert set(re.findall(r"\] \S+ \S+/(\S+):", capsys.readouterr().out)) == {"ls_cnn_small"}
+    assert run_main(reproduce.main, args + ["--only", ","]) == 2  # commas alone would select every step
+    _one_error(capsys.readouterr().err, "--only ',' names no step")
+    assert not root.exists()
+
 
 
 def test_reproduce_only_that_matches_nothing_is_an_error(tmp_path, capsys):
