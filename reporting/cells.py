@@ -10,6 +10,11 @@ def fmt(v, spec="{:.2f}", signed=False):
     return ("{:+.2f}" if signed else spec).format(v)
 
 
+def count(n, noun):
+    """'1 attack', '3 attacks': a count with its noun in the right number."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def seeded(entry):
     """'mean ± std (n)' of an arm over its seeds; 'acc (1)' with one seed."""
     if not entry or entry.get("acc") is None:

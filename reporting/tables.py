@@ -1,7 +1,7 @@
 """results.md: the table of docs/METHOD.md section 5, a piece per section."""
 from utils.stats import ALPHA, MIN_SEEDS, RULE
 
-from .cells import below_cell, chosen_note, fmt, precision_mark, provenance_mark, seeded, tau_cell, verdict_cell
+from .cells import below_cell, chosen_note, count, fmt, precision_mark, provenance_mark, seeded, tau_cell, verdict_cell
 from .names import TEACHER_NAMES, kd_arms, teacher_order
 from .verdicts import bar_name, bar_of, bar_text, floor_of
 
@@ -187,8 +187,8 @@ def _resistance_lines(res):
             by = {word: [k for k, a in attacks.items() if a["verdict"] == word]
                   for word in ("distillable", "inconclusive", "KD-resistant")}
             if not by["distillable"] and not by["inconclusive"]:
-                out.append(f"- {TEACHER_NAMES[teacher]} → `{arch}`: **KD-resistant** against all "
-                           f"{len(attacks)} attacks ({', '.join(attacks)}).")
+                out.append(f"- {TEACHER_NAMES[teacher]} → `{arch}`: **KD-resistant** against "
+                           f"{'all ' if len(attacks) > 1 else ''}{count(len(attacks), 'attack')} ({', '.join(attacks)}).")
                 continue
             parts = []
             if by["distillable"]:
@@ -223,5 +223,5 @@ def _frontier_lines(res):
                      f"| {seeded(entry)}{precision_mark(r, {'precision': r.get('bar_precision')})} | "
                      f"{fmt(r['delta_ls'], signed=True)} | "
                      f"{verdict_cell({'verdict': r['verdict'], 'p': r['p'], 'n_paired': r['n']})} | "
-                     f"{'yes' if r['resists_all'] else 'no'} ({r['attacks']} attacks) |")
+                     f"{'yes' if r['resists_all'] else 'no'} ({count(r['attacks'], 'attack')}) |")
     return lines

@@ -7,7 +7,7 @@ import pytest
 
 import report
 from conftest import read_json, run_main
-from reporting.cells import fmt, provenance_mark, seeded, tau_cell, verdict_cell
+from reporting.cells import count, fmt, provenance_mark, seeded, tau_cell, verdict_cell
 from reporting.collect import collect
 from reporting.figures import curves_figure, figures
 from reporting.tables import markdown
@@ -243,13 +243,22 @@ def test_resistance_line_tells_too_few_seeds_from_no_significance():
         "significantly (inconclusive) with dkd; resists tckd."]
 
 
+def test_resistance_line_counts_its_attacks_in_the_right_number():
+    from reporting.tables import _resistance_lines
+    assert (count(1, "attack"), count(2, "attack"), count(0, "seed")) == ("1 attack", "2 attacks", "0 seeds")
+    two = {"vanilla": {"verdict": "KD-resistant", "n_paired": 3}, "tckd": {"verdict": "KD-resistant", "n_paired": 3}}
+    res = {"teachers": {}, "dfad": {}, "students": {"cnn": {"kd": {"nasty": two}}}}
+    assert _resistance_lines(res) == ["- Nasty → `cnn`: **KD-resistant** against all 2 attacks (vanilla, tckd)."]
+
+
+
 def test_results_md_sections(preset):
     res = collect(preset)
     text = markdown(res, {"reproduce_wall_time_s": 600.0, "jobs": 2})
     assert text.startswith("# Results: preset `toy`\n") and "over seeds 0, 1, 2." in text
     assert "| Nasty | 89.60 | -0.40 |" in text
     assert "| Nasty | vanilla | 63.13 ± 0.23 (3) | 4 | -1.70 | -2.10 | KD-resistant, harmful (p=1) |" in text
-    assert "- Nasty → `cnn`: **KD-resistant** against all 1 attacks (vanilla)." in text
+    assert "- Nasty → `cnn`: **KD-resistant** against 1 attack (vanilla)." in text
     assert "- original → `cnn`: **distillable** by vanilla." in text
     assert "Steps without results yet: kd_tckd_nasty_cnn_s0." in text
     assert "Every one of the 7 runs that load a teacher recorded the sha256" in text
