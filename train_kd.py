@@ -241,8 +241,8 @@ def battery(folders, args):
 
 def train_shared(runs, how):
     """Train runs [(cfg, folder, resume, overwrite, tuned_by)] of one teacher, with the same batches, in one pass:
-    one teacher forward per batch serves every run (utils/battery.py). Runs at different resume positions train
-    group by group. Returns their metrics, in the order of `runs`; each run's metrics.json names the battery."""
+    one teacher forward per batch serves every run (utils/battery.py). Runs at different resume positions join
+    the loop at their own. Returns their metrics, in the order of `runs`; each run's metrics.json names the battery."""
     folders = [folder for _, folder, *_ in runs]
     members, shared = [], None
     for cfg, folder, resume, overwrite, record in runs:
@@ -253,14 +253,14 @@ def train_shared(runs, how):
             task.teacher = shared["teacher"]
         engine.notes["battery"] = list(folders)
         members.append(Member(engine, task, engine.begin(task)))
-    results = {}
-    for group in bat.groups(members):
-        if len(group) < len(members):
-            group[0].engine.log(f"battery: {len(group)} of {len(members)} students resume at epoch "
-                                f"{group[0].start[0]} step {group[0].start[1]}; they run together, the rest after")
-        for member, metrics in zip(group, train_together(group, how)):
-            results[member.engine.save_path] = metrics
-    return [results[folder] for folder in folders]
+    if not members:  # a sweep whose every run is done
+        return []
+    starts = sorted({tuple(m.start[:2]) for m in members})
+    if len(starts) > 1:
+        members[0].engine.log("battery: its students resume at " + ", ".join(
+            f"epoch {e} step {s} ({sum(tuple(m.start[:2]) == (e, s) for m in members)})" for e, s in starts)
+            + "; each joins the others when the loop reaches its start")
+    return train_together(members, how)
 
 
 def sweep(cfg, save_path, resume=False, overwrite=False):

@@ -92,6 +92,49 @@ def test_stopped_battery_resumes_to_the_uninterrupted_result(tmp_path, cifar_roo
         _same_run(a, b, train_rows=False)
 
 
+class _StopApart(train_kd.KDTask):
+    """Stop each student at its own point, as lone runs killed at different times (or a battery killed between
+    one student's checkpoint and the next's) leave them: dkd after 3 steps, markov after the last step of epoch 1
+    (before its evaluation), vanilla 2 steps into epoch 2."""
+
+    def after_step(self, engine, step):
+        self.count = getattr(self, "count", 0) + 1
+        steps = self.steps_per_epoch(engine)
+        if self.count == {"dkd": 3, "markov": steps, "vanilla": steps + 2}[self.attack.name]:
+            engine.request_stop(signal.SIGTERM)
+
+
+@pytest.mark.device
+def test_battery_students_stopped_apart_resume_together(tmp_path, cifar_root, teacher, monkeypatch, capsys):
+    whole = _runs(tmp_path, cifar_root, teacher, "whole")
+    assert run_main(train_kd.main, ["--battery", ",".join(whole)]) == 0
+    apart = _runs(tmp_path, cifar_root, teacher, "apart")
+    monkeypatch.setattr(train_kd, "KDTask", _StopApart)
+    for d in apart:
+        assert run_main(train_kd.main, ["--save_path", d]) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    starts = [tuple(torch.load(os.path.join(d, "last.pth"), weights_only=True)[k] for k in ("epoch", "step"))
+              for d in apart]
+    assert starts == [(1, 2), (0, 5), (0, 3)]  # vanilla, markov, dkd: 5 steps an epoch
+    capsys.readouterr()
+    hits = []
+    real = SharedForward.forward
+
+    def counted(self, x):
+        out = real(self, x)
+        hits.append(self.hits)
+        return out
+
+    monkeypatch.setattr(SharedForward, "forward", counted)
+    assert run_main(train_kd.main, ["--battery", ",".join(apart), "--resume"]) == 0
+    # one teacher forward per batch once they train together: epoch 2's steps 1-2 serve two students, 3-5 three
+    assert hits[-1] == 2 * 1 + 3 * 2
+    assert "resume at epoch 0 step 3 (1), epoch 0 step 5 (1), epoch 1 step 2 (1); each joins" in capsys.readouterr().out
+    for a, b in zip(whole, apart):  # each joined the loop at its own start and ended as if never stopped
+        _same_run(a, b, train_rows=False)
+        assert len(read_json(os.path.join(b, "metrics.json"))["history"]) == TINY["epochs"]
+
+
 def test_shared_forward_runs_once_per_input():
     seen = []
     module = SharedForward(torch.nn.Identity())

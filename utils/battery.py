@@ -10,7 +10,7 @@ computes what its lone run with the same seed computes (tests/test_battery.py ch
 
 The lead student's task draws the batches; every student's task reads the teacher through one
 SharedForward, which computes the teacher's answer for a batch once and hands the same tensor to the rest.
-This module holds what is the battery's own: which students may share (check_members, groups) and the
+This module holds what is the battery's own: which students may share (check_members) and the
 shared teacher forward; and the teacher's answer cache (AnswerCache), which a lone run uses as well.
 """
 import math
@@ -142,9 +142,4 @@ def check_members(cfgs, folders):
         raise UserError("--battery runs in one process; under torchrun train each student alone (--save_path)")
 
 
-def groups(members):
-    """Members split by resume position: only students at the same (epoch, step) can share batches."""
-    out = {}
-    for m in members:
-        out.setdefault(m.start[:2], []).append(m)
-    return [out[k] for k in sorted(out)]
+

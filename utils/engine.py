@@ -757,22 +757,30 @@ class Member:
 
 def train_together(members, resume_how=None):
     """The training loop, for a lone run (Engine.fit: a battery of one) and for a battery (utils/battery.py):
-    every member trains on the same batches, drawn by the first member's task, from their common start to
-    the end of the schedule. Returns their metrics, in order.
+    every member trains on the same batches, drawn by the first member's task, to the end of the schedule.
+    Returns their metrics, in order.
+
+    Members may start at different (epoch, step): a battery stopped hard (killed between one student's
+    checkpoint and the next's) resumes with its students an epoch apart. The loop starts at the earliest, and
+    each member joins it at its own start; the batches of an epoch depend only on the seed and the epoch
+    (utils/data.py), so a member that joins late trains on what its lone run would have seen.
 
     Each epoch: every member's training steps, batch by batch; then every member's train row (so one
     member's evaluation is not in another's epoch time); then each one's evaluation, log and checkpoints.
     A stop (SIGTERM/SIGINT, or a task's engine.request_stop) stops every member after the current step;
-    each writes last.pth and logs how to resume (resume_how: the command line; default, its own run's),
-    then the process exits with 128 + the signal. A second signal stops at once.
+    each one that has started writes last.pth and logs how to resume (resume_how: the command line;
+    default, its own run's), then the process exits with 128 + the signal (a member still waiting for its
+    start keeps the last.pth it resumed from). A second signal stops at once.
     """
-    start_epoch, start_step, steps = members[0].start
-    if any(m.start != members[0].start for m in members):
-        raise ValueError("the members of one loop start at one (epoch, step)")
+    steps = members[0].start[2]
+    if any(m.start[2] != steps for m in members):
+        raise ValueError("the members of one loop have one number of steps per epoch")
+    start_epoch, start_step = min(m.start[:2] for m in members)
     lead = members[0]
     engines = [m.engine for m in members]
     epochs = lead.engine.cfg["epochs"]
     alone = len(members) == 1  # a lone run draws its own progress bar; a battery one bar for all
+    active = []  # the members that have joined the loop, in the order of `members`
 
     def on_signal(signum, frame):
         if any(e.stop_signal is not None for e in engines):  # a second Ctrl-C stops at once
@@ -780,40 +788,50 @@ def train_together(members, resume_how=None):
         for e in engines:
             e.request_stop(signum)
 
+    def join(epoch, step):
+        new = [m for m in members if m not in active and tuple(m.start[:2]) == (epoch, step)]
+        for m in new:
+            m.engine.begin_epoch(epoch, step, steps, bar=alone)
+        if new:
+            active[:] = [m for m in members if m in active or m in new]
+        return bool(new)
+
     restore = catch_stop_signals(on_signal)
     bar = None
     wall0 = time.time()
     try:
         for epoch in range(start_epoch, epochs):
             first = start_step if epoch == start_epoch else 0
-            for e in engines:
-                e.begin_epoch(epoch, first, steps, bar=alone)
-            if not alone and lead.engine.is_main:
-                from tqdm import tqdm
-                bar = tqdm(total=steps, initial=first, desc=f"battery of {len(members)}: epoch {epoch + 1}/{epochs}",
-                           dynamic_ncols=True, leave=False, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+            for m in active:
+                m.engine.begin_epoch(epoch, first, steps, bar=alone)
             t0 = time.time()
             for step, batch in enumerate(lead.task.train_batches(lead.engine, epoch, first), start=first):
-                for m in members:
+                if (join(epoch, step) or step == first) and not alone and lead.engine.is_main:
+                    bar = _closed(bar, [])  # a member joined: the bar counts it from here
+                    from tqdm import tqdm
+                    bar = tqdm(total=steps, initial=step, desc=f"battery of {len(active)}: epoch {epoch + 1}/{epochs}",
+                               dynamic_ncols=True, leave=False, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+                for m in active:
                     with m.own_rng():
                         m.engine.train_step(step, batch)
                 if bar is not None:
                     bar.update(1)
                     if (step + 1 - first) % lead.engine.cfg["log_every"] == 0:
                         each = len(batch[1]) * (step + 1 - first) / (time.time() - t0)
-                        bar.set_postfix({"img/s each": f"{each:.0f}", "all": f"{each * len(members):.0f}"})
+                        bar.set_postfix({"img/s each": f"{each:.0f}", "all": f"{each * len(active):.0f}"})
                 signum = next((e.stop_signal for e in engines if e.stop_signal is not None), None)
                 if signum is not None:
                     bar = _closed(bar, engines)  # so the resume lines are not printed onto a bar
-                    for m in members:
+                    for m in active:
                         m.engine.request_stop(signum)
                         with m.own_rng():
                             m.engine.save_stopped(epoch, step + 1, resume_how)
                     sys.exit(128 + signum)
+            join(epoch, steps)  # one stopped after the epoch's last step, before its evaluation
             bar = _closed(bar, engines)
-            for e in engines:
-                e.end_epoch_train()
-            for m in members:
+            for m in active:
+                m.engine.end_epoch_train()
+            for m in active:
                 with m.own_rng():
                     m.engine.close_epoch(epoch)
         wall = time.time() - wall0
