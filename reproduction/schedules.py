@@ -170,12 +170,15 @@ def mini_tuned():
 
 
 # The seeds each of threat_p2's rows holds so far (runs land a session at a time, ahead of the grid).
-THREAT_P2_ROWS = {"ls_cnn": (0, 1, 2), "kd_vanilla_nasty_cnn": (0, 1, 2), "kd_vanilla_original_cnn": (0, 1, 2)}
+THREAT_P2_ROWS = {"ls_cnn": (0, 1, 2), "kd_vanilla_nasty_cnn": (0, 1, 2), "kd_vanilla_original_cnn": (0, 1, 2),
+                  "kd_vanilla_rml_cnn": (0,), "kd_vanilla_rmlnasty_cnn": (0,), "kd_hardlabel_nasty_cnn": (0,),
+                  "kd_markov_nasty_cnn": (0,), "kd_skeptical_nasty_cnn": (0,)}
 
 
 def threat_p2():
     """The first rows of the p2 threat model (1,000 labelled images, its 1,200-epoch schedule, fp32 as every
-    threat-model arm): the label-smoothing bar, vanilla KD from Nasty and from the undefended original so far.
+    threat-model arm) landed so far: the label-smoothing bar, vanilla KD from the undefended original and from
+    the defences, the battery's other attacks against Nasty (THREAT_P2_ROWS says which seeds each holds).
     They are the grid's own steps (reproduce.py --preset mini --threat p2 trains the same configs), landed ahead of
     it."""
     s = _steps("mini", seeds=(0, 1, 2), threat="p2")
@@ -220,10 +223,12 @@ def schedule(name):
 
 def schedule_plan(name):
     """The steps of a schedule: the teachers of its preset that its runs load (trained in exps/<preset> first if
-    missing), then its runs."""
+    missing), then its runs. A threat model's battery holds teachers the full-data grid does not (rmlnasty), so
+    the teachers come from the plan of the schedule's threat model."""
     sched = schedule(name)
     runs = sched["steps"]()
-    teachers = [s for s in plan(sched["preset"], defences=()) if s["role"]["kind"] == "teacher"]
+    teachers = [s for s in plan(sched["preset"], threat=sched.get("threat"), defences=())
+                if s["role"]["kind"] == "teacher"]
     needed = set().union(*(dependencies(s) for s in runs))
     needed |= set().union(*(dependencies(s) for s in teachers if s["name"] in needed))
     return [s for s in teachers if s["name"] in needed] + runs

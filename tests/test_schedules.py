@@ -75,6 +75,18 @@ def test_a_run_two_experiments_share_is_trained_once_with_one_config():
     assert "exps/mini_curve/kd_vanilla_original_cnn_e24" in owner
 
 
+def test_a_schedules_runs_find_their_teachers_in_its_threat_models_battery():
+    """rmlnasty is a teacher of the threat models' battery, not of the full-data grid: a schedule of a threat model
+    that attacks it plans its teacher step (else its students would look stale, their teacher 'to be trained')."""
+    from reproduction.plan import dependencies
+    for name in SCHEDULES:
+        steps = schedule_plan(name)
+        teachers = {s["name"] for s in steps if s["role"]["kind"] == "teacher"}
+        for step in steps:
+            assert set(dependencies(step)) <= teachers | {s["name"] for s in steps}, (name, step["name"])
+    assert "rmlnasty_resnet20" in {s["name"] for s in schedule_plan("threat_p2")}
+
+
 def test_variant_changes_the_name_and_the_given_settings_alone():
     step = next(s for s in reproduce.plan("mini") if s["name"] == "ls_cnn")
     v = variant(step, "ls_cnn_e48", epochs=48)
