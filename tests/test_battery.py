@@ -36,21 +36,27 @@ def _same_run(a, b, tol=1e-5, train_rows=True):
                 assert ra[key] == pytest.approx(rb[key], abs=tol), (a, key)
 
 
+def _count_shared_hits(monkeypatch):
+    """A list that gets the shared teacher forward's running count of answers served from its kept output, one
+    entry per call."""
+    hits, real = [], SharedForward.forward
+
+    def counted(self, x):
+        out = real(self, x)
+        hits.append(self.hits)
+        return out
+
+    monkeypatch.setattr(SharedForward, "forward", counted)
+    return hits
+
+
 @pytest.mark.device
 def test_battery_students_match_their_lone_runs(tmp_path, cifar_root, teacher, monkeypatch):
     alone = _runs(tmp_path, cifar_root, teacher, "alone", seed=3)
     for d in alone:
         assert run_main(train_kd.main, ["--save_path", d]) == 0
     together = _runs(tmp_path, cifar_root, teacher, "battery", seed=3)
-    calls = []
-    real = SharedForward.forward
-
-    def counted(self, x):
-        out = real(self, x)
-        calls.append(self.hits)
-        return out
-
-    monkeypatch.setattr(SharedForward, "forward", counted)
+    calls = _count_shared_hits(monkeypatch)
     assert run_main(train_kd.main, ["--battery", ",".join(together)]) == 0
     for a, b in zip(alone, together):
         _same_run(a, b)
@@ -66,13 +72,18 @@ def test_battery_students_match_their_lone_runs(tmp_path, cifar_root, teacher, m
     assert read_json(os.path.join(together[1], "metrics.json"))["markov_rank"] == 3 and markov
 
 
-class _StopAtStep3(train_kd.KDTask):
-    """Raise the engine's stop flag at the 3rd step of the dkd student, as SIGTERM would."""
+def _stopping_at(counts):
+    """A KDTask that raises its engine's stop flag, as SIGTERM would, after the number of steps `counts` gives its
+    attack (a step count per attack, or a function of the steps per epoch); the other attacks run on."""
 
-    def after_step(self, engine, step):
-        self.count = getattr(self, "count", 0) + 1
-        if self.attack.name == "dkd" and self.count == 3:
-            engine.request_stop(signal.SIGTERM)
+    class Stopping(train_kd.KDTask):
+        def after_step(self, engine, step):
+            self.count = getattr(self, "count", 0) + 1
+            at = counts.get(self.attack.name)
+            if at is not None and self.count == (at(self.steps_per_epoch(engine)) if callable(at) else at):
+                engine.request_stop(signal.SIGTERM)
+
+    return Stopping
 
 
 @pytest.mark.device
@@ -80,7 +91,7 @@ def test_stopped_battery_resumes_to_the_uninterrupted_result(tmp_path, cifar_roo
     whole = _runs(tmp_path, cifar_root, teacher, "whole")
     assert run_main(train_kd.main, ["--battery", ",".join(whole)]) == 0
     cut = _runs(tmp_path, cifar_root, teacher, "cut")
-    monkeypatch.setattr(train_kd, "KDTask", _StopAtStep3)
+    monkeypatch.setattr(train_kd, "KDTask", _stopping_at({"dkd": 3}))  # the dkd student stops all
     assert run_main(train_kd.main, ["--battery", ",".join(cut)]) == 128 + signal.SIGTERM
     monkeypatch.undo()
     for d in cut:  # every student stopped at the same step, none finished
@@ -92,24 +103,15 @@ def test_stopped_battery_resumes_to_the_uninterrupted_result(tmp_path, cifar_roo
         _same_run(a, b, train_rows=False)
 
 
-class _StopApart(train_kd.KDTask):
-    """Stop each student at its own point, as lone runs killed at different times (or a battery killed between
-    one student's checkpoint and the next's) leave them: dkd after 3 steps, markov after the last step of epoch 1
-    (before its evaluation), vanilla 2 steps into epoch 2."""
-
-    def after_step(self, engine, step):
-        self.count = getattr(self, "count", 0) + 1
-        steps = self.steps_per_epoch(engine)
-        if self.count == {"dkd": 3, "markov": steps, "vanilla": steps + 2}[self.attack.name]:
-            engine.request_stop(signal.SIGTERM)
-
-
 @pytest.mark.device
 def test_battery_students_stopped_apart_resume_together(tmp_path, cifar_root, teacher, monkeypatch, capsys):
     whole = _runs(tmp_path, cifar_root, teacher, "whole")
     assert run_main(train_kd.main, ["--battery", ",".join(whole)]) == 0
     apart = _runs(tmp_path, cifar_root, teacher, "apart")
-    monkeypatch.setattr(train_kd, "KDTask", _StopApart)
+    # lone runs killed at different times (or a battery killed between one student's checkpoint and the next's)
+    # leave them apart: dkd after 3 steps, markov after the last step of epoch 1 (before its evaluation), vanilla
+    # 2 steps into epoch 2
+    monkeypatch.setattr(train_kd, "KDTask", _stopping_at({"dkd": 3, "markov": lambda n: n, "vanilla": lambda n: n + 2}))
     for d in apart:
         assert run_main(train_kd.main, ["--save_path", d]) == 128 + signal.SIGTERM
     monkeypatch.undo()
@@ -117,15 +119,7 @@ def test_battery_students_stopped_apart_resume_together(tmp_path, cifar_root, te
               for d in apart]
     assert starts == [(1, 2), (0, 5), (0, 3)]  # vanilla, markov, dkd: 5 steps an epoch
     capsys.readouterr()
-    hits = []
-    real = SharedForward.forward
-
-    def counted(self, x):
-        out = real(self, x)
-        hits.append(self.hits)
-        return out
-
-    monkeypatch.setattr(SharedForward, "forward", counted)
+    hits = _count_shared_hits(monkeypatch)
     assert run_main(train_kd.main, ["--battery", ",".join(apart), "--resume"]) == 0
     # one teacher forward per batch once they train together: epoch 2's steps 1-2 serve two students, 3-5 three
     assert hits[-1] == 2 * 1 + 3 * 2
