@@ -26,6 +26,7 @@ serves every student, each still writing its own folder (utils/battery.py). repr
 import json
 import os
 import sys
+from collections import Counter
 
 import torch
 
@@ -255,10 +256,10 @@ def train_shared(runs, how):
         members.append(Member(engine, task, engine.begin(task)))
     if not members:  # a sweep whose every run is done
         return []
-    starts = sorted({tuple(m.start[:2]) for m in members})
+    starts = Counter(m.start[:2] for m in members)
     if len(starts) > 1:
         members[0].engine.log("battery: its students resume at " + ", ".join(
-            f"epoch {e} step {s} ({sum(tuple(m.start[:2]) == (e, s) for m in members)})" for e, s in starts)
+            f"epoch {e} step {s} ({n})" for (e, s), n in sorted(starts.items()))
             + "; each joins the others when the loop reaches its start")
     return train_together(members, how)
 

@@ -187,8 +187,9 @@ def _resistance_lines(res):
             by = {word: [k for k, a in attacks.items() if a["verdict"] == word]
                   for word in ("distillable", "inconclusive", "KD-resistant")}
             if not by["distillable"] and not by["inconclusive"]:
-                out.append(f"- {TEACHER_NAMES[teacher]} → `{arch}`: **KD-resistant** against "
-                           f"{'all ' if len(attacks) > 1 else ''}{count(len(attacks), 'attack')} ({', '.join(attacks)}).")
+                every = ("all " if len(attacks) > 1 else "") + count(len(attacks), "attack")
+                out.append(f"- {TEACHER_NAMES[teacher]} → `{arch}`: **KD-resistant** against {every} "
+                           f"({', '.join(attacks)}).")
                 continue
             parts = []
             if by["distillable"]:

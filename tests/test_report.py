@@ -251,7 +251,6 @@ def test_resistance_line_counts_its_attacks_in_the_right_number():
     assert _resistance_lines(res) == ["- Nasty → `cnn`: **KD-resistant** against all 2 attacks (vanilla, tckd)."]
 
 
-
 def test_results_md_sections(preset):
     res = collect(preset)
     text = markdown(res, {"reproduce_wall_time_s": 600.0, "jobs": 2})

@@ -338,7 +338,6 @@ def test_reproduce_only_takes_several_parts(tmp_path, capsys):
     assert not root.exists()
 
 
-
 def test_reproduce_only_that_matches_nothing_is_an_error(tmp_path, capsys):
     root = tmp_path / "exps"
     assert run_main(reproduce.main, ["--preset", "tiny", "--data_root", str(tmp_path / "none"), "--exp_root",

@@ -140,6 +140,3 @@ def check_members(cfgs, folders):
                                 f"share batches and teacher); run them in separate batteries or alone")
     if not one_process():
         raise UserError("--battery runs in one process; under torchrun train each student alone (--save_path)")
-
-
-

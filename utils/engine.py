@@ -789,7 +789,7 @@ def train_together(members, resume_how=None):
             e.request_stop(signum)
 
     def join(epoch, step):
-        new = [m for m in members if m not in active and tuple(m.start[:2]) == (epoch, step)]
+        new = [m for m in members if m not in active and m.start[:2] == (epoch, step)]
         for m in new:
             m.engine.begin_epoch(epoch, step, steps, bar=alone)
         if new:
@@ -807,7 +807,7 @@ def train_together(members, resume_how=None):
             t0 = time.time()
             for step, batch in enumerate(lead.task.train_batches(lead.engine, epoch, first), start=first):
                 if (join(epoch, step) or step == first) and not alone and lead.engine.is_main:
-                    bar = _closed(bar, [])  # a member joined: the bar counts it from here
+                    bar = _closed(bar, [])  # a new epoch, or a member joined: the bar counts from here
                     from tqdm import tqdm
                     bar = tqdm(total=steps, initial=step, desc=f"battery of {len(active)}: epoch {epoch + 1}/{epochs}",
                                dynamic_ncols=True, leave=False, mininterval=1.0 if sys.stderr.isatty() else 30.0)
