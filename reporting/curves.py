@@ -159,8 +159,8 @@ def schedule(arms):
 
 def schedule_frontier(sched):
     """Per student architecture, teacher and schedule: the strongest attack measured at that schedule (the
-    stolen student with the highest mean accuracy) against the bar of the same schedule, and whether every
-    attack measured there is KD-resistant. The frontier, schedule by schedule: a defence must hold
+    stolen student furthest above the bar, paired by seed: verdicts.strongest) against the bar of the same
+    schedule, and whether every attack measured there is KD-resistant. The frontier, schedule by schedule: a defence must hold
     where the students have trained long enough, not only at 3 epochs."""
     groups = {}
     for s in sched:
@@ -173,7 +173,7 @@ def schedule_frontier(sched):
                 by_epochs.setdefault(r["epochs"], {})[s["attack"]] = r
         for e in sorted(by_epochs):
             at = by_epochs[e]
-            best, resists_all = strongest(at, "mean")
+            best, resists_all = strongest(at, "mean", {a: r["diff"] for a, r in at.items()})
             out.append({"model": model, "teacher": teacher, "teacher_acc": arms[0]["teacher_acc"], "epochs": e,
                         "attacks": sorted(at), "strongest": best,
                         **{k: at[best][k] for k in ("n", "mean", "std", "diff", "verdict", "harmful", "p", "n_paired")},
@@ -185,8 +185,9 @@ def schedule_frontier(sched):
 
 def _schedule_frontier_lines(front):
     lines = ["## The strongest attack on each teacher, schedule by schedule", "",
-             "For each teacher and schedule, the attack whose student is the most accurate among the attacks of the "
-             "table above (those trained at more than one schedule) at that schedule, against the label-smoothing "
+             "For each teacher and schedule, the attack whose student is furthest above the bar (paired by seed) among "
+             "the attacks of the table above (those trained at more than one schedule) at that schedule, against the "
+             "label-smoothing "
              "student of the same schedule. A teacher holds at a schedule when every attack compared there is "
              "KD-resistant; read the attacks column before the verdict (two attacks are not the full battery).", "",
              "| student | teacher (acc) | epochs | attacks compared | strongest | its student | Δ vs bar | verdict (p) "
