@@ -45,10 +45,9 @@ def mini_long():
     attacks = PRESETS["mini"]["grid_attacks"]  # the battery when the long schedule ran
     names = []
     for seed in (0, 1, 2):
-        sfx = "_e24" + (f"_seed{seed}" if seed else "")
-        names.append(f"ls_cnn{sfx}")
-        names += [f"kd_{a}_{t}_cnn{sfx}" for a in ("vanilla", "tckd") for t in PRESETS["mini"]["grid_teachers"]]
-        names += [f"kd_{a}_nasty_cnn{sfx}" for a in attacks if a not in ("vanilla", "tckd")]
+        arms = ["ls_cnn"] + [f"kd_{a}_{t}_cnn" for a in ("vanilla", "tckd") for t in PRESETS["mini"]["grid_teachers"]]
+        arms += [f"kd_{a}_nasty_cnn" for a in attacks if a not in ("vanilla", "tckd")]
+        names += [seeded(f"{arm}_e24", seed) for arm in arms]
     names.append("kd_markov_original_cnn_e24")
     out = [s[n] for n in names]
     shared = "kd_vanilla_original_cnn_e24"  # the curve's 24-epoch point: one run, in exps/mini_curve
@@ -120,12 +119,12 @@ def mini_skeptical():
     s = _steps("mini", seeds=(0, 1, 2), amp="off")
     out = []
     for seed in (0, 1, 2):
-        sfx = f"_seed{seed}" if seed else ""
         for source in ("scratch", "ls"):
-            name = f"{source}_cnn{sfx}"
+            name = seeded(f"{source}_cnn", seed)
             out.append(variant(s[name], f"../mini_fp32/{name}" if seed == 0 else name))
         for teacher in SKEPTICAL_TEACHERS:
-            run = variant(s[f"kd_vanilla_{teacher}_cnn{sfx}"], f"kd_skeptical_{teacher}_cnn{sfx}", attack="skeptical")
+            run = variant(s[seeded(f"kd_vanilla_{teacher}_cnn", seed)], seeded(f"kd_skeptical_{teacher}_cnn", seed),
+                          attack="skeptical")
             run["role"]["attack"] = "skeptical"
             out.append(run)
     return out
@@ -156,12 +155,11 @@ def mini_tuned():
     s = _steps("mini", seeds=(0, 1, 2), amp="off")
     out = []
     for seed in MINI_TUNED_SEEDS:
-        sfx = f"_seed{seed}" if seed else ""
         for source in ("scratch", "ls"):
-            name = f"{source}_cnn{sfx}"
+            name = seeded(f"{source}_cnn", seed)
             out.append(variant(s[name], f"../mini_fp32/{name}" if seed == 0 else f"../mini_skeptical/{name}"))
         for teacher in MINI_TUNED_TEACHERS:
-            run = variant(s[f"kd_vanilla_{teacher}_cnn{sfx}"], f"kd_tuned_{teacher}_cnn{sfx}",
+            run = variant(s[seeded(f"kd_vanilla_{teacher}_cnn", seed)], seeded(f"kd_tuned_{teacher}_cnn", seed),
                           tau_sweep=p["tuned_taus"], val_split=p["threats"]["full"]["val_split"])
             del run["params"]["tau"]  # each temperature of the sweep sets its own, as in every threat model
             run["role"]["attack"] = "tuned"
