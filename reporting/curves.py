@@ -160,8 +160,8 @@ def schedule(arms):
 def schedule_frontier(sched):
     """Per student architecture, teacher and schedule: the strongest attack measured at that schedule (the
     stolen student furthest above the bar, paired by seed: verdicts.strongest) against the bar of the same
-    schedule, and whether every attack measured there is KD-resistant. The frontier, schedule by schedule: a defence must hold
-    where the students have trained long enough, not only at 3 epochs."""
+    schedule, and whether every attack measured there is KD-resistant. The frontier, schedule by schedule: a
+    defence must hold where the students have trained long enough, not only at 3 epochs."""
     groups = {}
     for s in sched:
         groups.setdefault((s["model"], s["teacher"]), []).append(s)

@@ -212,7 +212,8 @@ def _frontier_lines(res):
         return []
     lines = ["", "## Defences at a glance: the strongest attack on each teacher", "",
              "Each teacher's accuracy beside the stolen student of the attack that steals the most from it (furthest "
-             "above the bar, paired by seed: an attack run on fewer seeds is ranked on the seeds it has); the goal is a teacher within 0.5 point of the original whose strongest attack stays at "
+             "above the bar, paired by seed: an attack run on fewer seeds is ranked on the seeds it has); the goal "
+             "is a teacher within 0.5 point of the original whose strongest attack stays at "
              f"or below {'the label-smoothing bar' if bar_name(res) == 'ls' else 'the bar, ' + bar_text(res)} "
              "(`fig_frontier.png`).", "",
              "| student | teacher | teacher acc (Δ vs original) | strongest attack | its student | Δ vs bar | verdict (p) "

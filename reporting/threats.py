@@ -11,10 +11,10 @@ from .names import TEACHER_NAMES
 
 
 def threat_summary(out_root, folders):
-    """Per teacher and threat model, the strongest attack (its stolen student furthest above the bar, paired by seed) against that
-    threat model's bar, from the threat-model folders written by reproduce.py --threat. Writes OUT_ROOT/summary.md,
-    summary.json and fig_threats.png (each teacher's strongest-attack Δ against the thief's images); returns the
-    summary dict."""
+    """Per teacher and threat model, the strongest attack (its stolen student furthest above the bar, paired by
+    seed) against that threat model's bar, from the threat-model folders written by reproduce.py --threat.
+    Writes OUT_ROOT/summary.md, summary.json and fig_threats.png (each teacher's strongest-attack Δ against the
+    thief's images); returns the summary dict."""
     models_, teachers = [], []
     for folder in folders:
         res = collect(folder)
@@ -33,7 +33,8 @@ def threat_summary(out_root, folders):
         models_.append(entry)
     summary = {"threat_models": models_}
     lines = ["# What the thief steals, threat model by threat model", "",
-             "Each cell: the strongest attack on the teacher (the stolen student furthest above the bar, paired by seed), its "
+             "Each cell: the strongest attack on the teacher (the stolen student furthest above the bar, paired by "
+             "seed), its "
              "Δ against the threat model's bar (label smoothing with labels, the hard-label floor without) and its "
              "verdict (METHOD.md sections 8 and 10); **holds** when every attack is KD-resistant. Columns: "
              + "; ".join(f"`{m['threat']['name']}` = {m['threat']['title']} ({m['folder']})" for m in models_) + ".",

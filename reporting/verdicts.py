@@ -76,7 +76,8 @@ def paired_diffs(attacks, bar_accs):
 
 def frontier(res):
     """Per student architecture and teacher: the teacher's accuracy and the *strongest* attack on it (the
-    stolen student furthest above the bar, paired by seed: strongest()), against the threat model's bar. A teacher resists
+    stolen student furthest above the bar, paired by seed: strongest()), against the threat model's bar. A
+    teacher resists
     every attack when each attack's verdict is KD-resistant (METHOD.md section 8)."""
     out = []
     for arch, s in res["students"].items():
