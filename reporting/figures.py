@@ -1,6 +1,8 @@
 """The report's figures, one function per figure; matplotlib is imported only when a figure is drawn."""
 import os
 
+from utils.stats import MIN_SEEDS
+
 from .cells import fmt
 from .names import TEACHER_NAMES, teacher_order
 
@@ -218,22 +220,37 @@ def schedule_frontier_figure(front, path):
 
 def threat_figure(models_, teachers, path):
     """fig_threats.png: each teacher's strongest-attack Δ against its bar over the thief's images, a panel for a
-    thief with labels and one without."""
+    thief with labels and one without; a filled marker is a strongest attack run on MIN_SEEDS seeds or more, a
+    hollow one on fewer (no verdict yet)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, labels in zip(axes, (True, False)):
+        sizes = set()
         for i, (arch, teacher) in enumerate(teachers):
-            pts = sorted((m["threat"]["images"] or 50000, m["rows"][f"{arch}/{teacher}"]["delta"])
-                         for m in models_ if m["threat"]["labels"] is labels and f"{arch}/{teacher}" in m["rows"]
-                         and m["rows"][f"{arch}/{teacher}"]["delta"] is not None)
-            if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=PALETTE[i % len(PALETTE)],
-                        label=f"{TEACHER_NAMES[teacher]} ({arch})")
+            rows = sorted((m["threat"]["images"] or 50000, m["rows"][f"{arch}/{teacher}"]) for m in models_
+                          if m["threat"]["labels"] is labels and f"{arch}/{teacher}" in m["rows"]
+                          and m["rows"][f"{arch}/{teacher}"]["delta"] is not None)
+            if not rows:
+                continue
+            color = PALETTE[i % len(PALETTE)]
+            ax.plot([x for x, _ in rows], [r["delta"] for _, r in rows], color=color,
+                    label=f"{TEACHER_NAMES[teacher]} ({arch})")
+            for x, r in rows:
+                ax.plot([x], [r["delta"]], marker="o", color=color,
+                        markerfacecolor=color if r["n"] >= MIN_SEEDS else "white")
+            sizes.update(x for x, _ in rows)
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xscale("log")
+        if sizes:
+            ax.set_xticks(sorted(sizes), [f"{x:,}" for x in sorted(sizes)])
+        else:
+            ax.set_xticks([])
+            ax.text(0.5, 0.5, "no threat model of this kind in these folders", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8, color="grey")
+        ax.minorticks_off()
         ax.set_title("thief with labels: Δ vs label smoothing" if labels else "thief without labels: Δ vs hard-label floor",
                      fontsize=9)
-        ax.set_xlabel("thief's training images")
+        ax.set_xlabel(f"thief's training images (hollow: n < {MIN_SEEDS} seeds)")
     axes[0].set_ylabel("strongest attack's student − bar (points)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()

@@ -8,6 +8,7 @@ import pytest
 import reproduce
 import report
 from conftest import ROOT, file_bytes, read_json, run_main
+from reporting.threats import summary_cell
 
 
 def test_a_threat_model_plans_every_student_arm_on_its_images_and_labels():
@@ -127,6 +128,20 @@ def test_the_summary_has_a_column_per_threat_model(threat_runs):
     assert [m["threat"]["name"] for m in summary["threat_models"]] == ["s50", "s50nl"]
     row = summary["threat_models"][1]["rows"]["cnn_small/nasty"]
     assert row["strongest"] in reproduce.battery_attacks() + ["tuned"] and row["n"] == 1
+    assert row["distillable_by"] == []  # one seed decides nothing
+
+
+def test_a_summary_cell_says_what_holds_against_how_many_attacks_and_what_is_already_distillable():
+    row = {"strongest": "dkd", "delta": 4.95, "n": 1, "verdict": "inconclusive", "resists_all": False, "attacks": 7,
+           "distillable_by": ["vanilla"]}
+    # the strongest attack on one seed does not hide vanilla's verdict on three
+    assert summary_cell(row) == "dkd +4.95 (n=1), inconclusive; distillable by vanilla"
+    assert summary_cell(dict(row, distillable_by=[])) == "dkd +4.95 (n=1), inconclusive"
+    assert summary_cell(dict(row, verdict="distillable", distillable_by=["dkd", "vanilla"])) == (
+        "dkd +4.95 (n=1), distillable")
+    held = dict(row, delta=-7.9, verdict="KD-resistant", resists_all=True, attacks=1, distillable_by=[])
+    assert summary_cell(held) == "dkd -7.90 (n=1), holds against 1 attack"
+    assert summary_cell(dict(held, attacks=6)).endswith("holds against 6 attacks")
 
 
 def test_the_summary_refuses_a_folder_without_a_threat_model(tiny_chain, tmp_path, capsys):
