@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+import report
 import reproduce
 from conftest import ROOT, run_main
 from reproduction.schedules import SCHEDULES, schedule_plan, variant
@@ -135,3 +136,19 @@ def test_the_grids_dry_run_finds_every_committed_step_done(capsys, monkeypatch):
     last = capsys.readouterr().out.splitlines()[-1]
     n = len(json.loads(open(os.path.join(ROOT, "exps", "mini", "steps.json")).read())["steps"])
     assert last == f"{n} steps: {n} done", last
+
+
+def test_the_committed_threat_summary_is_rebuilt_from_the_committed_folders(tmp_path, monkeypatch):
+    """exps/threat_summary is derived from the landed threat-model folders: a row landed there without rebuilding
+    it (the command on its last line) leaves it stale, and this fails."""
+    monkeypatch.chdir(ROOT)
+    committed = os.path.join("exps", "threat_summary")
+    lines = open(os.path.join(committed, "summary.md"), encoding="utf-8").read().splitlines()
+    command = next(line for line in lines if line.startswith("Rebuild with `python report.py "))
+    folders = command.split("--threats ", 1)[1].rstrip("`.").split()
+    assert run_main(report.main, [str(tmp_path), "--threats", *folders]) == 0
+    rebuilt = open(tmp_path / "summary.md", encoding="utf-8").read().splitlines()
+    assert [line for line in rebuilt if not line.startswith("Rebuild with")] == [
+        line for line in lines if not line.startswith("Rebuild with")]
+    with open(os.path.join(committed, "summary.json"), "rb") as a, open(tmp_path / "summary.json", "rb") as b:
+        assert a.read() == b.read()
