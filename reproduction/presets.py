@@ -91,17 +91,21 @@ PRESETS = {
         "dfad": {"epochs": 8, "iters_per_epoch": 50, "k": 5, "batch_size": 128, "lr": 0.1,
                  "schedule": "step", "milestones": [8]},
         # The thief's threat models (METHOD.md section 10): reproduce.py --threat NAME trains the student arms
-        # into exps/mini_<NAME> (the full-data one into exps/mini_long), against the teachers of exps/mini.
+        # into exps/mini_<NAME>, against the teachers of exps/mini; the full-data one into exps/mini_long, p10 into
+        # exps/threat_skeptical and p2 into exps/threat_p2, where their first rows landed (schedules of the same
+        # steps), so the grid goes on from them instead of training them again.
         # Each schedule is the one chosen by the doubling rule on its own curve (exps/threat_curve).
         "threats": {
             # val_split: the images (a tenth of the thief's) the self-tuning thief holds out to pick its tau
             "full": {"title": "all 50,000 labelled images", "subset": 0, "labels": True, "root": "mini_long",
                      "suffix": "_e24", "val_split": 5000, "student": {"epochs": 24}},
             "p10": {"title": "5,000 labelled images (10%)", "subset": 5000, "labels": True, "val_split": 500,
+                    "root": "threat_skeptical",
                     "student": {"epochs": P10_EPOCHS, "eval_every": 10, "amp": THREAT_AMP}},
             "p10nl": {"title": "5,000 images (10%), no labels", "subset": 5000, "labels": False, "val_split": 500,
                       "student": {"epochs": P10_EPOCHS, "eval_every": 10, "amp": THREAT_AMP}},
             "p2": {"title": "1,000 labelled images (2%)", "subset": 1000, "labels": True, "val_split": 100,
+                   "root": "threat_p2",
                    "student": {"epochs": P2_EPOCHS, "eval_every": 50, "amp": THREAT_AMP}},
             "p2nl": {"title": "1,000 images (2%), no labels", "subset": 1000, "labels": False, "val_split": 100,
                      "student": {"epochs": P2_EPOCHS, "eval_every": 50, "amp": THREAT_AMP}},

@@ -138,6 +138,19 @@ def test_the_grids_dry_run_finds_every_committed_step_done(capsys, monkeypatch):
     assert last == f"{n} steps: {n} done", last
 
 
+@pytest.mark.parametrize("threat,schedule", [("full", "mini_long"), ("p10", "threat_skeptical"), ("p2", "threat_p2")])
+def test_a_threat_models_grid_goes_on_from_the_runs_its_schedule_landed(threat, schedule, capsys, monkeypatch):
+    """The grid of a threat model trains into the folder where its first runs were committed as a schedule of the
+    same steps: its dry run on a clone finds every one of them done, none to train again."""
+    monkeypatch.chdir(ROOT)
+    root = os.path.join("exps", SCHEDULES[schedule]["root"])
+    assert run_main(reproduce.main, ["--preset", "mini", "--threat", threat, "--seeds", "0,1,2", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    done = {line.split()[2].rstrip(":") for line in out.splitlines() if line.endswith(": done")}
+    landed = {os.path.join(root, d) for d in _run_folders(root)}
+    assert landed and landed <= done, sorted(landed - done)[:3]
+
+
 def test_the_committed_threat_summary_is_rebuilt_from_the_committed_folders(tmp_path, monkeypatch):
     """exps/threat_summary is derived from the landed threat-model folders: a row landed there without rebuilding
     it (the command on its last line) leaves it stale, and this fails."""
