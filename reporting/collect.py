@@ -9,7 +9,7 @@ from utils.stats import mean_std, verdict
 
 from .cells import precision
 from .names import kd_arms
-from .verdicts import bar_of, dfad_against_original, floor_of, frontier
+from .verdicts import bar_of, dfad_against_original, floor_of, frontier, paired_delta
 
 
 def _sweep(folder):
@@ -131,14 +131,13 @@ def collect(exp_root):
     for t in res["teachers"].values():
         t["delta"] = None if original is None else t["acc"] - original
     for s in res["students"].values():
-        scratch = s.get("scratch", {}).get("acc")
-        ls = s.get("ls", {})
+        scratch, ls = s.get("scratch"), s.get("ls")
         floor, bar = floor_of(res, s), bar_of(res, s)
         for a in kd_arms(s):
-            a["delta_scratch"] = None if scratch is None else a["acc"] - scratch
-            a["delta_ls"] = None if not ls else a["acc"] - ls["acc"]
+            a["delta_scratch"] = paired_delta(a, scratch)
+            a["delta_ls"] = paired_delta(a, ls)
             if "threat" in res:
-                a["delta_floor"] = None if not floor else a["acc"] - floor["acc"]
+                a["delta_floor"] = paired_delta(a, floor)
             if a is bar:  # the bar itself: no verdict against itself
                 a["verdict"], a["harmful"], a["p"], a["t"], a["n_paired"] = None, False, None, None, 0
                 continue

@@ -44,6 +44,18 @@ def bar_of(res, student):
     return floor_of(res, student) if bar_name(res) == "hardlabel" else (student.get("ls") or {})
 
 
+def paired_delta(row, ref):
+    """Δ of an arm ({accs: {seed: acc}, acc}) against a reference arm: the mean of the seed-by-seed differences over
+    the seeds both hold (what the verdict tests: an arm on seed 0 alone is compared with the bar's seed 0, not with
+    its mean over three), the difference of the means where they share no seed, None without a reference."""
+    if not ref or ref.get("acc") is None or row.get("acc") is None:
+        return None
+    shared = sorted(set(row.get("accs") or {}) & set(ref.get("accs") or {}))
+    if not shared:
+        return row["acc"] - ref["acc"]
+    return sum(row["accs"][s] - ref["accs"][s] for s in shared) / len(shared)
+
+
 def dfad_against_original(dfad):
     """The data-free claim: is a defended teacher's DFAD student below the original's? Paired by seed, the
     one-sided paired t-test of METHOD.md section 8 in the other direction (delta_original, p_below, n_paired)."""
@@ -92,7 +104,7 @@ def frontier(res):
             b = attacks[best]
             out.append({"arch": arch, "teacher": teacher, "teacher_acc": t["acc"], "teacher_delta": t.get("delta"),
                         "strongest": best, "acc": b["acc"], "std": b.get("std"), "n": b.get("n", 1),
-                        "delta_ls": None if bar is None else b["acc"] - bar, "verdict": b.get("verdict"),
+                        "delta_ls": paired_delta(b, bar_row), "verdict": b.get("verdict"),
                         "p": b.get("p"), "bar": bar, "attacks": len(attacks),
                         "precision": b.get("precision"), "bar_precision": bar_row.get("precision"),
                         "resists_all": resists_all})

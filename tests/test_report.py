@@ -11,7 +11,7 @@ from reporting.cells import count, fmt, provenance_mark, seeded, tau_cell, verdi
 from reporting.collect import collect
 from reporting.figures import curves_figure, figures
 from reporting.tables import markdown
-from reporting.verdicts import bar_of, paired_diffs, strongest
+from reporting.verdicts import bar_of, paired_delta, paired_diffs, strongest
 
 
 def _write(path, obj):
@@ -216,6 +216,17 @@ def test_a_student_trained_from_other_weights_is_marked_and_refused_with_strict(
     assert run_main(report.main, [root, "--strict"]) == 2
     assert "re-run reproduce.py on this folder" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(root, "results.md"))  # refused before anything is written
+
+
+def test_a_delta_is_taken_over_the_seeds_both_arms_hold():
+    bar = {"acc": 55.0, "accs": {0: 55.0, 1: 53.0, 2: 57.0}}
+    # one seed against the bar's three: against the bar's seed 2, not against its mean
+    assert paired_delta({"acc": 59.5, "accs": {2: 59.5}}, bar) == pytest.approx(2.5)
+    # the same seeds: the difference of the means
+    assert paired_delta({"acc": 58.0, "accs": {0: 58.0, 1: 56.0, 2: 60.0}}, bar) == pytest.approx(3.0)
+    # no seed in common: the difference of the means; no bar: none
+    assert paired_delta({"acc": 50.0, "accs": {7: 50.0}}, bar) == pytest.approx(-5.0)
+    assert paired_delta({"acc": 50.0, "accs": {0: 50.0}}, {}) is None and paired_delta({"acc": 50.0}, None) is None
 
 
 def test_the_strongest_attack_is_ranked_by_its_paired_delta_not_by_a_mean_over_fewer_seeds():

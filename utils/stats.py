@@ -11,11 +11,12 @@ import math
 
 ALPHA = 0.05
 MIN_SEEDS = 3  # METHOD.md section 8: every arm has n >= 3 seeds; below that no test decides a verdict
-RULE = ("Verdict per attack x teacher against the label-smoothing student of the same architecture, paired by "
-        "seed (same seeds for every arm), final-epoch accuracy: *distillable* when the stolen student's mean is "
-        "above the bar and a one-sided paired t-test gives p < 0.05; *inconclusive* when above but not "
-        f"significantly, and always with fewer than {MIN_SEEDS} paired seeds (METHOD.md section 8 asks for "
-        f"n >= {MIN_SEEDS}); *KD-resistant* when at or below the bar, *harmful* beside it when significantly below "
+RULE = ("Verdict per attack x teacher against the label-smoothing student of the same architecture (a threat model "
+        "without labels says its own bar), paired by seed, final-epoch accuracy. Every Δ is the mean of the "
+        "seed-by-seed differences over the seeds both arms hold (the difference of their means where they hold the "
+        "same seeds). *distillable* when Δ > 0 and a one-sided paired t-test gives p < 0.05; *inconclusive* when "
+        f"Δ > 0 but not significantly, or on fewer than {MIN_SEEDS} paired seeds (METHOD.md section 8 asks for "
+        f"n >= {MIN_SEEDS}); *KD-resistant* when Δ <= 0, *harmful* beside it when significantly below "
         f"(p < 0.05, n >= {MIN_SEEDS}). "
         "With n = 3, significance needs t > 2.92.")
 
