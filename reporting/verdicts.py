@@ -67,23 +67,18 @@ def dfad_against_original(dfad):
         d["delta_original"], d["p_below"], d["n_paired"] = test["diff"], test["p_less"], test["n"]
 
 
-def strongest(attacks, acc, diffs=None):
+def strongest(attacks, acc, deltas=None):
     """(the attack whose stolen student is the most accurate, whether every attack is KD-resistant) of
     {attack: row}, acc the row's accuracy key: what both frontiers call the strongest attack and a teacher that
-    holds (METHOD.md section 8). With diffs ({attack: its paired Δ against the bar, None where it shares no seed
-    with it}) and one for every attack, the attacks are ranked by those: each over the seeds it shares with the
-    bar, so an attack run on one seed cannot outrank one run on three by the luck of its seed's images. Otherwise
-    they are ranked by mean accuracy (the same order wherever every attack holds the bar's seeds)."""
-    if diffs and all(diffs.get(a) is not None for a in attacks):
-        best = max(attacks, key=diffs.get)
+    holds (METHOD.md section 8). With deltas ({attack: its Δ against the bar, paired by seed: paired_delta}) for
+    every attack, the attacks are ranked by those, so an attack run on one seed cannot outrank one run on three by
+    the luck of its seed's images; without, by mean accuracy (the same order where every attack holds the same
+    seeds)."""
+    if deltas and all(deltas.get(a) is not None for a in attacks):
+        best = max(attacks, key=deltas.get)
     else:
         best = max(attacks, key=lambda a: attacks[a][acc])
     return best, all(r.get("verdict") == "KD-resistant" for r in attacks.values())
-
-
-def paired_diffs(attacks, bar_accs):
-    """{attack: its mean paired difference against the bar's {seed: acc}} (None where they share no seed)."""
-    return {a: verdict(r.get("accs") or {}, bar_accs or {})["diff"] for a, r in attacks.items()}
 
 
 def frontier(res):
@@ -100,7 +95,7 @@ def frontier(res):
             t = res["teachers"].get(teacher)
             if not attacks or not t:
                 continue
-            best, resists_all = strongest(attacks, "acc", paired_diffs(attacks, bar_row.get("accs")))
+            best, resists_all = strongest(attacks, "acc", {a: paired_delta(r, bar_row) for a, r in attacks.items()})
             b = attacks[best]
             out.append({"arch": arch, "teacher": teacher, "teacher_acc": t["acc"], "teacher_delta": t.get("delta"),
                         "strongest": best, "acc": b["acc"], "std": b.get("std"), "n": b.get("n", 1),

@@ -11,7 +11,7 @@ from reporting.cells import count, fmt, provenance_mark, seeded, tau_cell, verdi
 from reporting.collect import collect
 from reporting.figures import curves_figure, figures
 from reporting.tables import markdown
-from reporting.verdicts import bar_of, paired_delta, paired_diffs, strongest
+from reporting.verdicts import bar_of, paired_delta, strongest
 
 
 def _write(path, obj):
@@ -232,17 +232,16 @@ def test_a_delta_is_taken_over_the_seeds_both_arms_hold():
 def test_the_strongest_attack_is_ranked_by_its_paired_delta_not_by_a_mean_over_fewer_seeds():
     # seed 2's images are the easy draw (the bar is 57 there): dkd run on it alone has the highest mean, but on
     # its one seed it beats the bar by 2.5, where vanilla beats it by 3 on each of the three
-    bar = {0: 55.0, 1: 53.0, 2: 57.0}
+    bar = {"acc": 55.0, "accs": {0: 55.0, 1: 53.0, 2: 57.0}}
     attacks = {"vanilla": {"acc": 58.0, "accs": {0: 58.0, 1: 56.0, 2: 60.0}, "verdict": "distillable"},
                "dkd": {"acc": 59.5, "accs": {2: 59.5}, "verdict": "inconclusive"}}
-    diffs = paired_diffs(attacks, bar)
-    assert diffs == pytest.approx({"vanilla": 3.0, "dkd": 2.5})
-    assert strongest(attacks, "acc", diffs) == ("vanilla", False)
-    assert strongest(attacks, "acc") == ("dkd", False)  # without the bar's seeds: by mean accuracy
-    # an attack that shares no seed with the bar has no paired Δ: every attack is then ranked by its mean
+    deltas = {a: paired_delta(r, bar) for a, r in attacks.items()}
+    assert deltas == pytest.approx({"vanilla": 3.0, "dkd": 2.5})
+    assert strongest(attacks, "acc", deltas) == ("vanilla", False)
+    assert strongest(attacks, "acc") == ("dkd", False)  # without the bar: by mean accuracy
+    assert strongest(attacks, "acc", {"vanilla": 3.0, "dkd": None})[0] == "dkd"  # a Δ missing: by mean too
     attacks["tckd"] = {"acc": 50.0, "accs": {7: 50.0}, "verdict": "KD-resistant"}
-    assert paired_diffs(attacks, bar)["tckd"] is None
-    assert strongest(attacks, "acc", paired_diffs(attacks, bar))[0] == "dkd"
+    assert strongest(attacks, "acc", {a: paired_delta(r, bar) for a, r in attacks.items()}) == ("vanilla", False)
 
 
 def test_cells_read_as_the_table_prints_them():
