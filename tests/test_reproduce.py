@@ -90,6 +90,19 @@ def test_figures_are_pngs(chain):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
 
 
+def test_a_defence_that_keeps_the_originals_argmax_gives_the_hard_label_thief_the_floor_bit_for_bit(chain):
+    """Stingy (top-k) and post-hoc reversal change what the teacher says but not its argmax, on any image: the
+    hardlabel attack reads the argmax alone, so its student is the hard-label floor's, weight for weight (the p2
+    grid's post-hoc row is its floor's to the last bit too). RML's argmax is its own, and so is its student."""
+    exp_root, _ = chain
+
+    def weights(teacher):
+        return read_json(os.path.join(exp_root, f"kd_hardlabel_{teacher}_cnn_small", "metrics.json"))["weights_sha256"]
+
+    assert weights("stingy") == weights("original") == weights("posthoc")
+    assert weights("rml") != weights("original")
+
+
 def test_frontier_names_each_teachers_strongest_attack(chain):
     exp_root, _ = chain
     res = report.collect(exp_root)
