@@ -5,6 +5,7 @@ from utils.stats import MIN_SEEDS
 
 from .cells import fmt
 from .names import TEACHER_NAMES, teacher_order
+from .verdicts import bar_name, floor_of
 
 PALETTE = ["#55a868", "#c44e52", "#dd8452", "#8172b3", "#937860", "#da8bc3", "#64b5cd", "#ccb974"]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -152,7 +153,8 @@ def curves_figure(res, path):
 
 def frontier_figure(res, path):
     """fig_frontier.png: each teacher's accuracy against its strongest attack's student, the label-smoothing bar
-    and the original's accuracy less half a point drawn. False when the folder has no frontier."""
+    (and in a threat model's folder the hard-label floor, the bar without labels) and the original's accuracy less
+    half a point drawn. False when the folder has no frontier."""
     points = res["frontier"]
     if not points:
         return False
@@ -161,10 +163,16 @@ def frontier_figure(res, path):
     for r in points:
         ax.errorbar([r["teacher_acc"]], [r["acc"]], yerr=r["std"], fmt="o", color=colour[r["teacher"]], capsize=3,
                     label=f"{TEACHER_NAMES[r['teacher']]} ({r['strongest']})")
-    for arch in res["students"]:
-        bar = (res["students"][arch].get("ls") or {}).get("acc")
-        if bar is not None:
-            ax.axhline(bar, color="grey", linestyle="--", linewidth=1, label=f"label-smoothing bar ({arch})")
+    floor_is_bar = bar_name(res) == "hardlabel"
+    for arch, student in res["students"].items():
+        ls = (student.get("ls") or {}).get("acc")
+        if ls is not None:
+            ax.axhline(ls, color="grey", linestyle="--", linewidth=1,
+                       label=f"label smoothing ({arch})" if floor_is_bar else f"label-smoothing bar ({arch})")
+        floor = floor_of(res, student).get("acc") if "threat" in res else None
+        if floor is not None:  # a threat model's other bar: what the teacher's argmax alone gives
+            ax.axhline(floor, color="black" if floor_is_bar else "grey", linestyle="-.", linewidth=1,
+                       label=f"hard-label floor{' (the bar)' if floor_is_bar else ''} ({arch})")
     original = res["teachers"].get("original")
     if original:
         ax.axvline(original["acc"] - 0.5, color="grey", linestyle=":", linewidth=1,
