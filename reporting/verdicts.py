@@ -68,9 +68,9 @@ def dfad_against_original(dfad):
 
 
 def strongest(attacks, acc, deltas=None):
-    """(the attack whose stolen student is the most accurate, whether every attack is KD-resistant) of
-    {attack: row}, acc the row's accuracy key: what both frontiers call the strongest attack and a teacher that
-    holds (METHOD.md section 8). With deltas ({attack: its Δ against the bar, paired by seed: paired_delta}) for
+    """(the attack that steals the most, whether every attack is KD-resistant) of {attack: row}, acc the row's
+    accuracy key: what both frontiers call the strongest attack and a teacher that holds (METHOD.md section 8).
+    With deltas ({attack: its Δ against the bar, paired by seed: paired_delta}) for
     every attack, the attacks are ranked by those, so an attack run on one seed cannot outrank one run on three by
     the luck of its seed's images; without, by mean accuracy (the same order where every attack holds the same
     seeds)."""
@@ -84,8 +84,7 @@ def strongest(attacks, acc, deltas=None):
 def frontier(res):
     """Per student architecture and teacher: the teacher's accuracy and the *strongest* attack on it (the
     stolen student furthest above the bar, paired by seed: strongest()), against the threat model's bar. A
-    teacher resists
-    every attack when each attack's verdict is KD-resistant (METHOD.md section 8)."""
+    teacher resists every attack when each attack's verdict is KD-resistant (METHOD.md section 8)."""
     out = []
     for arch, s in res["students"].items():
         bar_row = bar_of(res, s)
