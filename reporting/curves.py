@@ -187,8 +187,7 @@ def _schedule_frontier_lines(front):
     lines = ["## The strongest attack on each teacher, schedule by schedule", "",
              "For each teacher and schedule, the attack whose student is furthest above the bar (paired by seed) among "
              "the attacks of the table above (those trained at more than one schedule) at that schedule, against the "
-             "label-smoothing "
-             "student of the same schedule. A teacher holds at a schedule when every attack compared there is "
+             "label-smoothing student of the same schedule. A teacher holds at a schedule when every attack compared there is "
              "KD-resistant; read the attacks column before the verdict (two attacks are not the full battery).", "",
              "| student | teacher (acc) | epochs | attacks compared | strongest | its student | Δ vs bar | verdict (p) "
              "| every attack compared KD-resistant |", "|---|---|---|---|---|---|---|---|---|"]

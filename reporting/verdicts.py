@@ -50,10 +50,8 @@ def paired_delta(row, ref):
     its mean over three), the difference of the means where they share no seed, None without a reference."""
     if not ref or ref.get("acc") is None or row.get("acc") is None:
         return None
-    shared = sorted(set(row.get("accs") or {}) & set(ref.get("accs") or {}))
-    if not shared:
-        return row["acc"] - ref["acc"]
-    return sum(row["accs"][s] - ref["accs"][s] for s in shared) / len(shared)
+    diff = verdict(row.get("accs") or {}, ref.get("accs") or {})["diff"]
+    return row["acc"] - ref["acc"] if diff is None else diff
 
 
 def dfad_against_original(dfad):
