@@ -127,7 +127,8 @@ def build_parser():
                              "seed are trained together, one teacher forward per batch for all (train_kd.py --battery)")
     parser.add_argument("--cost", metavar="FILE", default=None,
                         help="with --dry_run: projected device-hours per step and in all, from the epoch times in FILE "
-                             "(the epoch_times.json of bench/cuda_check.py; see utils/cost.py)")
+                             "(the epoch_times.json of bench/cuda_check.py), or from the finished runs of a folder "
+                             "(e.g. exps/threat_p2: what is left, at the pace they kept); see utils/cost.py")
     return parser
 
 
@@ -255,8 +256,8 @@ def main(argv=None):
     todo = run_plan(steps, selected, exp_root, teachers_root, manifest, args.data_root, device=args.device,
                     jobs=args.jobs, dry_run=args.dry_run, battery=not args.no_battery)
     if args.dry_run:
-        if epoch_times is not None:
-            print(projection_text(selected, epoch_times, args.cost), end="")
+        if epoch_times is not None:  # what is left to train: the steps not done
+            print(projection_text(todo, epoch_times, args.cost), end="")
         return 0
     total = time.time() - t0
     where = rebuild_report(args, exp_root, todo, total)

@@ -166,8 +166,8 @@ def run_plan(steps, selected, exp_root, teachers_root, manifest, data_root, devi
     """Bring the `selected` steps of a plan up to date: a finished step is skipped, an interrupted one resumes,
     a stale or new one is trained from the start. Students go to exp_root, teachers to teachers_root;
     manifest (steps.json without its steps: preset, threat model, where the teachers are) is written there
-    with every step of the plan, so the report reads it. dry_run: print each step's state, change nothing.
-    Returns the jobs that ran (a battery counts once)."""
+    with every step of the plan, so the report reads it. dry_run: print each step's state, change nothing, and
+    return the selected steps that are not done. Returns the jobs that ran (a battery counts once)."""
     t0 = time.time()
     if not dry_run:  # a dry run changes nothing, not even the plan the report reads
         os.makedirs(exp_root, exist_ok=True)
@@ -175,7 +175,7 @@ def run_plan(steps, selected, exp_root, teachers_root, manifest, data_root, devi
         acquire(exp_root, "experiment root")  # its steps lock their own folders, below it
         manifest = dict(manifest, steps=[{k: s[k] for k in ("name", "script", "role")} for s in steps])
         atomic_write_json(os.path.join(exp_root, "steps.json"), manifest)
-    todo = []
+    todo, left = [], []
     counts = {}
     loaded = {d for s in steps for d in dependencies(s)}  # steps whose weights later steps load
     digests = {}  # teacher step -> digest of the weights its dependents will load (None: trained in this run)
@@ -200,6 +200,8 @@ def run_plan(steps, selected, exp_root, teachers_root, manifest, data_root, devi
         why = f" ({reason})" if reason else ""
         if dry_run:
             print(f"{head}: {state}{why}")
+            if state != "done":
+                left.append(step)
             continue
         if state == "done":
             print(f"{head}: done, skipped", flush=True)
@@ -217,6 +219,8 @@ def run_plan(steps, selected, exp_root, teachers_root, manifest, data_root, devi
                      "verb": "resuming" if state == "resume" else "running"})
     print(f"{len(selected)} steps: " + ", ".join(f"{counts[k]} {k}" for k in ("done", "stale", "resume", "new")
                                                  if counts.get(k)), flush=True)
+    if dry_run:
+        return left
     if battery:
         todo = batteries(todo)
     if jobs == 1:

@@ -117,3 +117,60 @@ def test_reproduce_cost_bad_input_is_one_line_exit_2(tmp_path, capsys, args, mes
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not os.path.exists(tmp_path / "paper")  # refused before anything was written
+
+
+# ------------------------------------------------------------------------ epoch times from a folder's runs
+def _run(root, name, script="train_kd.py", model="cnn", epochs=100, seconds=100.0, subset=1000, **extra):
+    folder = root / name
+    folder.mkdir()
+    cfg = {"subset": subset, "batch_size": 128, **extra.pop("config", {})}
+    metrics = {"script": script, "model": model, "epochs": epochs, "train_time_s": seconds, "config": cfg, **extra}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_a_folder_gives_the_median_epoch_time_of_its_finished_lone_runs(tmp_path):
+    for i, seconds in enumerate((100.0, 300.0, 200.0)):  # 1, 3 and 2 s an epoch: the median is 2
+        _run(tmp_path, f"kd{i}", seconds=seconds)
+    _run(tmp_path, "in_a_battery", seconds=9000.0, battery={"size": 6})  # one clock for six students
+    _run(tmp_path, "a_sweep", seconds=9000.0, config={"tau_sweep": [1, 4]})
+    _run(tmp_path, "other_images", seconds=9000.0, subset=5000)  # fewer runs at 5,000 images than at 1,000
+    _run(tmp_path, "ls", script="train_scratch.py", epochs=10, seconds=5.0)
+    (tmp_path / "unfinished").mkdir()  # no metrics.json: not counted
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.json").write_text("{")
+    times = load_epoch_times(str(tmp_path))
+    assert times["train_kd.py/cnn"] == {"seconds_per_epoch": 2.0, "subset": 1000, "measured_runs": 3, "batch_size": 128}
+    assert times["train_scratch.py/cnn"]["seconds_per_epoch"] == 0.5 and set(times) == {"train_kd.py/cnn",
+                                                                                          "train_scratch.py/cnn"}
+    kd = {"name": "kd", "script": "train_kd.py", "params": {"model": "cnn", "epochs": 1800, "batch_size": 128,
+                                                           "subset": 1000, "tau_sweep": [1, 4]}}
+    other = dict(kd, name="p10", params=dict(kd["params"], subset=5000))
+    full = dict(kd, name="full", params={k: v for k, v in kd["params"].items() if k != "subset"})
+    rows, total = project([kd, other, full], times)
+    assert rows[0]["hours"] == 2.0 and total == 2.0  # two taus x 1,800 epochs x 2 s
+    assert rows[1]["note"] == "measured on 1,000 images, this step uses 5,000 images"
+    assert rows[2]["note"] == "measured on 1,000 images, this step uses all the training images"
+
+
+def test_a_folder_without_a_finished_lone_run_is_one_line(tmp_path, capsys):
+    _run(tmp_path, "in_a_battery", battery={"size": 2})
+    with pytest.raises(UserError, match="holds no finished lone run"):
+        load_epoch_times(str(tmp_path))
+
+
+def test_the_projection_counts_only_the_steps_not_done(threat_runs, cifar_root, capsys):
+    """A finished grid projects nothing; another seed of it is projected from its finished lone runs (label
+    smoothing and scratch), while its KD students, trained in batteries there, have no lone time to go by."""
+    exp_root, roots, _ = threat_runs
+    argv = ["--preset", "tiny", "--threat", "s50", "--data_root", cifar_root, "--exp_root", roots["s50"],
+            "--teachers_from", exp_root, "--dry_run", "--cost", roots["s50"]]
+    assert run_main(reproduce.main, argv) == 0
+    out = capsys.readouterr().out
+    assert "Projected device time of the 0 steps not done" in out and "Total: 0.0 device-hours for 0 of 0 steps." in out
+    assert run_main(reproduce.main, argv + ["--seeds", "7"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "_seed7 |" in line]
+    scratch = [r for r in rows if "train_scratch.py" in r]
+    assert scratch and all(not r.endswith("|  |") and "not counted" not in r for r in scratch)
+    assert all("not counted: no measured epoch time for train_kd.py/" in r for r in rows if "train_kd.py" in r)
+    assert "Total: " in out and f"for {len(scratch)} of {len(rows)} steps." in out

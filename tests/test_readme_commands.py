@@ -47,6 +47,7 @@ COMMANDS = [
     ("train_dfad.py --save_path exps/mini/dfad_rml_resnet8", 2),
     ("report.py exps/mini", 0),
     ("reproduce.py --preset mini --threat p10 --data_root ./data --dry_run", 0),
+    ("reproduce.py --preset mini --threat p2 --data_root ./data --dry_run --cost exps/threat_p2", 0),
     ("reproduce.py --schedule mini_curve --data_root ./data --jobs 2", 0),
     ("reproduce.py --schedule mini_long --data_root ./data --jobs 2", 0),
     ("reproduce.py --schedule mini_long --data_root ./data --dry_run", 0),

@@ -1,6 +1,13 @@
-"""Projected device time of a preset, from epoch times measured on the device (bench/cuda_check.py writes them).
+"""Projected device time of a preset, from epoch times measured on the device (bench/cuda_check.py writes them),
+or from the finished runs of a folder (what is left of a grid, at the pace its landed runs kept).
 
     python reproduce.py --preset paper --dry_run --cost bench/cuda_check_out/epoch_times.json
+    python reproduce.py --preset mini --threat p2 --dry_run --cost exps/threat_p2
+
+A folder's epoch times (epoch_times_from_runs) are, per script/model, the median of train_time_s / epochs over its
+finished lone runs (a battery's students share one clock, a sweep's runs sit a level down: both left out), with the
+batch size and the thief's image count they ran at: a step with another count gets no estimate. They hold for the
+machine those runs ran on, one run per slot (a CPU thread or a GPU, as they ran): with --jobs N, divide the total by N.
 
 The epoch times file maps "script/model" to the seconds one epoch of that script takes with the preset's
 settings, either as a number or as {"seconds_per_epoch": s, ...}; an entry may also record the batch_size
@@ -32,7 +39,10 @@ def _entry(key, value, path):
 
 
 def load_epoch_times(path):
-    """The {"script/model": entry} of an epoch times file, checked; any problem is one UserError."""
+    """The {"script/model": entry} of an epoch times file, or of a folder of finished runs (epoch_times_from_runs),
+    checked; any problem is one UserError."""
+    if os.path.isdir(path):
+        return epoch_times_from_runs(path)
     if not os.path.isfile(path):
         raise UserError(f"epoch times file {path} not found; bench/cuda_check.py writes one "
                         f"(OUT/epoch_times.json)")
@@ -51,6 +61,45 @@ def check_epoch_times(times, source):
     return {key: _entry(key, value, source) for key, value in times.items()}
 
 
+def epoch_times_from_runs(folder):
+    """{"script/model": {seconds_per_epoch, batch_size, subset, measured_runs}} from the finished lone runs directly
+    under `folder` (their metrics.json): the median of train_time_s / epochs per script/model, at the thief's image
+    count most of them hold. A UserError when no such run is there."""
+    groups = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name, "metrics.json")
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                m = json.load(f)
+        except (ValueError, UnicodeDecodeError):
+            continue  # not this projection's business: report.py names a broken metrics.json
+        cfg = m.get("config") if isinstance(m.get("config"), dict) else {}
+        if "battery" in m or cfg.get("tau_sweep") or not m.get("epochs") or not m.get("train_time_s") \
+                or not m.get("script") or not m.get("model"):
+            continue
+        key = f"{m['script']}/{m['model']}"
+        groups.setdefault(key, {}).setdefault((cfg.get("subset", 0), cfg.get("batch_size")), []).append(
+            (m["train_time_s"] / m["epochs"], cfg))
+    if not groups:
+        raise UserError(f"{folder} holds no finished lone run (a run folder with metrics.json, not a battery's or a "
+                        f"sweep's) to take epoch times from; give an epoch times file or another folder")
+    times = {}
+    for key, by_data in groups.items():
+        (subset, batch), runs = max(by_data.items(), key=lambda kv: len(kv[1]))
+        seconds = sorted(s for s, _ in runs)
+        mid = len(seconds) // 2
+        entry = {"seconds_per_epoch": seconds[mid] if len(seconds) % 2 else (seconds[mid - 1] + seconds[mid]) / 2,
+                 "subset": subset, "measured_runs": len(runs)}
+        if batch is not None:
+            entry["batch_size"] = batch
+        if key.startswith("train_dfad.py/"):
+            entry.update({k: runs[0][1][k] for k in ("k", "iters_per_epoch") if k in runs[0][1]})
+        times[key] = entry
+    return check_epoch_times(times, folder)
+
+
 def runs_of(params):
     """Training runs a step makes: one per distinct tau of a sweep, else one."""
     return len({float(t) for t in params.get("tau_sweep") or []}) or 1
@@ -62,6 +111,9 @@ def _seconds_per_epoch(script, params, entry):
     batch = entry.get("batch_size")
     if batch is not None and params.get("batch_size") is not None and batch != params["batch_size"]:
         return None, f"measured at batch {batch}, this step uses {params['batch_size']}"
+    if "subset" in entry and entry["subset"] != params.get("subset", 0):
+        images = lambda n: f"{n:,} images" if n else "all the training images"  # noqa: E731
+        return None, f"measured on {images(entry['subset'])}, this step uses {images(params.get('subset', 0))}"
     if script == "train_dfad.py":
         if entry.get("k", params["k"]) != params["k"]:
             return None, f"measured with k {entry['k']}, this step uses {params['k']}"
@@ -100,8 +152,10 @@ def project(steps, epoch_times):
 def projection_text(steps, epoch_times, source):
     """The projection as a markdown table and a total line."""
     rows, total = project(steps, epoch_times)
-    lines = [f"Projected device time from {source} (seconds per epoch as measured there; time outside the "
-             f"epochs is not counted):", "",
+    measured = (f"the median over the finished lone runs of {source}, one run per slot as they ran there"
+                if os.path.isdir(source) else f"as measured in {source}")
+    lines = [f"Projected device time of the {len(rows)} steps not done (seconds per epoch: {measured}; time outside "
+             f"the epochs is not counted; with --jobs N, about 1/N of the total in wall time):", "",
              "| step | script | model | runs x epochs | s/epoch | device-hours |",
              "|---|---|---|---|---:|---:|"]
     for r in rows:
@@ -113,5 +167,6 @@ def projection_text(steps, epoch_times, source):
     if missing:
         keys = sorted({f"{r['script']}/{r['model']}" for r in missing})
         lines.append(f"{len(missing)} steps have no usable measured time and are not in the total "
-                     f"({', '.join(keys)}); measure them with bench/cuda_check.py.")
+                     f"({', '.join(keys)}); measure them with bench/cuda_check.py"
+                     + (", or finish one such run in the folder." if os.path.isdir(source) else "."))
     return "\n".join(lines) + "\n"
