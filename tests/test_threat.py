@@ -90,6 +90,20 @@ def test_a_label_free_thief_never_reads_a_label(tmp_path, cifar_root, teacher, a
     assert not same(weights["clean", True], weights["poisoned", True])
 
 
+def test_a_hard_label_thief_trains_the_same_student_with_or_without_labels(tmp_path, cifar_root, teacher):
+    """hardlabel reads the teacher's argmax alone, so the label-free floor (the bar without labels) is the labelled
+    threat model's hardlabel student, bit for bit; only the run's record of the thief differs."""
+    runs = {}
+    for labels in (True, False):
+        d = make_exp(tmp_path / f"hardlabel_{labels}", **dict(TINY, data_root=cifar_root, teacher=teacher, epochs=2,
+                                                                attack="hardlabel", subset=40, labels=labels))
+        assert run_main(train_kd.main, ["--save_path", d]) == 0
+        runs[labels] = read_json(os.path.join(d, "metrics.json"))
+    assert runs[True]["weights_sha256"] == runs[False]["weights_sha256"]
+    assert runs[True]["final_acc"] == runs[False]["final_acc"]
+    assert (runs[True]["thief"]["labels"], runs[False]["thief"]["labels"]) == (True, False)
+
+
 def test_transfer_images_train_a_label_free_thief(tmp_path, cifar_root, teacher):
     fakedata.make_cifar100(cifar_root_copy := str(tmp_path / "data"), train_per_class=2)
     shutil.copytree(os.path.join(cifar_root, "cifar-10-batches-py"), os.path.join(cifar_root_copy, "cifar-10-batches-py"))
