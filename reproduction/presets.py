@@ -92,8 +92,8 @@ PRESETS = {
                  "schedule": "step", "milestones": [8]},
         # The thief's threat models (METHOD.md section 10): reproduce.py --threat NAME trains the student arms
         # into exps/mini_<NAME>, against the teachers of exps/mini; the full-data one into exps/mini_long, p10 into
-        # exps/threat_skeptical and p2 into exps/threat_p2, where their first rows landed (schedules of the same
-        # steps), so the grid goes on from them instead of training them again.
+        # exps/threat_skeptical, p2 into exps/threat_p2 and p2nl into exps/threat_p2nl, where their first rows
+        # landed (schedules of the same steps), so the grid goes on from them instead of training them again.
         # Each schedule is the one chosen by the doubling rule on its own curve (exps/threat_curve).
         "threats": {
             # val_split: the images (a tenth of the thief's) the self-tuning thief holds out to pick its tau
@@ -108,6 +108,7 @@ PRESETS = {
                    "root": "threat_p2",
                    "student": {"epochs": P2_EPOCHS, "eval_every": 50, "amp": THREAT_AMP}},
             "p2nl": {"title": "1,000 images (2%), no labels", "subset": 1000, "labels": False, "val_split": 100,
+                     "root": "threat_p2nl",
                      "student": {"epochs": P2_EPOCHS, "eval_every": 50, "amp": THREAT_AMP}},
         },
     },

@@ -190,6 +190,20 @@ def threat_p2():
     return [s[seeded(name, seed)] for seed in (0, 1, 2) for name, seeds in THREAT_P2_ROWS.items() if seed in seeds]
 
 
+# The seeds each of threat_p2nl's rows holds so far.
+THREAT_P2NL_ROWS = {"ls_cnn": (0, 1, 2), "kd_hardlabel_original_cnn": (0,), "kd_vanilla_nasty_cnn": (0,)}
+
+
+def threat_p2nl():
+    """The first rows of the p2nl threat model (the same 1,000 images as p2, no labels, fp32): the hard-label
+    floor (the bar of a thief without labels), vanilla KD without labels (the teacher's argmax in place of the
+    label) and label smoothing (the other bar, on the true labels: the same step as p2's, whose runs were copied
+    from exps/threat_p2); THREAT_P2NL_ROWS says which seeds each holds. The grid's own steps (--threat p2nl), landed
+    ahead of it."""
+    s = _steps("mini", seeds=(0, 1, 2), threat="p2nl")
+    return [s[seeded(name, seed)] for seed in (0, 1, 2) for name, seeds in THREAT_P2NL_ROWS.items() if seed in seeds]
+
+
 # name -> what it is, its preset, its folder under exps/, its runs, and how its report is rebuilt
 # (curve: report.py --curve with these folders' points too; compare: results.md and comparison.md against a folder;
 # screen: screen.md, the screened teachers and their students)
@@ -214,6 +228,8 @@ SCHEDULES = {
                          "threat": "p10"},
     "threat_p2": {"title": "the first rows of the grid on 1,000 labelled images, fp32", "preset": "mini",
                   "root": "threat_p2", "steps": threat_p2, "report": {"results": True}, "threat": "p2"},
+    "threat_p2nl": {"title": "the first rows of the grid on 1,000 images without labels, fp32", "preset": "mini",
+                    "root": "threat_p2nl", "steps": threat_p2nl, "report": {"results": True}, "threat": "p2nl"},
     "mini_rml_screen": {"title": "the RML settings screened before the preset's", "preset": "mini",
                         "root": "mini/rml_tradeoff", "steps": mini_rml_screen, "report": {"screen": True}},
 }

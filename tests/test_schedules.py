@@ -138,7 +138,8 @@ def test_the_grids_dry_run_finds_every_committed_step_done(capsys, monkeypatch):
     assert last == f"{n} steps: {n} done", last
 
 
-@pytest.mark.parametrize("threat,schedule", [("full", "mini_long"), ("p10", "threat_skeptical"), ("p2", "threat_p2")])
+@pytest.mark.parametrize("threat,schedule", [("full", "mini_long"), ("p10", "threat_skeptical"), ("p2", "threat_p2"),
+                                             ("p2nl", "threat_p2nl")])
 def test_a_threat_models_grid_goes_on_from_the_runs_its_schedule_landed(threat, schedule, capsys, monkeypatch):
     """The grid of a threat model trains into the folder where its first runs were committed as a schedule of the
     same steps: its dry run on a clone finds every one of them done, none to train again."""
