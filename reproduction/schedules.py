@@ -191,7 +191,7 @@ def threat_p2():
 
 
 # The seeds each of threat_p2nl's rows holds so far.
-THREAT_P2NL_ROWS = {"ls_cnn": (0, 1, 2), "kd_hardlabel_original_cnn": (0, 1), "kd_vanilla_nasty_cnn": (0, 1, 2)}
+THREAT_P2NL_ROWS = {"ls_cnn": (0, 1, 2), "kd_hardlabel_original_cnn": (0, 1, 2), "kd_vanilla_nasty_cnn": (0, 1, 2)}
 
 
 def threat_p2nl():
