@@ -243,8 +243,9 @@ def rebuild_report(args, exp_root, todo, seconds):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check(args)
-    from utils.cost import load_epoch_times, projection_text
-    epoch_times = load_epoch_times(args.cost) if args.cost else None
+    from reproduction.state import epoch_times_of
+    from utils.cost import projection_text
+    epoch_times = epoch_times_of(args.cost) if args.cost else None
     if args.schedule:
         steps, selected, exp_root, teachers_root, manifest = schedule_steps(args)
     else:

@@ -130,6 +130,12 @@ def mini_skeptical():
     return out
 
 
+def _landed(threat, rows):
+    """The steps of a threat model's grid landed ahead of it: {step name without its seed: the seeds it holds}."""
+    s = _steps("mini", seeds=(0, 1, 2), threat=threat)
+    return [s[seeded(name, seed)] for seed in (0, 1, 2) for name, seeds in rows.items() if seed in seeds]
+
+
 # The p10 runs landed so far, and the seeds each holds: the Skeptical student's first (the folder is named after
 # it), then the grid's rows that decide the other teachers' verdicts.
 THREAT_P10_ROWS = {"ls_cnn": (0, 1, 2), "kd_skeptical_nasty_cnn": (0, 1, 2), "kd_skeptical_original_cnn": (0, 1, 2),
@@ -142,8 +148,7 @@ def threat_skeptical():
     from Nasty and the label-smoothing bar, then the rows landed after them (THREAT_P10_ROWS says which seeds
     each holds). They are the grid's own steps (reproduce.py --preset mini --threat p10 trains the same configs),
     landed ahead of it."""
-    s = _steps("mini", seeds=(0, 1, 2), threat="p10")
-    return [s[seeded(name, seed)] for seed in (0, 1, 2) for name, seeds in THREAT_P10_ROWS.items() if seed in seeds]
+    return _landed("p10", THREAT_P10_ROWS)
 
 
 MINI_TUNED_SEEDS = (0, 1, 2)  # seeds 1 and 2 joined later (15-25 min a sweep on one thread of 2 AVX2 cores)
@@ -186,8 +191,7 @@ def threat_p2():
     the defences, the battery's other attacks against Nasty (THREAT_P2_ROWS says which seeds each holds).
     They are the grid's own steps (reproduce.py --preset mini --threat p2 trains the same configs), landed ahead of
     it."""
-    s = _steps("mini", seeds=(0, 1, 2), threat="p2")
-    return [s[seeded(name, seed)] for seed in (0, 1, 2) for name, seeds in THREAT_P2_ROWS.items() if seed in seeds]
+    return _landed("p2", THREAT_P2_ROWS)
 
 
 # The seeds each of threat_p2nl's rows holds so far.
@@ -200,8 +204,7 @@ def threat_p2nl():
     label) and label smoothing (the other bar, on the true labels: the same step as p2's, whose runs were copied
     from exps/threat_p2); THREAT_P2NL_ROWS says which seeds each holds. The grid's own steps (--threat p2nl), landed
     ahead of it."""
-    s = _steps("mini", seeds=(0, 1, 2), threat="p2nl")
-    return [s[seeded(name, seed)] for seed in (0, 1, 2) for name, seeds in THREAT_P2NL_ROWS.items() if seed in seeds]
+    return _landed("p2nl", THREAT_P2NL_ROWS)
 
 
 # name -> what it is, its preset, its folder under exps/, its runs, and how its report is rebuilt

@@ -1,10 +1,12 @@
 """The state of a step's folder against the params it should run with and the teachers it loads: done, stale,
-resume or new (step_state); and writing a step's params.json."""
+resume or new (step_state); writing a step's params.json; and the epoch times --cost takes from a file or from
+the finished runs of a folder (epoch_times_of)."""
 import json
 import os
 
 from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, checkpoint_digest, load_checkpoint, read_json
 from utils.config import changed_result_key
+from utils.cost import epoch_times_from_runs, load_epoch_times
 from utils.defences import key_problem
 from utils.errors import UserError
 
@@ -132,3 +134,13 @@ def write_params(folder, params, comment=None, script=None):
     os.makedirs(folder, exist_ok=True)
     extra = {k: v for k, v in (("_comment", comment), ("_script", script)) if v}
     atomic_write_json(path, dict(params, **extra))
+
+
+def epoch_times_of(path):
+    """The epoch times reproduce.py --cost PATH projects with: an epoch times file's (utils.cost.load_epoch_times),
+    or those of the finished lone runs in the run folders directly under a folder (utils.cost.epoch_times_from_runs;
+    a missing or unreadable metrics.json is no run)."""
+    if not os.path.isdir(path):
+        return load_epoch_times(path)
+    runs = [read_json(os.path.join(path, name, "metrics.json")) for name in sorted(os.listdir(path))]
+    return epoch_times_from_runs([m for m in runs if isinstance(m, dict)], path)

@@ -6,6 +6,7 @@ import pytest
 
 import reproduce
 from conftest import run_main
+from reproduction.state import epoch_times_of
 from utils.cost import check_epoch_times, load_epoch_times, project, runs_of
 from utils.errors import UserError
 
@@ -138,7 +139,7 @@ def test_a_folder_gives_the_median_epoch_time_of_its_finished_lone_runs(tmp_path
     (tmp_path / "unfinished").mkdir()  # no metrics.json: not counted
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "metrics.json").write_text("{")
-    times = load_epoch_times(str(tmp_path))
+    times = epoch_times_of(str(tmp_path))
     assert times["train_kd.py/cnn"] == {"seconds_per_epoch": 2.0, "subset": 1000, "measured_runs": 3, "batch_size": 128}
     assert times["train_scratch.py/cnn"]["seconds_per_epoch"] == 0.5 and set(times) == {"train_kd.py/cnn",
                                                                                           "train_scratch.py/cnn"}
@@ -155,7 +156,7 @@ def test_a_folder_gives_the_median_epoch_time_of_its_finished_lone_runs(tmp_path
 def test_a_folder_without_a_finished_lone_run_is_one_line(tmp_path, capsys):
     _run(tmp_path, "in_a_battery", battery={"size": 2})
     with pytest.raises(UserError, match="holds no finished lone run"):
-        load_epoch_times(str(tmp_path))
+        epoch_times_of(str(tmp_path))
 
 
 def test_the_projection_counts_only_the_steps_not_done(threat_runs, cifar_root, capsys):

@@ -4,7 +4,7 @@ or from the finished runs of a folder (what is left of a grid, at the pace its l
     python reproduce.py --preset paper --dry_run --cost bench/cuda_check_out/epoch_times.json
     python reproduce.py --preset mini --threat p2 --dry_run --cost exps/threat_p2
 
-A folder's epoch times (epoch_times_from_runs) are, per script/model, the median of train_time_s / epochs over its
+A folder's epoch times (epoch_times_from_runs, read by reproduction.state.epoch_times_of) are, per script/model, the median of train_time_s / epochs over its
 finished lone runs (a battery's students share one clock, a sweep's runs sit a level down: both left out), with the
 batch size and the thief's image count they ran at: a step with another count gets no estimate. They hold for the
 machine those runs ran on, one run per slot (a CPU thread or a GPU, as they ran): with --jobs N, divide the total by N.
@@ -39,10 +39,8 @@ def _entry(key, value, path):
 
 
 def load_epoch_times(path):
-    """The {"script/model": entry} of an epoch times file, or of a folder of finished runs (epoch_times_from_runs),
-    checked; any problem is one UserError."""
-    if os.path.isdir(path):
-        return epoch_times_from_runs(path)
+    """The {"script/model": entry} of an epoch times file, checked; any problem is one UserError (a folder of
+    finished runs: reproduction.state.epoch_times_of reads their metrics for epoch_times_from_runs)."""
     if not os.path.isfile(path):
         raise UserError(f"epoch times file {path} not found; bench/cuda_check.py writes one "
                         f"(OUT/epoch_times.json)")
@@ -61,20 +59,12 @@ def check_epoch_times(times, source):
     return {key: _entry(key, value, source) for key, value in times.items()}
 
 
-def epoch_times_from_runs(folder):
-    """{"script/model": {seconds_per_epoch, batch_size, subset, measured_runs}} from the finished lone runs directly
-    under `folder` (their metrics.json): the median of train_time_s / epochs per script/model, at the thief's image
-    count most of them hold. A UserError when no such run is there."""
+def epoch_times_from_runs(runs, folder):
+    """{"script/model": {seconds_per_epoch, batch_size, subset, measured_runs}} from the metrics.json contents
+    `runs` of the run folders directly under `folder`: the median of train_time_s / epochs per script/model over the
+    finished lone runs, at the thief's image count most of them hold. A UserError when there is no such run."""
     groups = {}
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name, "metrics.json")
-        if not os.path.isfile(path):
-            continue
-        try:
-            with open(path) as f:
-                m = json.load(f)
-        except (ValueError, UnicodeDecodeError):
-            continue  # not this projection's business: report.py names a broken metrics.json
+    for m in runs:
         cfg = m.get("config") if isinstance(m.get("config"), dict) else {}
         if "battery" in m or cfg.get("tau_sweep") or not m.get("epochs") or not m.get("train_time_s") \
                 or not m.get("script") or not m.get("model"):
