@@ -169,8 +169,11 @@ def main(argv=None):
         t0 = time.time()
         exp_root = os.path.join(out, threat or "default")
         dfad = [] if threat else list(ckpt)
+        # a label-free threat model's label-smoothing and hard-label students are its labelled twin's, in
+        # OUT/<twin> (reproduction.plan: twin_folder)
+        twin = reproduce.threat_model(args.preset, threat).get("twin") if threat else None
         steps = teacher_steps + reproduce.student_steps(args.preset, dataset, seeds, ckpt, threat=threat,
-                                                        dfad_teachers=dfad, students=students)
+                                                        dfad_teachers=dfad, students=students, twin_folder=twin)
         manifest = {"preset": args.preset, "judge": {"teacher": os.path.abspath(args.teacher), "name": args.name,
                                                      "original": os.path.abspath(args.original) if args.original else None}}
         if threat:

@@ -38,7 +38,7 @@ from utils.errors import UserError, cli_main
 from reproduction.jobs import batteries, job_env, job_names, run_plan, run_step  # noqa: F401
 from reproduction.plan import dependencies, describe, plan, student_steps  # noqa: F401
 from reproduction.presets import (CHECKPOINT_KEYS, P2_EPOCHS, P10_EPOCHS, PRESETS, battery_attacks,  # noqa: F401
-                                  battery_teachers, defence_params, grid_teachers, seeded, threat_model,
+                                  battery_teachers, defence_params, grid_teachers, seeded, threat_folder, threat_model,
                                   threat_record)
 from reproduction.schedules import SCHEDULES, schedule_plan
 from reproduction.state import finished_record, step_state, weights_digest, write_params  # noqa: F401
@@ -180,8 +180,11 @@ def preset_steps(args):
     if threat is None:
         exp_root = teachers_root = args.exp_root or preset_root
     else:
-        exp_root = args.exp_root or os.path.join("exps", threat.get("root", f"{preset}_{args.threat}"))
+        exp_root = args.exp_root or os.path.join("exps", threat_folder(preset, args.threat))
         teachers_root = args.teachers_from or preset_root
+    # a label-free threat model's arms that read no label are its twin's runs, in the twin's folder beside this one
+    # (plan: twin_folder); with --exp_root where that folder is is not known, so they train here
+    twin_folder = threat_folder(preset, threat["twin"]) if threat and threat.get("twin") and not args.exp_root else None
     seeds = parse_seeds(args.seeds, PRESETS[preset].get("seeds", (0,)))
     old = read_json(os.path.join(exp_root, "steps.json"))
     old_steps = old["steps"] if isinstance(old, dict) and "steps" in old else []
@@ -190,7 +193,8 @@ def preset_steps(args):
     screened += [s["role"]["teacher"] for s in old_steps  # defences screened before stay in the plan
                  if s["role"].get("kind") == "teacher" and s["role"]["teacher"] in DEFENCES
                  and s["role"]["teacher"] not in grid_teachers(PRESETS[preset], args.threat, screened)]
-    steps = plan(preset, args.dataset, sorted(set(seeds) | set(known)), screened, args.amp, args.threat)
+    steps = plan(preset, args.dataset, sorted(set(seeds) | set(known)), screened, args.amp, args.threat,
+                 twin_folder=twin_folder)
     run_seeds = set(seeds) if args.seeds is not None else set(seeds) | set(known)
     manifest = {"preset": preset}
     if threat is not None:

@@ -7,8 +7,18 @@ from utils.defences import DEFENCES
 
 from .presets import CHECKPOINT_KEYS, PRESETS, defence_params, grid_attacks, grid_teachers, seeded, threat_model
 
+# The arms of a label-free threat model that read no label, so they are its labelled twin's runs (presets: twin):
+# label smoothing (a student role: on the true labels, the labelled thief's bar) and hard-label KD.
+SHARED_ATTACKS = ("hardlabel",)
 
-def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None):
+
+def shares_with_twin(role):
+    """Whether a label-free threat model's arm (its role) is its labelled twin's run: label smoothing and the
+    attacks of SHARED_ATTACKS."""
+    return role.get("source") == "ls" or (role["kind"] == "kd" and role.get("attack") in SHARED_ATTACKS)
+
+
+def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None, twin_folder=None):
     """The steps of a preset: a list of dicts {name, script, params, role}. Teachers are trained once (seed
     0); every student arm (scratch, label smoothing, each attack x teacher) and DFAD once per seed.
     defences: registered defences outside the battery to screen as well (grid_teachers): every attack
@@ -19,7 +29,10 @@ def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None):
     threat: a threat model of the preset (METHOD.md section 10): every student arm holds its images (a subset
     drawn with the arm's seed) and labels or not, on its schedule; the label-free one has no scratch student (its
     bar is hard-label KD from the original, which is in the battery; label smoothing stays as the literature's
-    bar); DFAD holds no images, so it is not planned again."""
+    bar); DFAD holds no images, so it is not planned again.
+    twin_folder: for a label-free threat model with a labelled twin (presets: twin), the twin's folder as a sibling
+    of this one's (e.g. threat_p2): its label-smoothing and hard-label arms are named there ("../threat_p2/ls_cnn"),
+    the twin's own runs, trained once; None trains them in this threat model's folder."""
     p = PRESETS[preset]
     teachers = grid_teachers(p, threat, defences)
     in_battery = set(grid_teachers(p, threat))
@@ -41,19 +54,25 @@ def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None):
     dfad_teachers = ["original"] + [n for n in teachers[1:] if DEFENCES[n].dfad]
     steps += student_steps(preset, dataset, seeds, teacher_ckpt, amp=amp, threat=threat,
                            first_seed_only=[n for n in teachers if n not in in_battery],
-                           dfad_teachers=dfad_teachers)
+                           dfad_teachers=dfad_teachers, twin_folder=twin_folder)
     return steps
 
 
 def student_steps(preset, dataset, seeds, teacher_ckpt, amp=None, threat=None, first_seed_only=(), dfad_teachers=(),
-                  students=None):
+                  students=None, twin_folder=None):
     """Every student arm of a preset for each seed: scratch and label smoothing, every attack of the battery
     against every teacher of `teacher_ckpt` ({teacher name: its weights, relative to the teachers' folder}),
     and DFAD against `dfad_teachers` (none under a threat model: DFAD holds no images). Teachers in
     `first_seed_only` (defences being screened) are attacked with the first seed alone. students: the student
-    architectures (default: the preset's). plan() and judge.py build their student steps with it."""
+    architectures (default: the preset's). twin_folder: as for plan(). plan() and judge.py build their student
+    steps with it."""
     p = PRESETS[preset]
     t = threat_model(preset, threat) if threat else None
+    twin = threat_model(preset, t["twin"]) if t is not None and t.get("twin") and twin_folder else None
+    if twin is not None and (twin["subset"], twin["student"], twin["labels"], t["labels"]) != (
+            t["subset"], t["student"], True, False):
+        raise ValueError(f"preset {preset}: threat model {threat} is label-free and its twin {t['twin']} must be the "
+                         "same images and schedule with labels")
     base = dict(p["train"], dataset=dataset or p["dataset"], seed=0)
     steps = []
 
@@ -63,15 +82,18 @@ def student_steps(preset, dataset, seeds, teacher_ckpt, amp=None, threat=None, f
     script_of = {"student": "train_scratch.py", "kd": "train_kd.py", "dfad": "train_dfad.py"}
     for seed in seeds:
         def arm(name, role, **params):
+            tm = twin if twin is not None and shares_with_twin(role) else t  # whose step this is
             if amp is not None:
                 params["amp"] = amp
-            if t is not None:
-                name += t.get("suffix", "")
+            if tm is not None:
+                name += tm.get("suffix", "")
                 role = dict(role, threat=threat)
-                if t["subset"]:
-                    params.update(subset=t["subset"], subset_seed=seed)
-                if not t["labels"] and role["kind"] == "kd":
+                if tm["subset"]:
+                    params.update(subset=tm["subset"], subset_seed=seed)
+                if not tm["labels"] and role["kind"] == "kd":
                     params["labels"] = False
+            if tm is not t:
+                name = f"../{twin_folder}/{name}"
             add(seeded(name, seed), script_of[role["kind"]], dict(role, seed=seed), **params, seed=seed)
 
         student_cfg = dict(p["student"], **(t["student"] if t else {}))

@@ -61,7 +61,7 @@ PRESETS = {
             "s50": {"title": "50 labelled images", "subset": 50, "labels": True, "val_split": 10,
                     "student": {"epochs": 2}},
             "s50nl": {"title": "50 images, no labels", "subset": 50, "labels": False, "val_split": 10,
-                      "student": {"epochs": 2}},
+                      "twin": "s50", "student": {"epochs": 2}},
         },
     },
     # CPU scale (2 cores): METHOD.md section 6 settings for the teachers; students and the thief's tau cut
@@ -96,19 +96,23 @@ PRESETS = {
         # landed (schedules of the same steps), so the grid goes on from them instead of training them again.
         # Each schedule is the one chosen by the doubling rule on its own curve (exps/threat_curve).
         "threats": {
-            # val_split: the images (a tenth of the thief's) the self-tuning thief holds out to pick its tau
+            # val_split: the images (a tenth of the thief's) the self-tuning thief holds out to pick its tau.
+            # twin: a label-free threat model's labelled twin (the same images and schedule). Its arms that never
+            # read a label are the twin's runs: label smoothing (the labelled thief's bar, on the true labels) and
+            # hard-label KD (the teacher's argmax alone), the same weights bit for bit (tests/test_threat.py), so
+            # the grid trains them once, in the twin's folder (plan: twin_folder).
             "full": {"title": "all 50,000 labelled images", "subset": 0, "labels": True, "root": "mini_long",
                      "suffix": "_e24", "val_split": 5000, "student": {"epochs": 24}},
             "p10": {"title": "5,000 labelled images (10%)", "subset": 5000, "labels": True, "val_split": 500,
                     "root": "threat_skeptical",
                     "student": {"epochs": P10_EPOCHS, "eval_every": 10, "amp": THREAT_AMP}},
             "p10nl": {"title": "5,000 images (10%), no labels", "subset": 5000, "labels": False, "val_split": 500,
-                      "student": {"epochs": P10_EPOCHS, "eval_every": 10, "amp": THREAT_AMP}},
+                      "twin": "p10", "student": {"epochs": P10_EPOCHS, "eval_every": 10, "amp": THREAT_AMP}},
             "p2": {"title": "1,000 labelled images (2%)", "subset": 1000, "labels": True, "val_split": 100,
                    "root": "threat_p2",
                    "student": {"epochs": P2_EPOCHS, "eval_every": 50, "amp": THREAT_AMP}},
             "p2nl": {"title": "1,000 images (2%), no labels", "subset": 1000, "labels": False, "val_split": 100,
-                     "root": "threat_p2nl",
+                     "root": "threat_p2nl", "twin": "p2",
                      "student": {"epochs": P2_EPOCHS, "eval_every": 50, "amp": THREAT_AMP}},
         },
     },
@@ -154,6 +158,11 @@ def threat_model(preset, name):
         known = ", ".join(threats) or "none"
         raise UserError(f"--threat: preset {preset} has no threat model '{name}'; choose one of: {known}")
     return threats[name]
+
+
+def threat_folder(preset, name):
+    """The folder under exps/ that a threat model's grid trains into: its "root", or <preset>_<name>."""
+    return threat_model(preset, name).get("root", f"{preset}_{name}")
 
 
 def threat_record(preset, name):

@@ -11,10 +11,12 @@ that two experiments share is trained once, in the folder of the experiment that
 by its path from its own folder ("../mini_curve/..."): the long schedule's seed-0 vanilla KD from the original is
 the 24-epoch point of the full-data curve.
 """
+import os
+
 from utils.errors import UserError
 
 from .plan import dependencies, plan
-from .presets import PRESETS, seeded
+from .presets import PRESETS, seeded, threat_folder
 
 
 def variant(step, name, **params):
@@ -131,8 +133,12 @@ def mini_skeptical():
 
 
 def _landed(threat, rows):
-    """The steps of a threat model's grid landed ahead of it: {step name without its seed: the seeds it holds}."""
-    s = _steps("mini", seeds=(0, 1, 2), threat=threat)
+    """The steps of a threat model's grid landed ahead of it: {step name without its seed: the seeds it holds}.
+    A label-free threat model's rows that are its labelled twin's runs are named in the twin's folder, as the grid
+    names them (plan: twin_folder)."""
+    twin = PRESETS["mini"]["threats"][threat].get("twin")
+    s = {os.path.basename(name): step for name, step in _steps(
+        "mini", seeds=(0, 1, 2), threat=threat, twin_folder=threat_folder("mini", twin) if twin else None).items()}
     return [s[seeded(name, seed)] for seed in (0, 1, 2) for name, seeds in rows.items() if seed in seeds]
 
 
@@ -194,16 +200,18 @@ def threat_p2():
     return _landed("p2", THREAT_P2_ROWS)
 
 
-# The seeds each of threat_p2nl's rows holds so far.
+# The seeds each of threat_p2nl's rows holds so far. Label smoothing and the hard-label floor are p2's runs, in
+# exps/threat_p2 (the label-free threat model's twin: plan's twin_folder); p2nl's own floor runs, trained without
+# labels before the grid shared them, had p2's weights_sha256 on all three seeds (commit 5c94c5e).
 THREAT_P2NL_ROWS = {"ls_cnn": (0, 1, 2), "kd_hardlabel_original_cnn": (0, 1, 2), "kd_vanilla_nasty_cnn": (0, 1, 2)}
 
 
 def threat_p2nl():
     """The first rows of the p2nl threat model (the same 1,000 images as p2, no labels, fp32): the hard-label
     floor (the bar of a thief without labels), vanilla KD without labels (the teacher's argmax in place of the
-    label) and label smoothing (the other bar, on the true labels: the same step as p2's, whose runs were copied
-    from exps/threat_p2); THREAT_P2NL_ROWS says which seeds each holds. The grid's own steps (--threat p2nl), landed
-    ahead of it."""
+    label) and label smoothing (the other bar, on the true labels); the floor and label smoothing are p2's own
+    runs (exps/threat_p2), as the grid names them. THREAT_P2NL_ROWS says which seeds each holds. The grid's own
+    steps (--threat p2nl), landed ahead of it."""
     return _landed("p2nl", THREAT_P2NL_ROWS)
 
 

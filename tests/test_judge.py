@@ -50,6 +50,11 @@ def test_a_grid_teacher_brought_to_judge_gets_the_grid_verdicts(judged, threat_r
         assert m["inputs"]["teacher"]["weights_sha256"] == g["inputs"]["teacher"]["weights_sha256"]
         assert m["thief"] == g["thief"]
         assert all(p["status"] == "ok" for p in mine["provenance"].values())
+    # the label-free thief's label smoothing and hard-label students are the labelled thief's, trained once
+    names = {s["name"] for s in read_json(os.path.join(judged, "s50nl", "steps.json"))["steps"]}
+    assert {"../s50/ls_cnn_small", "../s50/kd_hardlabel_original_cnn_small", "../s50/kd_hardlabel_nasty_cnn_small"} <= names
+    assert not os.path.exists(os.path.join(judged, "s50nl", "ls_cnn_small"))
+    assert os.path.isfile(os.path.join(judged, "s50", "kd_hardlabel_nasty_cnn_small", "metrics.json"))
     assert os.path.isfile(os.path.join(judged, "summary.md")) and os.path.isfile(os.path.join(judged, "fig_threats.png"))
     imported = read_json(os.path.join(judged, "teachers", "nasty", "metrics.json"))
     assert imported["imported"]["source_sha256"] == judge.file_sha256(imported["imported"]["source"])

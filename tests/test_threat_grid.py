@@ -40,6 +40,43 @@ def test_a_threat_model_plans_every_student_arm_on_its_images_and_labels():
     assert {s["name"] for s in full} >= {"ls_cnn_e24", "kd_tckd_nasty_cnn_e24"}  # the long schedule's folders
 
 
+@pytest.mark.parametrize("threat", ["p2nl", "p10nl"])
+def test_a_label_free_threat_model_names_its_label_free_arms_in_its_labelled_twins_folder(threat):
+    """Label smoothing and hard-label KD read no label a label-free thief lacks: they are the labelled twin's runs
+    (the same images, schedule and weights), named in the twin's folder and trained once; every other arm is
+    the threat model's own. Without a twin folder (reproduce.py --exp_root) every arm trains here."""
+    twin = reproduce.PRESETS["mini"]["threats"][threat]["twin"]
+    folder = reproduce.threat_folder("mini", twin)
+    own = {s["name"]: s for s in reproduce.plan("mini", seeds=[0, 1, 2], threat=twin)}
+    alone = reproduce.plan("mini", seeds=[0, 1, 2], threat=threat)
+    shared = reproduce.plan("mini", seeds=[0, 1, 2], threat=threat, twin_folder=folder)
+    assert [s["role"] for s in shared] == [s["role"] for s in alone]  # the same arms, the same table
+    moved = 0
+    for a, s in zip(alone, shared):
+        role = s["role"]
+        if role["kind"] != "teacher" and (role.get("source") == "ls" or role.get("attack") == "hardlabel"):
+            assert s["name"] == f"../{folder}/{a['name']}"
+            assert s["params"] == own[a["name"]]["params"]  # the twin's step as the twin's grid runs it
+            assert "labels" not in s["params"] and role["threat"] == threat
+            moved += 1
+        else:
+            assert s == a
+    teachers = len(reproduce.battery_teachers())
+    assert moved == 3 * (1 + teachers)  # per seed: label smoothing and every teacher's hard-label student
+
+
+def test_a_label_free_grid_finds_its_twins_runs_done_and_trains_them_there_with_exp_root_here(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert run_main(reproduce.main, ["--preset", "mini", "--threat", "p2nl", "--seeds", "0", "--dry_run",
+                                     "--only", "ls_,kd_hardlabel_original_"]) == 0
+    out = capsys.readouterr().out
+    assert "exps/threat_p2/ls_cnn: done" in out and "exps/threat_p2/kd_hardlabel_original_cnn: done" in out
+    assert run_main(reproduce.main, ["--preset", "mini", "--threat", "p2nl", "--seeds", "0", "--dry_run",
+                                     "--only", "ls_,kd_hardlabel_original_", "--exp_root", "exps/p2nl_elsewhere"]) == 0
+    out = capsys.readouterr().out
+    assert "exps/p2nl_elsewhere/ls_cnn: new" in out and "threat_p2/" not in out
+
+
 def test_every_threat_model_arm_runs_in_fp32_unless_overridden():
     """The threat grid lands piece by piece on whatever machine a session has, and a verdict pairs the bar with
     each attack seed by seed: every arm of a subset threat model is pinned to fp32; reproduce.py --amp still wins."""
