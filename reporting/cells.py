@@ -1,4 +1,5 @@
 """Table cells shared by every report: numbers, mean ± std over seeds, verdicts, provenance marks."""
+from utils.attacks import ATTACKS
 from utils.stats import ALPHA, MIN_SEEDS
 
 from .names import kd_arms
@@ -70,10 +71,12 @@ def provenance_mark(row):
     return PROVENANCE_MARKS.get(row.get("provenance", row.get("status")), "")
 
 
-def tau_cell(arm):
+def tau_cell(arm, attack=None):
     """An arm's τ: the run's, or the sweep's pick; a pick made on the thief's validation split says so (and
     names the α it picked with it, when α was swept too). Where the seeds picked differently, each seed's
-    pick in seed order ("1 / 1 / 4")."""
+    pick in seed order ("1 / 1 / 4"). An attack whose loss reads no τ (hard-label: Attack.uses_tau) has none: –."""
+    if attack in ATTACKS and not ATTACKS[attack].uses_tau:
+        return "–"
     cell = _per_seed(arm.get("taus"), arm["tau"])
     chosen = arm.get("chosen")
     if not chosen:

@@ -101,7 +101,7 @@ def _student_lines(res, arch, s):
     for teacher in teacher_order(res):
         for attack, a in s["kd"].get(teacher, {}).items():
             lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {seeded(a)}{provenance_mark(a)}"
-                         f"{precision_mark(a, s.get('ls'))} | {tau_cell(a)} | "
+                         f"{precision_mark(a, s.get('ls'))} | {tau_cell(a, attack)} | "
                          f"{fmt(a['delta_scratch'], signed=True)} | {fmt(a['delta_ls'], signed=True)} | "
                          f"{verdict_cell(a)} |")
     return lines + chosen_note(s)
@@ -121,7 +121,8 @@ def _threat_student_lines(res, arch, s):
         for attack, a in s["kd"].get(teacher, {}).items():
             cell = "the bar" if a is bar_of(res, s) else verdict_cell(a)
             lines.append(f"| {TEACHER_NAMES[teacher]} | {attack} | {seeded(a)}{provenance_mark(a)}"
-                         f"{precision_mark(a, bar_of(res, s))} | {tau_cell(a)} | {fmt(a['delta_ls'], signed=True)} | "
+                         f"{precision_mark(a, bar_of(res, s))} | {tau_cell(a, attack)} | "
+                         f"{fmt(a['delta_ls'], signed=True)} | "
                          f"{fmt(a.get('delta_floor'), signed=True)} | {cell} |")
     return lines + chosen_note(s)
 

@@ -143,6 +143,8 @@ def test_the_tau_cell_shows_each_seeds_pick_where_the_seeds_picked_differently(t
     kd = res["students"]["cnn"]["kd"]["original"]
     assert kd["vanilla"]["taus"] == {0: 1.0, 1: 1.0, 2: 4.0} and tau_cell(kd["vanilla"]) == "1 / 1 / 4"
     assert tau_cell(kd["tckd"]) == "4"
+    # hard-label KD reads the argmax alone: whatever τ its run recorded, it has none to show
+    assert tau_cell({"tau": 4.0}, "hardlabel") == "–" and tau_cell({"tau": 4.0}, "vanilla") == "4"
     assert "| original | vanilla | 67.00 ± 1.00 (3) | 1 / 1 / 4 |" in markdown(res)
     # a thief's own picks say so once; α is shown per seed as well where it was swept and the picks differ
     picked = dict(kd["vanilla"], chosen={"alpha": 0.5, "val_images": 500}, alphas={0: 0.5, 1: 0.9, 2: 0.5})
@@ -167,7 +169,7 @@ def test_without_labels_the_hard_label_floor_is_the_bar_and_is_not_judged(tmp_pa
     text = markdown(res)
     assert "Threat model `p10nl`: 5,000 images, no labels.** Every student arm holds the same 5000 images" in text
     assert "hard-label floor (the bar): **55.20 ± 0.20 (3)**" in text
-    assert "| original | hardlabel | 55.20 ± 0.20 (3) | 4 | -5.80 | +0.00 | the bar |" in text
+    assert "| original | hardlabel | 55.20 ± 0.20 (3) | – | -5.80 | +0.00 | the bar |" in text
     assert "or below the bar, the hard-label floor (KD on the original's argmax alone)" in text
 
 

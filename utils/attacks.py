@@ -39,6 +39,7 @@ class Attack:
     label = ""          # as the report names it
     keys = {}           # config keys read by this attack, with defaults
     battery = True      # part of reproduce.py's battery (every teacher is attacked by it)
+    uses_tau = True     # its loss reads the temperature (the report shows a run's τ only where it does)
 
     def __init__(self, cfg, num_classes):
         self.cfg, self.num_classes, self.tau = cfg, num_classes, cfg["tau"]
@@ -182,6 +183,7 @@ class HardLabel(Attack):
     leaks; the floor of every defence that keeps its top-1). `query` hands the loss the argmax alone."""
     name, label = "hardlabel", "hard-label"
     keys = {}
+    uses_tau = False  # the argmax alone: any τ gives the same student
 
     def query(self, teacher_logits, labels):
         return teacher_logits.argmax(1)
