@@ -701,7 +701,7 @@ class Engine:
             "script": self.script, "model": self.cfg["model"], "dataset": self.cfg["dataset"],
             "final_acc": last.get("test_acc"), "best_acc": self.best_acc, "best_epoch": self.best_epoch,
             "epochs": self.cfg["epochs"], "params": self.num_params,
-            "wall_time_s": round(wall, 1), "train_time_s": round(self.train_time, 1),
+            "wall_time_s": round(wall, 1), "train_time_s": round(self.train_time, 3),  # ms: a tiny run is timed too
             "images_per_s": round(self.images_seen / max(self.train_time, 1e-9), 1),
             "seed": self.cfg["seed"], "batch_size": self.cfg["batch_size"], "world_size": self.world_size,
             "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
