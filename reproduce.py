@@ -39,7 +39,7 @@ from reproduction.jobs import batteries, job_env, job_names, run_plan, run_step 
 from reproduction.plan import dependencies, describe, plan, student_steps  # noqa: F401
 from reproduction.presets import (CHECKPOINT_KEYS, P2_EPOCHS, P10_EPOCHS, PRESETS, battery_attacks,  # noqa: F401
                                   battery_teachers, defence_params, grid_teachers, seeded, threat_folder, threat_model,
-                                  threat_record)
+                                  threat_record, twin_folder)
 from reproduction.schedules import SCHEDULES, schedule_plan
 from reproduction.state import finished_record, step_state, weights_digest, write_params  # noqa: F401
 
@@ -184,7 +184,7 @@ def preset_steps(args):
         teachers_root = args.teachers_from or preset_root
     # a label-free threat model's arms that read no label are its twin's runs, in the twin's folder beside this one
     # (plan: twin_folder); with --exp_root where that folder is is not known, so they train here
-    twin_folder = threat_folder(preset, threat["twin"]) if threat and threat.get("twin") and not args.exp_root else None
+    twin = twin_folder(preset, args.threat) if threat and not args.exp_root else None
     seeds = parse_seeds(args.seeds, PRESETS[preset].get("seeds", (0,)))
     old = read_json(os.path.join(exp_root, "steps.json"))
     old_steps = old["steps"] if isinstance(old, dict) and "steps" in old else []
@@ -194,7 +194,7 @@ def preset_steps(args):
                  if s["role"].get("kind") == "teacher" and s["role"]["teacher"] in DEFENCES
                  and s["role"]["teacher"] not in grid_teachers(PRESETS[preset], args.threat, screened)]
     steps = plan(preset, args.dataset, sorted(set(seeds) | set(known)), screened, args.amp, args.threat,
-                 twin_folder=twin_folder)
+                 twin_folder=twin)
     run_seeds = set(seeds) if args.seeds is not None else set(seeds) | set(known)
     manifest = {"preset": preset}
     if threat is not None:

@@ -3,19 +3,17 @@ and what each step loads from the others."""
 import os
 
 from utils.checkpoint import WEIGHTS_FILE
+from utils.attacks import ATTACKS
 from utils.defences import DEFENCES
 
 from .presets import CHECKPOINT_KEYS, PRESETS, defence_params, grid_attacks, grid_teachers, seeded, threat_model
 
-# The arms of a label-free threat model that read no label, so they are its labelled twin's runs (presets: twin):
-# label smoothing (a student role: on the true labels, the labelled thief's bar) and hard-label KD.
-SHARED_ATTACKS = ("hardlabel",)
-
-
 def shares_with_twin(role):
-    """Whether a label-free threat model's arm (its role) is its labelled twin's run: label smoothing and the
-    attacks of SHARED_ATTACKS."""
-    return role.get("source") == "ls" or (role["kind"] == "kd" and role.get("attack") in SHARED_ATTACKS)
+    """Whether a label-free threat model's arm (its role) is its labelled twin's run (presets: twin): label
+    smoothing (a student role, on the true labels: the labelled thief's bar) and the attacks that read no label
+    (Attack.reads_labels: hard-label KD)."""
+    attack = ATTACKS.get(role.get("attack")) if role["kind"] == "kd" else None
+    return role.get("source") == "ls" or (attack is not None and not attack.reads_labels)
 
 
 def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None, twin_folder=None):

@@ -165,6 +165,12 @@ def threat_folder(preset, name):
     return threat_model(preset, name).get("root", f"{preset}_{name}")
 
 
+def twin_folder(preset, name):
+    """The folder under exps/ of a threat model's labelled twin (presets: twin), or None when it has none."""
+    twin = threat_model(preset, name).get("twin")
+    return threat_folder(preset, twin) if twin else None
+
+
 def threat_record(preset, name):
     """What steps.json and the report say about a threat model: its name, title, images, labels and bar."""
     t = threat_model(preset, name)

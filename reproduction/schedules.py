@@ -16,7 +16,7 @@ import os
 from utils.errors import UserError
 
 from .plan import dependencies, plan
-from .presets import PRESETS, seeded, threat_folder
+from .presets import PRESETS, seeded, twin_folder
 
 
 def variant(step, name, **params):
@@ -144,9 +144,8 @@ def _landed(threat, rows):
     """The steps of a threat model's grid landed ahead of it: {step name without its seed: the seeds it holds}.
     A label-free threat model's rows that are its labelled twin's runs are named in the twin's folder, as the grid
     names them (plan: twin_folder)."""
-    twin = PRESETS["mini"]["threats"][threat].get("twin")
     s = {os.path.basename(name): step for name, step in _steps(
-        "mini", seeds=(0, 1, 2), threat=threat, twin_folder=threat_folder("mini", twin) if twin else None).items()}
+        "mini", seeds=(0, 1, 2), threat=threat, twin_folder=twin_folder("mini", threat)).items()}
     return [s[seeded(name, seed)] for seed in (0, 1, 2) for name, seeds in rows.items() if seed in seeds]
 
 

@@ -40,6 +40,7 @@ class Attack:
     keys = {}           # config keys read by this attack, with defaults
     battery = True      # part of reproduce.py's battery (every teacher is attacked by it)
     uses_tau = True     # its loss reads the temperature (the report shows a run's τ only where it does)
+    reads_labels = True  # it reads the label (or, for a thief without labels, the argmax in its place)
 
     def __init__(self, cfg, num_classes):
         self.cfg, self.num_classes, self.tau = cfg, num_classes, cfg["tau"]
@@ -184,6 +185,7 @@ class HardLabel(Attack):
     name, label = "hardlabel", "hard-label"
     keys = {}
     uses_tau = False  # the argmax alone: any τ gives the same student
+    reads_labels = False  # with labels or without, the same student (a label-free threat model shares its twin's)
 
     def query(self, teacher_logits, labels):
         return teacher_logits.argmax(1)
