@@ -87,26 +87,26 @@ def curve(curve_root, others=()):
              "| arm | epochs | accuracy | Δ vs previous | runs |", "|---|---|---|---|---|"]
     for arm in arms:
         epochs = sorted(arm["points"])
-        means, prev, enough = [], None, None
+        means, prev, enough, doublings = [], None, None, []
         for e in epochs:
             accs = [p["acc"] for p in arm["points"][e]]
             mean, std = mean_std(accs)
             means.append(mean)
             gain = None if prev is None else mean - prev[1]
-            if gain is not None and enough is None and e == 2 * prev[0] and gain < 1.0:
-                enough = prev[0]
+            if gain is not None and e == 2 * prev[0]:
+                doublings.append((prev[0], e, gain))
+                if enough is None and gain < 1.0:
+                    enough = prev[0]
             lines.append(f"| {arm['label']} | {e} | {seeded({'acc': mean, 'std': std, 'n': len(accs)})} | "
                          f"{fmt(gain, signed=True) if gain is not None else '–'} | "
                          f"{', '.join(os.path.relpath(p['run']) for p in arm['points'][e])} |")
             prev = (e, mean)
         out["arms"].append({"label": arm["label"], "epochs": epochs, "mean": means, "enough_at": enough,
+                            "doublings": [list(d) for d in doublings],
                             "points": {str(e): arm["points"][e] for e in epochs}})
     lines.append("")
     for arm in out["arms"]:
-        lines.append(f"- {arm['label']}: " + (f"long enough at {arm['enough_at']} epochs (doubling gains < 1 point)."
-                                               if arm["enough_at"] else
-                                               f"not flat within the measured epochs ({', '.join(map(str, arm['epochs']))}): "
-                                               f"every doubling measured gained ≥ 1 point, or a doubling is missing."))
+        lines.append(f"- {arm['label']}: {_rule_line(arm)}")
     convergence_figure(out["arms"], os.path.join(curve_root, "fig_convergence.png"))
     sched = schedule(arms)
     if sched:
@@ -120,6 +120,19 @@ def curve(curve_root, others=()):
     atomic_write_text(os.path.join(curve_root, "curve.md"), "\n".join(lines) + "\n")
     atomic_write_json(os.path.join(curve_root, "curve.json"), out)
     return out
+
+
+def _rule_line(arm):
+    """What the rule says of one arm: long enough at the first doubling that gains < 1 point; not flat where every
+    doubling measured gains more; and, where no two measured schedules are a doubling apart, that it cannot say."""
+    measured = ", ".join(map(str, arm["epochs"]))
+    if arm["enough_at"]:
+        return f"long enough at {arm['enough_at']} epochs (doubling gains < 1 point)."
+    if not arm["doublings"]:
+        return (f"no doubling measured (epochs {measured}): the rule cannot say whether the longest schedule is long "
+                f"enough.")
+    gains = ", ".join(f"{a}→{b} {fmt(g, signed=True)}" for a, b, g in arm["doublings"])
+    return f"not flat within the measured epochs ({measured}): every doubling measured gained ≥ 1 point ({gains})."
 
 
 def _is_bar(arm):

@@ -48,6 +48,9 @@ def test_curve_joins_points_and_applies_the_rule(tmp_path, capsys):
     assert kd["enough_at"] is None and kd["mean"][0] == 69.5  # +2.5 from 6 to 12; both seeds at 3 epochs
     text = open(os.path.join(curve, "curve.md")).read()
     assert "| scratch (cnn) | 3 | 65.50 ± 0.71 (2) | – |" in text and "long enough at 6 epochs" in text
+    assert kd["doublings"] == [[3, 6, 2.5], [6, 12, 2.5]]
+    assert "vanilla KD from teacher_resnet20 (cnn): not flat within the measured epochs (3, 6, 12): every doubling " \
+           "measured gained ≥ 1 point (3→6 +2.50, 6→12 +2.50)." in text
     with open(os.path.join(curve, "fig_convergence.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -140,3 +143,16 @@ def test_each_data_size_is_its_own_arm_against_its_own_bar(tmp_path):
     diffs = {s["label"]: [r["diff"] for r in s["rows"]] for s in out["schedule"]}
     assert diffs["vanilla KD from teacher_resnet20 (cnn, 1,000 images)"] == [8.0, 8.0]
     assert diffs["vanilla KD from teacher_resnet20 (cnn, 5,000 images)"] == [6.0, 6.0]
+
+
+def test_curve_says_when_no_doubling_was_measured(tmp_path):
+    """3 and 24 epochs are not a doubling apart: the rule cannot say, and the report must not call the arm not flat."""
+    curve = str(tmp_path / "curve")
+    _run(curve, "ls_e3", 3, 65.0, label_smoothing=0.1)
+    _run(curve, "ls_e24", 24, 81.0, label_smoothing=0.1)
+    assert run_main(report.main, [curve, "--curve"]) == 0
+    arm, = read_json(os.path.join(curve, "curve.json"))["arms"]
+    assert arm["enough_at"] is None and arm["doublings"] == []
+    text = open(os.path.join(curve, "curve.md")).read()
+    assert "label smoothing (cnn): no doubling measured (epochs 3, 24): the rule cannot say" in text
+    assert "not flat" not in text
