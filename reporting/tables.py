@@ -226,5 +226,11 @@ def _frontier_lines(res):
                      f"| {seeded(entry)}{precision_mark(r, {'precision': r.get('bar_precision')})} | "
                      f"{fmt(r['delta_ls'], signed=True)} | "
                      f"{verdict_cell({'verdict': r['verdict'], 'p': r['p'], 'n_paired': r['n']})} | "
-                     f"{'yes' if r['resists_all'] else 'no'} ({count(r['attacks'], 'attack')}) |")
+                     f"{'yes' if r['resists_all'] else 'no'} ({count(r['attacks'], 'attack')}"
+                     f"{_few_seeds(r) if r['resists_all'] else ''}) |")
     return lines
+
+
+def _few_seeds(r):
+    """', N on fewer than 3 seeds' where a teacher that resists every attack was judged on some with n < 3."""
+    return f", {r['attacks_few_seeds']} on fewer than 3 seeds" if r.get("attacks_few_seeds") else ""

@@ -31,6 +31,7 @@ def threat_summary(out_root, folders):
                 "arch": r["arch"], "teacher": r["teacher"], "strongest": r["strongest"], "acc": r["acc"],
                 "std": r["std"], "n": r["n"], "bar": r["bar"], "delta": r["delta_ls"], "verdict": r["verdict"],
                 "p": r["p"], "attacks": r["attacks"], "resists_all": r["resists_all"],
+                "attacks_few_seeds": r["attacks_few_seeds"],
                 "distillable_by": [a for a, row in attacks.items() if row.get("verdict") == "distillable"]}
             if (r["arch"], r["teacher"]) not in teachers:
                 teachers.append((r["arch"], r["teacher"]))
@@ -68,9 +69,12 @@ def summary_cell(r):
     """One teacher at one threat model: its strongest attack, that attack's Δ against the bar (n seeds), and the
     teacher's standing: holds against every attack run (how many), or the strongest attack's verdict, followed by
     the attacks already distillable when the strongest is not (a strongest attack on one seed does not hide a
-    verdict reached on three)."""
+    verdict reached on three). A hold says how many of its attacks ran on fewer than three seeds: below the bar on
+    one seed is KD-resistant by the rule (METHOD.md section 8), but no test has judged it."""
     if r["resists_all"]:
         word = f"holds against {count(r['attacks'], 'attack')}"
+        if r.get("attacks_few_seeds"):
+            word += f" ({r['attacks_few_seeds']} on fewer than 3 seeds)"
     else:
         word = r["verdict"] or "no bar"
         others = [a for a in r.get("distillable_by", []) if a != r["strongest"]]

@@ -99,5 +99,6 @@ def frontier(res):
                         "delta_ls": paired_delta(b, bar_row), "verdict": b.get("verdict"),
                         "p": b.get("p"), "bar": bar, "attacks": len(attacks),
                         "precision": b.get("precision"), "bar_precision": bar_row.get("precision"),
-                        "resists_all": resists_all})
+                        "resists_all": resists_all,
+                        "attacks_few_seeds": sum(1 for r in attacks.values() if r.get("n", 1) < 3)})
     return out

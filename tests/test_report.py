@@ -93,7 +93,19 @@ def test_collect_gives_every_arm_its_seeds_mean_and_verdict_against_the_bar(pres
     # the frontier: each teacher's strongest attack against the bar
     front = {r["teacher"]: r for r in res["frontier"]}
     assert front["nasty"]["strongest"] == "vanilla" and front["nasty"]["resists_all"]
+    assert front["nasty"]["attacks_few_seeds"] == 0  # its one attack on three seeds; tckd never ran
     assert not front["original"]["resists_all"] and front["original"]["bar"] == s["ls"]["acc"]
+
+
+def test_a_teacher_that_resists_an_attack_run_on_one_seed_says_so(tmp_path):
+    runs = [_teacher("original", 90.0), _teacher("nasty", 89.6)]
+    for seed, bar in BAR.items():
+        runs += [_student("ls", seed, bar), _kd("nasty", "vanilla", seed, bar - 2.0)]
+    runs.append(_kd("nasty", "tckd", 0, BAR[0] - 1.0))
+    res = collect(_preset(str(tmp_path / "few"), runs))
+    front = {r["teacher"]: r for r in res["frontier"]}["nasty"]
+    assert front["resists_all"] and front["attacks"] == 2 and front["attacks_few_seeds"] == 1
+    assert "| yes (2 attacks, 1 on fewer than 3 seeds) |" in markdown(res)
 
 
 def test_one_seed_is_inconclusive_above_the_bar_and_its_cell_says_so(tmp_path):

@@ -179,6 +179,9 @@ def test_a_summary_cell_says_what_holds_against_how_many_attacks_and_what_is_alr
     held = dict(row, delta=-7.9, verdict="KD-resistant", resists_all=True, attacks=1, distillable_by=[])
     assert summary_cell(held) == "dkd -7.90 (n=1), holds against 1 attack"
     assert summary_cell(dict(held, attacks=6)).endswith("holds against 6 attacks")
+    # below the bar on one seed is KD-resistant by the rule, but the cell says it was not tested
+    assert summary_cell(dict(held, attacks=6, attacks_few_seeds=2)).endswith(
+        "holds against 6 attacks (2 on fewer than 3 seeds)")
 
 
 def test_the_summary_refuses_a_folder_without_a_threat_model(tiny_chain, tmp_path, capsys):
