@@ -82,13 +82,16 @@ def strongest(attacks, acc, deltas=None):
 def frontier(res):
     """Per student architecture and teacher: the teacher's accuracy and the *strongest* attack on it (the
     stolen student furthest above the bar, paired by seed: strongest()), against the threat model's bar. A
-    teacher resists every attack when each attack's verdict is KD-resistant (METHOD.md section 8)."""
+    teacher resists every attack when each attack's verdict is KD-resistant (METHOD.md section 8). The bar's own
+    row (a thief without labels: the hard-label student of the floor's teacher) is not one of its attacks."""
     out = []
     for arch, s in res["students"].items():
         bar_row = bar_of(res, s)
         bar = bar_row.get("acc")
         for teacher in teacher_order(res):
-            attacks = {a: r for a, r in s["kd"].get(teacher, {}).items() if r.get("acc") is not None}
+            # without labels the bar is the hard-label student of one teacher: that row is the bar, not an attack
+            attacks = {a: r for a, r in s["kd"].get(teacher, {}).items()
+                       if r.get("acc") is not None and r is not bar_row}
             t = res["teachers"].get(teacher)
             if not attacks or not t:
                 continue

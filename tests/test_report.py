@@ -183,6 +183,13 @@ def test_without_labels_the_hard_label_floor_is_the_bar_and_is_not_judged(tmp_pa
     assert "hard-label floor (the bar): **55.20 ± 0.20 (3)**" in text
     assert "| original | hardlabel | 55.20 ± 0.20 (3) | – | -5.80 | +0.00 | the bar |" in text
     assert "or below the bar, the hard-label floor (KD on the original's argmax alone)" in text
+    # the floor is the bar, not an attack on the original: the frontier ranks no attack there yet
+    front = {r["teacher"]: r for r in res["frontier"]}
+    assert "original" not in front and front["nasty"]["attacks"] == 1 and front["nasty"]["strongest"] == "vanilla"
+    runs += [_kd("original", "vanilla", seed, 59.0 + 0.1 * seed) for seed in range(3)]
+    original = {r["teacher"]: r for r in collect(_preset(str(tmp_path / "more"), runs, threat=threat))["frontier"]}[
+        "original"]
+    assert (original["strongest"], original["attacks"], original["verdict"]) == ("vanilla", 1, "distillable")
 
 
 def test_one_precision_is_one_line_and_no_row_is_marked(preset):
@@ -211,7 +218,9 @@ def test_a_row_in_another_precision_than_its_bar_is_marked(tmp_path, threat):
     assert "58.50 ± 0.00 (3) [bf16/fp32] |" in rows["tckd"] and "[" not in rows["vanilla"].split(" | ")[2]
     # the frontier table carries the mark of the strongest attack's row it shows
     glance = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| `cnn` | ")}
-    assert "| tckd | 58.50 ± 0.00 (3) [bf16/fp32] |" in glance["Nasty"] and "[" not in glance["original"]
+    assert "| tckd | 58.50 ± 0.00 (3) [bf16/fp32] |" in glance["Nasty"]
+    # with labels the original's hard-label student is an attack; without, it is the bar and not on the frontier
+    assert "original" not in glance if threat else "[" not in glance["original"]
 
 
 def test_a_student_trained_from_other_weights_is_marked_and_refused_with_strict(tmp_path, capsys):
