@@ -16,6 +16,13 @@ def count(n, noun):
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def few_seeds_note(r):
+    """'N on fewer than 3 seeds' of a frontier row whose attacks ran on fewer than MIN_SEEDS seeds, '' when none:
+    below the bar on one seed is KD-resistant by METHOD.md section 8's rule, but no test has judged it."""
+    few = r.get("attacks_few_seeds")
+    return f"{few} on fewer than {MIN_SEEDS} seeds" if few else ""
+
+
 def seeded(entry):
     """'mean ± std (n)' of an arm over its seeds; 'acc (1)' with one seed."""
     if not entry or entry.get("acc") is None:

@@ -1,7 +1,7 @@
 """results.md: the table of docs/METHOD.md section 5, a piece per section."""
 from utils.stats import ALPHA, MIN_SEEDS, RULE
 
-from .cells import below_cell, chosen_note, count, fmt, precision_mark, provenance_mark, seeded, tau_cell, verdict_cell
+from .cells import below_cell, chosen_note, count, few_seeds_note, fmt, precision_mark, provenance_mark, seeded, tau_cell, verdict_cell
 from .names import TEACHER_NAMES, kd_arms, teacher_order
 from .verdicts import bar_name, bar_of, bar_text, floor_of
 
@@ -222,15 +222,16 @@ def _frontier_lines(res):
     for r in rows_:
         delta = "" if r["teacher"] == "original" else f" ({fmt(r['teacher_delta'], signed=True)})"
         entry = {"acc": r["acc"], "std": r["std"], "n": r["n"]}
+        held = f"yes ({_attacks_held(r)})" if r["resists_all"] else f"no ({count(r['attacks'], 'attack')})"
         lines.append(f"| `{r['arch']}` | {TEACHER_NAMES[r['teacher']]} | {fmt(r['teacher_acc'])}{delta} | {r['strongest']} "
                      f"| {seeded(entry)}{precision_mark(r, {'precision': r.get('bar_precision')})} | "
                      f"{fmt(r['delta_ls'], signed=True)} | "
                      f"{verdict_cell({'verdict': r['verdict'], 'p': r['p'], 'n_paired': r['n']})} | "
-                     f"{'yes' if r['resists_all'] else 'no'} ({count(r['attacks'], 'attack')}"
-                     f"{_few_seeds(r) if r['resists_all'] else ''}) |")
+                     f"{held} |")
     return lines
 
 
-def _few_seeds(r):
-    """', N on fewer than 3 seeds' where a teacher that resists every attack was judged on some with n < 3."""
-    return f", {r['attacks_few_seeds']} on fewer than 3 seeds" if r.get("attacks_few_seeds") else ""
+def _attacks_held(r):
+    """'2 attacks' or '2 attacks, 1 on fewer than 3 seeds': what a teacher that resists every attack was judged on."""
+    few = few_seeds_note(r)
+    return count(r["attacks"], "attack") + (f", {few}" if few else "")

@@ -6,7 +6,7 @@ from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.errors import UserError
 from utils.stats import MIN_SEEDS
 
-from .cells import count
+from .cells import count, few_seeds_note
 from .collect import collect
 from .figures import threat_figure
 from .names import TEACHER_NAMES
@@ -72,9 +72,8 @@ def summary_cell(r):
     verdict reached on three). A hold says how many of its attacks ran on fewer than three seeds: below the bar on
     one seed is KD-resistant by the rule (METHOD.md section 8), but no test has judged it."""
     if r["resists_all"]:
-        word = f"holds against {count(r['attacks'], 'attack')}"
-        if r.get("attacks_few_seeds"):
-            word += f" ({r['attacks_few_seeds']} on fewer than 3 seeds)"
+        few = few_seeds_note(r)
+        word = f"holds against {count(r['attacks'], 'attack')}" + (f" ({few})" if few else "")
     else:
         word = r["verdict"] or "no bar"
         others = [a for a in r.get("distillable_by", []) if a != r["strongest"]]

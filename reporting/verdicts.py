@@ -1,7 +1,7 @@
 """What a stolen student is judged against (the bar of the threat model), the strongest attack on each teacher
 (the frontier), and the data-free claim (a defended teacher's DFAD student below the original's).
 """
-from utils.stats import verdict
+from utils.stats import MIN_SEEDS, verdict
 
 from .names import TEACHER_NAMES, teacher_order
 
@@ -103,5 +103,5 @@ def frontier(res):
                         "p": b.get("p"), "bar": bar, "attacks": len(attacks),
                         "precision": b.get("precision"), "bar_precision": bar_row.get("precision"),
                         "resists_all": resists_all,
-                        "attacks_few_seeds": sum(1 for r in attacks.values() if r.get("n", 1) < 3)})
+                        "attacks_few_seeds": sum(1 for r in attacks.values() if r.get("n", 1) < MIN_SEEDS)})
     return out

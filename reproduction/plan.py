@@ -2,8 +2,8 @@
 and what each step loads from the others."""
 import os
 
-from utils.checkpoint import WEIGHTS_FILE
 from utils.attacks import ATTACKS
+from utils.checkpoint import WEIGHTS_FILE
 from utils.defences import DEFENCES
 
 from .presets import CHECKPOINT_KEYS, PRESETS, defence_params, grid_attacks, grid_teachers, seeded, threat_model
