@@ -183,7 +183,8 @@ def preset_steps(args):
         exp_root = args.exp_root or os.path.join("exps", threat_folder(preset, args.threat))
         teachers_root = args.teachers_from or preset_root
     # a label-free threat model's arms that read no label are its twin's runs, in the twin's folder beside this one
-    # (plan: twin_folder); with --exp_root where that folder is is not known, so they train here
+    # (plan: twin_folder), as are the runs another experiment trained first (presets: trained_in); with --exp_root
+    # where those folders are is not known, so they train here
     twin = twin_folder(preset, args.threat) if threat and not args.exp_root else None
     seeds = parse_seeds(args.seeds, PRESETS[preset].get("seeds", (0,)))
     old = read_json(os.path.join(exp_root, "steps.json"))
@@ -194,7 +195,7 @@ def preset_steps(args):
                  if s["role"].get("kind") == "teacher" and s["role"]["teacher"] in DEFENCES
                  and s["role"]["teacher"] not in grid_teachers(PRESETS[preset], args.threat, screened)]
     steps = plan(preset, args.dataset, sorted(set(seeds) | set(known)), screened, args.amp, args.threat,
-                 twin_folder=twin)
+                 twin_folder=twin, siblings=threat is not None and not args.exp_root)
     run_seeds = set(seeds) if args.seeds is not None else set(seeds) | set(known)
     manifest = {"preset": preset}
     if threat is not None:

@@ -16,7 +16,7 @@ def shares_with_twin(role):
     return role.get("source") == "ls" or (attack is not None and not attack.reads_labels)
 
 
-def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None, twin_folder=None):
+def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None, twin_folder=None, siblings=False):
     """The steps of a preset: a list of dicts {name, script, params, role}. Teachers are trained once (seed
     0); every student arm (scratch, label smoothing, each attack x teacher) and DFAD once per seed.
     defences: registered defences outside the battery to screen as well (grid_teachers): every attack
@@ -30,7 +30,10 @@ def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None, t
     bar); DFAD holds no images, so it is not planned again.
     twin_folder: for a label-free threat model with a labelled twin (presets: twin), the twin's folder as a sibling
     of this one's (e.g. threat_p2): its label-smoothing and hard-label arms are named there ("../threat_p2/ls_cnn"),
-    the twin's own runs, trained once; None trains them in this threat model's folder."""
+    the twin's own runs, trained once; None trains them in this threat model's folder.
+    siblings: the threat model's folder is its own under exps/ (reproduce.py without --exp_root), beside the other
+    experiments' folders: a run another experiment trained first (presets: trained_in) is named by its path
+    there ("../mini_curve/kd_vanilla_original_cnn_e24"); False trains it in this folder."""
     p = PRESETS[preset]
     teachers = grid_teachers(p, threat, defences)
     in_battery = set(grid_teachers(p, threat))
@@ -52,17 +55,17 @@ def plan(preset, dataset=None, seeds=(0,), defences=(), amp=None, threat=None, t
     dfad_teachers = ["original"] + [n for n in teachers[1:] if DEFENCES[n].dfad]
     steps += student_steps(preset, dataset, seeds, teacher_ckpt, amp=amp, threat=threat,
                            first_seed_only=[n for n in teachers if n not in in_battery],
-                           dfad_teachers=dfad_teachers, twin_folder=twin_folder)
+                           dfad_teachers=dfad_teachers, twin_folder=twin_folder, siblings=siblings)
     return steps
 
 
 def student_steps(preset, dataset, seeds, teacher_ckpt, amp=None, threat=None, first_seed_only=(), dfad_teachers=(),
-                  students=None, twin_folder=None):
+                  students=None, twin_folder=None, siblings=False):
     """Every student arm of a preset for each seed: scratch and label smoothing, every attack of the battery
     against every teacher of `teacher_ckpt` ({teacher name: its weights, relative to the teachers' folder}),
     and DFAD against `dfad_teachers` (none under a threat model: DFAD holds no images). Teachers in
     `first_seed_only` (defences being screened) are attacked with the first seed alone. students: the student
-    architectures (default: the preset's). twin_folder: as for plan(). plan() and judge.py build their student
+    architectures (default: the preset's). twin_folder, siblings: as for plan(). plan() and judge.py build their student
     steps with it."""
     p = PRESETS[preset]
     t = threat_model(preset, threat) if threat else None
@@ -90,9 +93,12 @@ def student_steps(preset, dataset, seeds, teacher_ckpt, amp=None, threat=None, f
                     params.update(subset=tm["subset"], subset_seed=seed)
                 if not tm["labels"] and role["kind"] == "kd":
                     params["labels"] = False
+            name = seeded(name, seed)
             if tm is not t:
                 name = f"../{twin_folder}/{name}"
-            add(seeded(name, seed), script_of[role["kind"]], dict(role, seed=seed), **params, seed=seed)
+            elif siblings and name in (t or {}).get("trained_in", {}):
+                name = f"../{t['trained_in'][name]}/{name}"
+            add(name, script_of[role["kind"]], dict(role, seed=seed), **params, seed=seed)
 
         student_cfg = dict(p["student"], **(t["student"] if t else {}))
         for student in students or p["students"]:

@@ -101,8 +101,12 @@ PRESETS = {
             # read a label are the twin's runs: label smoothing (the labelled thief's bar, on the true labels) and
             # hard-label KD (the teacher's argmax alone), the same weights bit for bit (tests/test_threat.py), so
             # the grid trains them once, in the twin's folder (plan: twin_folder).
+            # trained_in: runs of the threat model another experiment trained first, in its folder under exps/
+            # ({run: folder}): the full-data curve's 24-epoch point is the long schedule's seed-0 vanilla KD from
+            # the original, so the grid names it there (plan: siblings) instead of training it again.
             "full": {"title": "all 50,000 labelled images", "subset": 0, "labels": True, "root": "mini_long",
-                     "suffix": "_e24", "val_split": 5000, "student": {"epochs": 24}},
+                     "suffix": "_e24", "val_split": 5000, "student": {"epochs": 24},
+                     "trained_in": {"kd_vanilla_original_cnn_e24": "mini_curve"}},
             "p10": {"title": "5,000 labelled images (10%)", "subset": 5000, "labels": True, "val_split": 500,
                     "root": "threat_skeptical",
                     "student": {"epochs": P10_EPOCHS, "eval_every": 10, "amp": THREAT_AMP}},

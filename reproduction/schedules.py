@@ -51,7 +51,8 @@ def mini_long():
     teacher of the battery, every attack against Nasty, and Markov KD from the original (seed 0); then the grid's
     runs landed later (MINI_LONG_LANDED: the Skeptical student against Nasty and the original, re-reversal
     against post-hoc reversal, vanilla KD and TCKD against RML + Nasty)."""
-    s = _steps("mini", seeds=(0, 1, 2), threat="full")
+    s = {os.path.basename(name): step for name, step in _steps("mini", seeds=(0, 1, 2), threat="full",
+                                                                siblings=True).items()}
     attacks = PRESETS["mini"]["grid_attacks"]  # the battery when the long schedule ran
     names = []
     for seed in (0, 1, 2):
@@ -60,10 +61,7 @@ def mini_long():
         arms += [name for name, seeds in MINI_LONG_LANDED.items() if seed in seeds]
         names += [seeded(f"{arm}_e24", seed) for arm in arms]
     names.append("kd_markov_original_cnn_e24")
-    out = [s[n] for n in names]
-    shared = "kd_vanilla_original_cnn_e24"  # the curve's 24-epoch point: one run, in exps/mini_curve
-    out[out.index(s[shared])] = variant(s[shared], f"../mini_curve/{shared}")
-    return out
+    return [s[n] for n in names]  # seed 0's vanilla KD from the original is the curve's (presets: trained_in)
 
 
 def mini_dfad_curve():

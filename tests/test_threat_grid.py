@@ -40,6 +40,20 @@ def test_a_threat_model_plans_every_student_arm_on_its_images_and_labels():
     assert {s["name"] for s in full} >= {"ls_cnn_e24", "kd_tckd_nasty_cnn_e24"}  # the long schedule's folders
 
 
+def test_a_run_another_experiment_trained_first_is_named_in_its_folder_not_trained_again():
+    """The full-data curve's 24-epoch point is the long schedule's seed-0 vanilla KD from the original (presets:
+    trained_in): the grid in its own folder names it in exps/mini_curve, and its dry run calls it done there;
+    without the folder layout (--exp_root) it is an arm like any other, trained here."""
+    name = "kd_vanilla_original_cnn_e24"
+    alone = reproduce.plan("mini", seeds=[0, 1], threat="full")
+    beside = reproduce.plan("mini", seeds=[0, 1], threat="full", siblings=True)
+    moved = [(a["name"], b["name"]) for a, b in zip(alone, beside) if a["name"] != b["name"]]
+    assert moved == [(name, f"../mini_curve/{name}")]  # seed 0's alone; seed 1's is the long schedule's own
+    assert [a["params"] for a in alone] == [b["params"] for b in beside]
+    curve = {s["name"]: s for s in reproduce.schedule_plan("mini_curve")}
+    assert curve[name]["params"] == {s["name"]: s for s in alone}[name]["params"]  # the same run, trained once
+
+
 @pytest.mark.parametrize("threat", ["p2nl", "p10nl"])
 def test_a_label_free_threat_model_names_its_label_free_arms_in_its_labelled_twins_folder(threat):
     """Label smoothing and hard-label KD read no label a label-free thief lacks: they are the labelled twin's runs
