@@ -103,5 +103,7 @@ def frontier(res):
                         "p": b.get("p"), "bar": bar, "attacks": len(attacks),
                         "precision": b.get("precision"), "bar_precision": bar_row.get("precision"),
                         "resists_all": resists_all,
-                        "attacks_few_seeds": sum(1 for r in attacks.values() if r.get("n", 1) < MIN_SEEDS)})
+                        # judged on fewer seeds than a test needs: the seeds it shares with the bar (paired)
+                        "attacks_few_seeds": sum(1 for r in attacks.values()
+                                                 if r.get("n_paired", r.get("n", 1)) < MIN_SEEDS)})
     return out

@@ -108,6 +108,17 @@ def test_a_teacher_that_resists_an_attack_run_on_one_seed_says_so(tmp_path):
     assert "| yes (2 attacks, 1 on fewer than 3 seeds) |" in markdown(res)
 
 
+def test_an_attack_on_three_seeds_paired_with_the_bar_on_two_counts_as_judged_on_two(tmp_path):
+    """The verdict pairs seeds: an attack whose three seeds meet a bar that holds two was tested on two."""
+    runs = [_teacher("original", 90.0), _teacher("nasty", 89.6)]
+    runs += [_student("ls", seed, BAR[seed]) for seed in (0, 1)]
+    runs += [_kd("nasty", "vanilla", seed, BAR[seed] - 2.0) for seed in BAR]
+    res = collect(_preset(str(tmp_path / "paired"), runs))
+    assert res["students"]["cnn"]["kd"]["nasty"]["vanilla"]["n"] == 3
+    front = {r["teacher"]: r for r in res["frontier"]}["nasty"]
+    assert front["resists_all"] and front["attacks_few_seeds"] == 1
+
+
 def test_one_seed_is_inconclusive_above_the_bar_and_its_cell_says_so(tmp_path):
     root = _preset(str(tmp_path / "one"), [_teacher("original", 90.0), _student("ls", 0, 65.0),
                                            _kd("original", "vanilla", 0, 66.0)])
