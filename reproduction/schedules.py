@@ -190,8 +190,9 @@ def mini_tuned():
 
 # The seeds each of threat_p2's rows holds so far (runs land a session at a time, ahead of the grid).
 THREAT_P2_ROWS = {"ls_cnn": (0, 1, 2), "kd_vanilla_nasty_cnn": (0, 1, 2), "kd_vanilla_original_cnn": (0, 1, 2),
-                  "kd_vanilla_rml_cnn": (0, 1, 2), "kd_vanilla_rmlnasty_cnn": (0, 1, 2), "kd_vanilla_stingy_cnn": (0, 1, 2),
-                  "kd_vanilla_posthoc_cnn": (0, 1, 2), "kd_hardlabel_original_cnn": (0, 1, 2), "kd_hardlabel_rml_cnn": (0, 1, 2),
+                  "kd_vanilla_rml_cnn": (0, 1, 2), "kd_vanilla_rmlnasty_cnn": (0, 1, 2),
+                  "kd_vanilla_stingy_cnn": (0, 1, 2), "kd_vanilla_posthoc_cnn": (0, 1, 2),
+                  "kd_hardlabel_original_cnn": (0, 1, 2), "kd_hardlabel_rml_cnn": (0, 1, 2),
                   "kd_hardlabel_rmlnasty_cnn": (0, 1, 2), "kd_hardlabel_posthoc_cnn": (0, 1, 2),
                   **{f"kd_{a}_nasty_cnn": (0,)
                      for a in ("rereverse", "dkd", "tckd", "hardlabel", "markov", "skeptical")}}
