@@ -151,7 +151,7 @@ def _landed(threat, rows):
 # The p10 runs landed so far, and the seeds each holds: the Skeptical student's first (the folder is named after
 # it), then the grid's rows that decide the other teachers' verdicts.
 THREAT_P10_ROWS = {"ls_cnn": (0, 1, 2), "kd_skeptical_nasty_cnn": (0, 1, 2), "kd_skeptical_original_cnn": (0, 1, 2),
-                   "kd_vanilla_nasty_cnn": (0, 1, 2), "kd_vanilla_original_cnn": (0, 1)}
+                   "kd_vanilla_nasty_cnn": (0, 1, 2), "kd_vanilla_original_cnn": (0, 1, 2)}
 
 
 def threat_skeptical():
