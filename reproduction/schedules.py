@@ -25,7 +25,9 @@ def variant(step, name, **params):
 
 
 def _steps(preset, seeds=(0,), threat=None, **kw):
-    return {s["name"]: s for s in plan(preset, seeds=seeds, threat=threat, **kw)}
+    """A plan's steps by their run's folder name; a step named in another folder ("../mini_curve/...") keeps that
+    path in its name and is found by its folder name alone."""
+    return {os.path.basename(s["name"]): s for s in plan(preset, seeds=seeds, threat=threat, **kw)}
 
 
 def mini_curve():
@@ -51,8 +53,7 @@ def mini_long():
     teacher of the battery, every attack against Nasty, and Markov KD from the original (seed 0); then the grid's
     runs landed later (MINI_LONG_LANDED: the Skeptical student against Nasty and the original, re-reversal
     against post-hoc reversal, vanilla KD and TCKD against RML + Nasty)."""
-    s = {os.path.basename(name): step for name, step in _steps("mini", seeds=(0, 1, 2), threat="full",
-                                                                siblings=True).items()}
+    s = _steps("mini", seeds=(0, 1, 2), threat="full", siblings=True)
     attacks = PRESETS["mini"]["grid_attacks"]  # the battery when the long schedule ran
     names = []
     for seed in (0, 1, 2):
@@ -143,8 +144,7 @@ def _landed(threat, rows):
     """The steps of a threat model's grid landed ahead of it: {step name without its seed: the seeds it holds}.
     A label-free threat model's rows that are its labelled twin's runs are named in the twin's folder, as the grid
     names them (plan: twin_folder)."""
-    s = {os.path.basename(name): step for name, step in _steps(
-        "mini", seeds=(0, 1, 2), threat=threat, twin_folder=twin_folder("mini", threat)).items()}
+    s = _steps("mini", seeds=(0, 1, 2), threat=threat, twin_folder=twin_folder("mini", threat))
     return [s[seeded(name, seed)] for seed in (0, 1, 2) for name, seeds in rows.items() if seed in seeds]
 
 
