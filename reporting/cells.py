@@ -41,16 +41,18 @@ def below_cell(d):
 
 
 def verdict_cell(a):
+    """'distillable (p=0.004)', 'KD-resistant, harmful (p below=0.0003)': the verdict with the p of the side it is on.
+    Above the bar the p is the one-sided test of 'above' (a['p']); at or below it, of 'below' (1 - p: the two one-sided
+    p of utils.stats.paired_t add up to 1), which is what 'harmful' is decided on."""
     if not a.get("verdict"):
         return "–"
     word = a["verdict"] + (", harmful" if a.get("harmful") else "")
     n = a.get("n_paired", 1)
     if a.get("p") is None:
-        test = f"n={n}"
-    elif n < MIN_SEEDS:  # a t-test at n = 2 is shown but decides nothing (METHOD.md section 8)
-        test = f"n={n} < {MIN_SEEDS}, p={a['p']:.3g}"
-    else:
-        test = f"p={a['p']:.3g}"
+        return f"{word} (n={n})"
+    test = f"p below={1.0 - a['p']:.3g}" if a["verdict"] == "KD-resistant" else f"p={a['p']:.3g}"
+    if n < MIN_SEEDS:  # a t-test at n = 2 is shown but decides nothing (METHOD.md section 8)
+        test = f"n={n} < {MIN_SEEDS}, {test}"
     return f"{word} ({test})"
 
 

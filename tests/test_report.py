@@ -286,8 +286,21 @@ def test_cells_read_as_the_table_prints_them():
     # two seeds: the p shows, and the cell says it decides nothing
     assert verdict_cell({"verdict": "inconclusive", "harmful": False, "p": 0.0397, "n_paired": 2}) == \
         "inconclusive (n=2 < 3, p=0.0397)"
-    assert verdict_cell({"verdict": "KD-resistant", "harmful": True, "p": 0.01234, "n_paired": 3}) == \
-        "KD-resistant, harmful (p=0.0123)"
+    # at or below the bar the cell gives the p of 'below', the test that decides 'harmful'
+    assert verdict_cell({"verdict": "KD-resistant", "harmful": True, "p": 0.98766, "n_paired": 3}) == \
+        "KD-resistant, harmful (p below=0.0123)"
+    assert verdict_cell({"verdict": "KD-resistant", "harmful": False, "p": 0.75, "n_paired": 2}) == \
+        "KD-resistant (n=2 < 3, p below=0.25)"
+
+
+def test_a_harmful_rows_cell_gives_the_p_that_made_it_harmful():
+    from utils.stats import verdict
+    test = verdict({0: 60.0, 1: 61.0, 2: 59.5}, {0: 65.0, 1: 65.5, 2: 65.2})
+    assert test["harmful"] and test["p_less"] < 0.05
+    cell = verdict_cell({**test, "n_paired": test["n"]})
+    assert cell == f"KD-resistant, harmful (p below={test['p_less']:.3g})"
+    up = verdict({0: 66.0, 1: 67.0, 2: 66.5}, {0: 65.0, 1: 65.5, 2: 65.2})
+    assert verdict_cell({**up, "n_paired": up["n"]}) == f"distillable (p={up['p']:.3g})"
 
 
 def test_resistance_line_tells_too_few_seeds_from_no_significance():
@@ -316,7 +329,7 @@ def test_results_md_sections(preset):
     text = markdown(res, {"reproduce_wall_time_s": 600.0, "jobs": 2})
     assert text.startswith("# Results: preset `toy`\n") and "over seeds 0, 1, 2." in text
     assert "| Nasty | 89.60 | -0.40 |" in text
-    assert "| Nasty | vanilla | 63.13 ± 0.23 (3) | 4 | -1.70 | -2.10 | KD-resistant, harmful (p=1) |" in text
+    assert "| Nasty | vanilla | 63.13 ± 0.23 (3) | 4 | -1.70 | -2.10 | KD-resistant, harmful (p below=0.000378) |" in text
     assert "- Nasty → `cnn`: **KD-resistant** against 1 attack (vanilla)." in text
     assert "- original → `cnn`: **distillable** by vanilla." in text
     assert "Steps without results yet: kd_tckd_nasty_cnn_s0." in text

@@ -17,7 +17,7 @@ RULE = ("Verdict per attack x teacher against the label-smoothing student of the
         "same seeds). *distillable* when Δ > 0 and a one-sided paired t-test gives p < 0.05; *inconclusive* when "
         f"Δ > 0 but not significantly, or on fewer than {MIN_SEEDS} paired seeds (METHOD.md section 8 asks for "
         f"n >= {MIN_SEEDS}); *KD-resistant* when Δ <= 0, *harmful* beside it when significantly below "
-        f"(p < 0.05, n >= {MIN_SEEDS}). "
+        f"(the one-sided test the other way, shown as *p below*: p below < 0.05, n >= {MIN_SEEDS}). "
         "With n = 3, significance needs t > 2.92.")
 
 
