@@ -143,6 +143,17 @@ def plan(args):
     return steps, ckpt, dataset
 
 
+def student_steps(preset, dataset, seeds, ckpt, threat, students=None):
+    """The students judge.py trains against the teachers of `ckpt` ({name: weights relative to OUT/teachers}) at
+    one threat model (None: the preset's own arms, with DFAD): reproduce.py's grid's steps, by the same function."""
+    dfad = [] if threat else list(ckpt)
+    # a label-free threat model's label-smoothing and hard-label students are its labelled twin's, in
+    # OUT/<twin> (reproduction.plan: twin_folder)
+    twin = reproduce.threat_model(preset, threat).get("twin") if threat else None
+    return reproduce.student_steps(preset, dataset, seeds, ckpt, threat=threat, dfad_teachers=dfad, students=students,
+                                   twin_folder=twin)
+
+
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
@@ -168,12 +179,7 @@ def main(argv=None):
     for threat in threats:
         t0 = time.time()
         exp_root = os.path.join(out, threat or "default")
-        dfad = [] if threat else list(ckpt)
-        # a label-free threat model's label-smoothing and hard-label students are its labelled twin's, in
-        # OUT/<twin> (reproduction.plan: twin_folder)
-        twin = reproduce.threat_model(args.preset, threat).get("twin") if threat else None
-        steps = teacher_steps + reproduce.student_steps(args.preset, dataset, seeds, ckpt, threat=threat,
-                                                        dfad_teachers=dfad, students=students, twin_folder=twin)
+        steps = teacher_steps + student_steps(args.preset, dataset, seeds, ckpt, threat, students)
         manifest = {"preset": args.preset, "judge": {"teacher": os.path.abspath(args.teacher), "name": args.name,
                                                      "original": os.path.abspath(args.original) if args.original else None}}
         if threat:
