@@ -329,7 +329,8 @@ def test_results_md_sections(preset):
     text = markdown(res, {"reproduce_wall_time_s": 600.0, "jobs": 2})
     assert text.startswith("# Results: preset `toy`\n") and "over seeds 0, 1, 2." in text
     assert "| Nasty | 89.60 | -0.40 |" in text
-    assert "| Nasty | vanilla | 63.13 ± 0.23 (3) | 4 | -1.70 | -2.10 | KD-resistant, harmful (p below=0.000378) |" in text
+    assert ("| Nasty | vanilla | 63.13 ± 0.23 (3) | 4 | -1.70 | -2.10 | KD-resistant, harmful (p below=0.000378) |"
+            in text)
     assert "- Nasty → `cnn`: **KD-resistant** against 1 attack (vanilla)." in text
     assert "- original → `cnn`: **distillable** by vanilla." in text
     assert "Steps without results yet: kd_tckd_nasty_cnn_s0." in text
