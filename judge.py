@@ -137,8 +137,8 @@ def plan(args):
                       "role": {"kind": "teacher", "teacher": name, "loads": {"original": args.name}},
                       "comment": f"Step of judge.py: the {args.name} teacher answering through the training-free "
                                  f"{w} defence (nothing is trained).",
-                      "params": dict(p["train"], dataset=dataset, seed=0, model=arch, method=w, original=ckpt[args.name],
-                                     **reproduce.defence_params(p, w, dataset))})
+                      "params": dict(p["train"], dataset=dataset, seed=0, model=arch, method=w,
+                                     original=ckpt[args.name], **reproduce.defence_params(p, w, dataset))})
         ckpt[name] = f"{name}/{WEIGHTS_FILE}"
     return steps, ckpt, dataset
 
@@ -180,15 +180,17 @@ def main(argv=None):
         t0 = time.time()
         exp_root = os.path.join(out, threat or "default")
         steps = teacher_steps + student_steps(args.preset, dataset, seeds, ckpt, threat, students)
-        manifest = {"preset": args.preset, "judge": {"teacher": os.path.abspath(args.teacher), "name": args.name,
-                                                     "original": os.path.abspath(args.original) if args.original else None}}
+        manifest = {"preset": args.preset,
+                    "judge": {"teacher": os.path.abspath(args.teacher), "name": args.name,
+                              "original": os.path.abspath(args.original) if args.original else None}}
         if threat:
             record = reproduce.threat_record(args.preset, threat)
             if not args.original:  # no original: the floor is the judged teacher's own argmax
                 record["floor_teacher"] = args.name
             manifest.update(threat=record)
         manifest["teachers_from"] = os.path.relpath(teachers_root, exp_root)
-        print(f"== {args.name}: threat model {threat or 'none (the preset’s student arms)'} -> {exp_root}", flush=True)
+        print(f"== {args.name}: threat model {threat or 'none (the preset’s student arms)'} -> {exp_root}",
+              flush=True)
         todo = reproduce.run_plan(steps, steps, exp_root, teachers_root, manifest, args.data_root, device=args.device,
                                   jobs=args.jobs, dry_run=args.dry_run, battery=not args.no_battery)
         if args.dry_run:

@@ -49,8 +49,8 @@ def main(argv=None):
     parser.add_argument("--strict", action="store_true",
                         help="refuse (exit 2) when a row was trained from other weights than its teacher's")
     parser.add_argument("--curve", action="store_true",
-                        help="EXP_ROOT holds runs of a few arms at several epoch counts: write curve.md, curve.json and "
-                             "fig_convergence.png (final accuracy against epochs) instead of the results table")
+                        help="EXP_ROOT holds runs of a few arms at several epoch counts: write curve.md, curve.json "
+                             "and fig_convergence.png (final accuracy against epochs) instead of the results table")
     parser.add_argument("--with", dest="others", nargs="+", default=[], metavar="FOLDER",
                         help="with --curve: more points of the same arms from these folders (e.g. exps/mini)")
     parser.add_argument("--threats", nargs="+", default=None, metavar="FOLDER",
@@ -62,7 +62,8 @@ def main(argv=None):
     if args.threats:
         for folder in args.threats:
             if not os.path.isfile(os.path.join(folder, "steps.json")):
-                raise UserError(f"--threats {folder}: no steps.json there; pass folders written by reproduce.py --threat")
+                raise UserError(f"--threats {folder}: no steps.json there; "
+                                "pass folders written by reproduce.py --threat")
         threat_summary(args.exp_root, args.threats)
         print(open(os.path.join(args.exp_root, "summary.md")).read(), end="")
         return 0

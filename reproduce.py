@@ -82,14 +82,16 @@ def _parse_defences(text):
 
 def build_parser():
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="the scale of every step (default mini)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="the scale of every step (default mini)")
     parser.add_argument("--dataset", choices=sorted(DATASET_TAU), default=None,
                         help="override the preset's dataset (cifar10, cifar100, tinyimagenet)")
     parser.add_argument("--data_root", default="./data")
     parser.add_argument("--download", nargs="?", const="true", default="false", type=_flag, metavar="true/false",
                         help="fetch the dataset into --data_root first if it is missing (once, before any step); "
                              "given alone it means true, as in the training scripts")
-    parser.add_argument("--exp_root", default=None, help="default: exps/<preset> (exps/<preset>_<dataset> if --dataset)")
+    parser.add_argument("--exp_root", default=None,
+                        help="default: exps/<preset> (exps/<preset>_<dataset> if --dataset)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--only", default=None,
                         help="run only the steps whose name contains this text (or one of several, comma-separated: "
@@ -104,12 +106,12 @@ def build_parser():
                              "once); seeds already in EXP_ROOT/steps.json are kept in the report (default: the "
                              "preset's, 0,1,2 for mini and paper and 0 for tiny, plus those)")
     parser.add_argument("--defences", default=None,
-                        help="also screen these registered defences outside the default battery, e.g. keyed,keyedflat: every "
-                             "attack against them, first seed only; kept in EXP_ROOT/steps.json, so later runs and the "
-                             "report keep them too")
+                        help="also screen these registered defences outside the default battery, e.g. keyed,keyedflat: "
+                             "every attack against them, first seed only; kept in EXP_ROOT/steps.json, so later runs "
+                             "and the report keep them too")
     parser.add_argument("--amp", choices=CHOICES["amp"], default=None,
-                        help="precision of the student steps (every arm and DFAD, every seed): off trains them in fp32, "
-                             "e.g. to time a seed on a machine without fast bf16 (default: the preset's, auto); "
+                        help="precision of the student steps (every arm and DFAD, every seed): off trains them in "
+                             "fp32, e.g. to time a seed on a machine without fast bf16 (default: the preset's, auto); "
                              "teachers keep the preset's")
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,
                         help="rebuild a committed experiment beyond the grid (reproduction/schedules.py): "
@@ -121,7 +123,8 @@ def build_parser():
     parser.add_argument("--teachers_from", default=None, metavar="DIR",
                         help="with --threat: the preset folder whose teachers are attacked (default exps/<preset>)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="steps run at once, each in its own process (default 1: one after another, in this process)")
+                        help="steps run at once, each in its own process (default 1: one after another, "
+                             "in this process)")
     parser.add_argument("--no_battery", action="store_true",
                         help="train every KD student in its own process; by default the students of one teacher and "
                              "seed are trained together, one teacher forward per batch for all (train_kd.py --battery)")
@@ -141,7 +144,8 @@ def check(args):
     if args.schedule:
         given = [f"--{k}" for k in PRESET_ONLY if getattr(args, k) is not None]
         if given:
-            raise UserError(f"--schedule {args.schedule} fixes its own {', '.join(given)}: drop {'it' if len(given) == 1 else 'them'} "
+            raise UserError(f"--schedule {args.schedule} fixes its own {', '.join(given)}: "
+                            f"drop {'it' if len(given) == 1 else 'them'} "
                             f"(python reproduce.py --schedule {args.schedule} --dry_run lists its runs)")
     if args.cost and not args.dry_run:
         raise UserError("--cost projects the device time of the steps and runs nothing: add --dry_run")
@@ -199,7 +203,8 @@ def preset_steps(args):
     run_seeds = set(seeds) if args.seeds is not None else set(seeds) | set(known)
     manifest = {"preset": preset}
     if threat is not None:
-        manifest.update(threat=threat_record(preset, args.threat), teachers_from=os.path.relpath(teachers_root, exp_root))
+        manifest.update(threat=threat_record(preset, args.threat),
+                        teachers_from=os.path.relpath(teachers_root, exp_root))
     return steps, select(steps, args.only, run_seeds), exp_root, teachers_root, manifest
 
 

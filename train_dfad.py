@@ -28,8 +28,8 @@ from utils.losses import dfad_discrepancy
 # DFAD's published CIFAR-10 settings (METHOD.md section 4: batch 256, x0.1 at 100 and 200 of 500 epochs)
 # are spelt out in exps/CIFAR10/dfad/*/params.json.
 RECOMMENDED = {"epochs": 8, "milestones": [8], "batch_size": 128}
-DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", **checkpoint_keys("teacher"), nz=256, ngf=64, iters_per_epoch=50, k=5, lr_G=1e-3,
-                g_optimizer="adam", lr=0.1, nesterov=False, schedule="step", **RECOMMENDED)
+DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", **checkpoint_keys("teacher"), nz=256, ngf=64, iters_per_epoch=50, k=5,
+                lr_G=1e-3, g_optimizer="adam", lr=0.1, nesterov=False, schedule="step", **RECOMMENDED)
 HELP_NOTES = {k: "the mini preset's DFAD setting (the paper's: epochs 500, milestones 100,200, batch_size 256)"
               for k in RECOMMENDED}
 

@@ -98,7 +98,8 @@ def check(cfg, source="config"):
 
 @cli_main
 def main(argv=None):
-    args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv, choices={"method": METHODS, "reverse_scope": REVERSE_SCOPES},
+    args, _ = parse_config(__doc__.splitlines()[0], DEFAULTS, argv,
+                           choices={"method": METHODS, "reverse_scope": REVERSE_SCOPES},
                            script="train_possessive.py", notes=HELP_NOTES)
     cfg = resolve_config(args, DEFAULTS, checks=[check])
     cfg["original"] = finished_weights(cfg["original"], "original")

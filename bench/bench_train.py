@@ -55,7 +55,8 @@ def forward_flops(model, size, device):
 
 def fake_split(n, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return (torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+            torch.randint(0, 10, (n,), generator=g))
 
 
 def time_steps(step, batches, warmup, device):
@@ -105,7 +106,8 @@ def plain_loop(kind, name, teacher_name, images, labels, batch_size, steps, warm
     import torchvision.transforms as T
     from PIL import Image
     info = DATASETS["cifar10"]
-    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(info.mean, info.std)])
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize(info.mean, info.std)])
     arr = images.permute(0, 2, 3, 1).numpy()
 
     class DS(torch.utils.data.Dataset):
@@ -142,7 +144,8 @@ def engine_loop(kind, name, teacher_name, images, labels, batch_size, steps, war
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--step", nargs="+", default=["scratch", "kd", "possessive"], choices=["scratch", "kd", "possessive"],
+    p.add_argument("--step", nargs="+", default=["scratch", "kd", "possessive"],
+                   choices=["scratch", "kd", "possessive"],
                    help="which script's step: train_scratch (CE), train_kd (teacher forward + student), "
                         "train_possessive (original forward + RML step of a same-architecture teacher)")
     p.add_argument("--models", nargs="+", default=["resnet20", "cnn"], help="trained models")
@@ -193,7 +196,8 @@ def main():
             label = name if kind == "scratch" else f"{name} <- {teacher}"
             t0 = time.perf_counter()
             plain = plain_loop(kind, name, teacher, images, labels, args.batch_size, args.steps, args.warmup, device)
-            fast = engine_loop(kind, name, teacher, images, labels, args.batch_size, args.steps, args.warmup, device, amp)
+            fast = engine_loop(kind, name, teacher, images, labels, args.batch_size, args.steps, args.warmup,
+                               device, amp)
             print(f"{kind:<11} {label:<22} {flops / 1e9:>9.3f} {plain:>12.0f} {fast:>13.0f} {fast / plain:>8.2f}x "
                   f"{100 * plain * flops / peak32:>10.1f}% {100 * fast * flops / peak_amp:>11.1f}%", flush=True)
             rows.append({"step": kind, "model": name, "teacher": teacher if kind != "scratch" else None,

@@ -64,7 +64,8 @@ MARKER = ".cuda_check"  # in OUT/work: the folder is ours to replace
 # few. Every one can be set on the command line (smaller ones make the check faster and the figures rougher).
 BUDGETS = {
     "cuda": {"bench_models": ["resnet18", "resnet20", "cnn"], "bench_steps": 10, "bench_warmup": 3,
-             "bench_batch": 128, "bench_peak_size": 8192, "compile_model": "resnet20", "compile_images": 5120, "paper_epoch_images": None,
+             "bench_batch": 128, "bench_peak_size": 8192, "compile_model": "resnet20", "compile_images": 5120,
+             "paper_epoch_images": None,
              "epoch_images": 5120, "dfad_iters": 10, "eval_images": 0, "epoch_passes": 2, "epoch_only": [],
              "timeout_s": 360},
     # the CPU leaves out what takes minutes there: resnet18 in the bench, DFAD's 256-image resnet18 steps
@@ -431,7 +432,8 @@ RUN = {"tests": check_tests, "tiny": check_tiny, "bench": check_bench, "battery"
 # ------------------------------------------------------------------------------------------ input and output
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu for the rehearsal (default cuda)")
     p.add_argument("--data_root", default=None, help="a real CIFAR-10 copy (cifar-10-batches-py) for the paper epoch "
                    "timings; without it they run on generated images and are extrapolated")
@@ -442,8 +444,10 @@ def parse(argv):
     p.add_argument("--timeout_s", type=int, default=None, help="limit of each command (cuda 360, cpu 600)")
     g = p.add_argument_group("budgets (defaults: the cuda / cpu value)")
     g.add_argument("--tests_k", default=None, help="tests: only the device tests matching this pytest -k expression")
-    g.add_argument("--tiny_only", default=None, help="tiny: only the steps whose name contains this (reproduce.py --only)")
-    g.add_argument("--bench_models", nargs="+", default=None, help="bench: models (resnet18 resnet20 cnn / resnet20 cnn)")
+    g.add_argument("--tiny_only", default=None,
+                   help="tiny: only the steps whose name contains this (reproduce.py --only)")
+    g.add_argument("--bench_models", nargs="+", default=None,
+                   help="bench: models (resnet18 resnet20 cnn / resnet20 cnn)")
     g.add_argument("--bench_step", nargs="+", default=["scratch"], choices=["scratch", "kd", "possessive"],
                    help="bench: the script steps timed (default scratch)")
     g.add_argument("--bench_steps", type=int, default=None, help="bench: timed steps per model (10 / 2)")
@@ -458,7 +462,8 @@ def parse(argv):
                    help="paper_epoch: training images timed, 0 for one whole epoch (cuda: 0 with --data_root, else "
                         "10000; cpu: 130)")
     g.add_argument("--epoch_images", type=int, default=None, help="epochs: training images timed per run (5120 / 130)")
-    g.add_argument("--dfad_iters", type=int, default=None, help="epochs: DFAD generator iterations timed of 50 (10 / 1)")
+    g.add_argument("--dfad_iters", type=int, default=None,
+                   help="epochs: DFAD generator iterations timed of 50 (10 / 1)")
     g.add_argument("--eval_images", type=int, default=None, help="test images evaluated, 0 for all (0 / 200)")
     g.add_argument("--epoch_passes", type=int, choices=[1, 2], default=None,
                    help="epochs and paper_epoch: epochs per timing run, the last one timed (2: without warm-up; 2 / 2)")

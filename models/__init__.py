@@ -48,7 +48,8 @@ _ZOO: dict[str, tuple[Callable[[int], nn.Module], str]] = {
     "cnn": (_cnn.cnn, "Plain CNN: 3x [conv3x3-BN-ReLU-maxpool] widths 32/64/128, linear head"),
     "cnn_small": (_cnn.cnn_small, "Plain CNN: 3x [conv3x3-BN-ReLU-maxpool] widths 16/32/64, linear head"),
     "mobilenetv2": (_mobilenetv2.mobilenetv2, "MobileNetV2 (Sandler et al. 2018), CIFAR variant with stride-1 stem"),
-    "shufflenetv2": (_shufflenetv2.shufflenetv2, "ShuffleNetV2 1.0x (Ma et al. 2018), CIFAR variant with stride-1 stem"),
+    "shufflenetv2": (_shufflenetv2.shufflenetv2,
+                     "ShuffleNetV2 1.0x (Ma et al. 2018), CIFAR variant with stride-1 stem"),
 }
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {name: ctor for name, (ctor, _) in _ZOO.items()}

@@ -106,7 +106,7 @@ def chosen_note(student):
     """The line under a student's table when a τ there was picked on the thief's validation split; none else."""
     if not any(a.get("chosen") for a in kd_arms(student)):
         return []
-    return ["", "best τ marked (val N): the thief picked τ (and α where shown) on N of its own training images, held "
-                "out of the student's training (val_split), once per seed (where the seeds picked differently, each "
-                "seed's pick in seed order); the accuracy shown is on the test split. Unmarked: picked on the test "
-                "split, an upper bound."]
+    return ["", "best τ marked (val N): the thief picked τ (and α where shown) on N of its own training images, "
+                "held out of the student's training (val_split), once per seed (where the seeds picked differently, "
+                "each seed's pick in seed order); the accuracy shown is on the test split. Unmarked: picked on the "
+                "test split, an upper bound."]

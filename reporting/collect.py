@@ -153,7 +153,8 @@ def collect(exp_root):
 def _add_seed(group, key, role, run, folder, extra):
     """Add one seed's run of a student arm (or DFAD) to group[key]: accs {seed: acc}, then mean ± std and n.
     The first seed's folder and curve stand for the arm in the curves figure."""
-    entry = group.setdefault(key, dict(extra, accs={}, folders=[], folder=folder, history=run["metrics"].get("history", [])))
+    entry = group.setdefault(key, dict(extra, accs={}, folders=[], folder=folder,
+                                       history=run["metrics"].get("history", [])))
     seed = role.get("seed", run["metrics"].get("seed", 0))
     if entry["accs"] and seed < min(entry["accs"]):
         entry["folder"], entry["history"] = folder, run["metrics"].get("history", [])

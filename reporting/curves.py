@@ -73,12 +73,14 @@ def curve(curve_root, others=()):
                        "teacher": os.path.basename(os.path.dirname(teacher)) if teacher else None}
                 arms.append(arm)
             arm["own"] = arm["own"] or folder == curve_root
-            arm["points"].setdefault(m["epochs"], []).append({"acc": m["final_acc"], "seed": m.get("seed"), "run": path})
+            arm["points"].setdefault(m["epochs"], []).append(
+                {"acc": m["final_acc"], "seed": m.get("seed"), "run": path})
     # the arms the curve folder measures, and those the other folders hold at two schedules or more (e.g. the
     # preset's 3-epoch arms that a convergence folder measured longer); an arm of one point elsewhere is no curve
     arms = [a for a in arms if a["own"] or len(a["points"]) > 1]
     if not any(a["own"] for a in arms):
-        raise UserError(f"{curve_root} holds no finished run (a folder with metrics.json); train the curve's runs first")
+        raise UserError(f"{curve_root} holds no finished run (a folder with metrics.json); "
+                        "train the curve's runs first")
     out = {"arms": [], "rule": "the schedule is long enough where doubling the epochs gains < 1 point"}
     lines = [f"# Convergence: `{curve_root}`", "",
              "Final-epoch test accuracy (%) against the number of epochs (each a full run with its own one-cycle "
@@ -200,10 +202,11 @@ def _schedule_frontier_lines(front):
     lines = ["## The strongest attack on each teacher, schedule by schedule", "",
              "For each teacher and schedule, the attack whose student is furthest above the bar (paired by seed) among "
              "the attacks of the table above (those trained at more than one schedule) at that schedule, against the "
-             "label-smoothing student of the same schedule. A teacher holds at a schedule when every attack compared there is "
-             "KD-resistant; read the attacks column before the verdict (two attacks are not the full battery).", "",
-             "| student | teacher (acc) | epochs | attacks compared | strongest | its student | Δ vs bar | verdict (p) "
-             "| every attack compared KD-resistant |", "|---|---|---|---|---|---|---|---|---|"]
+             "label-smoothing student of the same schedule. A teacher holds at a schedule when every attack compared "
+             "there is KD-resistant; read the attacks column before the verdict (two attacks are not the full "
+             "battery).", "",
+             "| student | teacher (acc) | epochs | attacks compared | strongest | its student | Δ vs bar | "
+             "verdict (p) | every attack compared KD-resistant |", "|---|---|---|---|---|---|---|---|---|"]
     for f in front:
         lines.append(f"| {f['model']} | {f['teacher']} ({fmt(f['teacher_acc'])}) | {f['epochs']} | "
                      f"{len(f['attacks'])}: {', '.join(f['attacks'])} | {f['strongest']} | "
@@ -216,11 +219,12 @@ def _schedule_lines(sched):
     lines = ["## Short against long schedule", "",
              "Every KD student against the label-smoothing student trained for the same number of epochs (the bar; "
              "seeds paired, one-sided paired t-test, METHOD.md section 8). A verdict of n = 1 has no test: above the "
-             "bar it is inconclusive, at or below it KD-resistant by the rule, and either can flip with more seeds.", "",
-             "| student | epochs | accuracy | Δ vs bar | verdict (p) |", "|---|---|---|---|---|"]
+             "bar it is inconclusive, at or below it KD-resistant by the rule, and either can flip with more seeds.",
+             "", "| student | epochs | accuracy | Δ vs bar | verdict (p) |", "|---|---|---|---|---|"]
     for s in sched:
         for r in s["rows"]:
-            lines.append(f"| {s['label']} | {r['epochs']} | {seeded({'acc': r['mean'], 'std': r['std'], 'n': r['n']})} | "
+            lines.append(f"| {s['label']} | {r['epochs']} | "
+                         f"{seeded({'acc': r['mean'], 'std': r['std'], 'n': r['n']})} | "
                          f"{fmt(r['diff'], signed=True)} | {verdict_cell(r)} |")
     lines.append("")
     for s in sched:

@@ -215,7 +215,8 @@ def schedule_frontier_figure(front, path):
     ax.axhline(0.0, color="black", lw=1, label="label-smoothing bar")
     markers = "os^Dv<>p*h"
     for i, e in enumerate(sorted({f["epochs"] for f in front})):
-        pts = [(teachers.index((f["model"], f["teacher"])), f["diff"], len(f["attacks"])) for f in front if f["epochs"] == e]
+        pts = [(teachers.index((f["model"], f["teacher"])), f["diff"], len(f["attacks"]))
+               for f in front if f["epochs"] == e]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], s=50,
                    label=f"{e} epochs", zorder=3)
         for x, y, k in pts:
@@ -256,8 +257,8 @@ def threat_figure(models_, teachers, path):
             ax.text(0.5, 0.5, "no threat model of this kind in these folders", ha="center", va="center",
                     transform=ax.transAxes, fontsize=8, color="grey")
         ax.minorticks_off()
-        ax.set_title("thief with labels: Δ vs label smoothing" if labels else "thief without labels: Δ vs hard-label floor",
-                     fontsize=9)
+        ax.set_title("thief with labels: Δ vs label smoothing" if labels
+                     else "thief without labels: Δ vs hard-label floor", fontsize=9)
         ax.set_xlabel(f"thief's training images (hollow: n < {MIN_SEEDS} seeds)")
     axes[0].set_ylabel("strongest attack's student − bar (points)")
     axes[0].legend(fontsize=7)

@@ -88,8 +88,8 @@ def _markdown(exp_root, out):
                      f"{fmt(t['delta_original'], signed=True)} | {control} | {fmt(t['kendall'], '{:+.3f}')} | "
                      f"{fmt(t['reversed_top1'], '{:.1%}')} | {t['precision']} | {_secs(t['wall_time_s'])} |")
     if out["students"]:
-        lines += ["", "Students distilled from the screened teachers (the preset's student schedule; the wall time of a "
-                  "student trained in a battery is its share of the battery's):", "",
+        lines += ["", "Students distilled from the screened teachers (the preset's student schedule; the wall time of "
+                  "a student trained in a battery is its share of the battery's):", "",
                   "| run | attack | τ | teacher (its acc) | test acc | precision | wall time |",
                   "|---|---|---|---|---|---|---|"]
         for s in out["students"]:

@@ -1,7 +1,8 @@
 """results.md: the table of docs/METHOD.md section 5, a piece per section."""
 from utils.stats import ALPHA, MIN_SEEDS, RULE
 
-from .cells import below_cell, chosen_note, count, few_seeds_note, fmt, precision_mark, provenance_mark, seeded, tau_cell, verdict_cell
+from .cells import (below_cell, chosen_note, count, few_seeds_note, fmt, precision_mark, provenance_mark, seeded,
+                    tau_cell, verdict_cell)
 from .names import TEACHER_NAMES, kd_arms, teacher_order
 from .verdicts import bar_name, bar_of, bar_text, floor_of
 
@@ -85,7 +86,8 @@ def _teacher_lines(res):
         t = res["teachers"].get(key)
         if t:
             mark = provenance_mark(res.get("provenance", {}).get(t["folder"], {}))
-            lines.append(f"| {TEACHER_NAMES[key]} | {fmt(t['acc'])}{mark} | {fmt(t['delta'], signed=True) if key != 'original' else '–'} | "
+            lines.append(f"| {TEACHER_NAMES[key]} | {fmt(t['acc'])}{mark} | "
+                         f"{fmt(t['delta'], signed=True) if key != 'original' else '–'} | "
                          f"{fmt(t['kendall'], '{:.3f}')} | {fmt(t['reversed_top1'], '{:.3f}')} | "
                          f"{fmt(t['nt_entropy'], '{:.3f}')} | {fmt(t['ece'], '{:.3f}')} |")
     return lines
@@ -217,14 +219,14 @@ def _frontier_lines(res):
              "is a teacher within 0.5 point of the original whose strongest attack stays at "
              f"or below {'the label-smoothing bar' if bar_name(res) == 'ls' else 'the bar, ' + bar_text(res)} "
              "(`fig_frontier.png`).", "",
-             "| student | teacher | teacher acc (Δ vs original) | strongest attack | its student | Δ vs bar | verdict (p) "
-             "| every attack KD-resistant |", "|---|---|---|---|---|---|---|---|"]
+             "| student | teacher | teacher acc (Δ vs original) | strongest attack | its student | Δ vs bar | "
+             "verdict (p) | every attack KD-resistant |", "|---|---|---|---|---|---|---|---|"]
     for r in rows_:
         delta = "" if r["teacher"] == "original" else f" ({fmt(r['teacher_delta'], signed=True)})"
         entry = {"acc": r["acc"], "std": r["std"], "n": r["n"]}
         held = f"yes ({_attacks_held(r)})" if r["resists_all"] else f"no ({count(r['attacks'], 'attack')})"
-        lines.append(f"| `{r['arch']}` | {TEACHER_NAMES[r['teacher']]} | {fmt(r['teacher_acc'])}{delta} | {r['strongest']} "
-                     f"| {seeded(entry)}{precision_mark(r, {'precision': r.get('bar_precision')})} | "
+        lines.append(f"| `{r['arch']}` | {TEACHER_NAMES[r['teacher']]} | {fmt(r['teacher_acc'])}{delta} | "
+                     f"{r['strongest']} | {seeded(entry)}{precision_mark(r, {'precision': r.get('bar_precision')})} | "
                      f"{fmt(r['delta_ls'], signed=True)} | "
                      f"{verdict_cell({'verdict': r['verdict'], 'p': r['p'], 'n_paired': r['n']})} | "
                      f"{held} |")

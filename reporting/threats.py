@@ -56,7 +56,8 @@ def threat_summary(out_root, folders):
                 continue
             cells.append(summary_cell(r))
         lines.append(f"| {arch} | {TEACHER_NAMES[teacher]} | " + " | ".join(cells) + " |")
-    lines += ["", "Figure: `fig_threats.png` (strongest-attack Δ against the thief's images, with and without labels).",
+    lines += ["",
+              "Figure: `fig_threats.png` (strongest-attack Δ against the thief's images, with and without labels).",
               f"Rebuild with `python report.py {out_root} --threats {' '.join(folders)}`.", ""]
     os.makedirs(out_root, exist_ok=True)
     atomic_write_json(os.path.join(out_root, "summary.json"), summary)

@@ -6,7 +6,8 @@ from utils.stats import MIN_SEEDS, verdict
 from .names import TEACHER_NAMES, teacher_order
 
 
-BAR_NAMES = {"ls": "label smoothing 0.1 on the true labels", "hardlabel": "the hard-label floor (KD on the original's argmax alone)"}
+BAR_NAMES = {"ls": "label smoothing 0.1 on the true labels",
+             "hardlabel": "the hard-label floor (KD on the original's argmax alone)"}
 
 
 def bar_name(res):

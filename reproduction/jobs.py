@@ -228,8 +228,8 @@ def run_plan(steps, selected, exp_root, teachers_root, manifest, data_root, devi
             print(f"{job['head']}: {job['verb']} ({(time.time() - t0) / 60:.1f} min so far)", flush=True)
             code = run_step(job["step"]["script"], job["argv"])
             if code != 0:
-                raise UserError(f"step {' + '.join(job_names(job))} failed (exit {code}); fix the cause and re-run the same "
-                                f"command: finished steps are skipped and this one resumes")
+                raise UserError(f"step {' + '.join(job_names(job))} failed (exit {code}); fix the cause and "
+                                f"re-run the same command: finished steps are skipped and this one resumes")
     elif todo:
         run_parallel(todo, jobs, t0)
     return todo

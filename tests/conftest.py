@@ -26,7 +26,8 @@ import fakedata  # noqa: E402
 
 TEST_DEVICE = os.environ.get("TEST_DEVICE", "cpu")
 HAS_CUDA = torch.cuda.is_available()
-CUDA_SKIP_REASON = "needs a CUDA GPU and none is visible (on a GPU machine: TEST_DEVICE=cuda python -m pytest -m device)"
+CUDA_SKIP_REASON = ("needs a CUDA GPU and none is visible "
+                    "(on a GPU machine: TEST_DEVICE=cuda python -m pytest -m device)")
 # The device of the CUDA-only tests: TEST_DEVICE when it names a GPU, else the first one.
 CUDA_DEVICE = TEST_DEVICE if TEST_DEVICE.startswith("cuda") else "cuda"
 

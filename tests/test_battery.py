@@ -29,7 +29,8 @@ def _same_run(a, b, tol=1e-5, train_rows=True):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k].float(), wb[k].float(), atol=tol, rtol=0), (a, k)
-    ha, hb = read_json(os.path.join(a, "metrics.json"))["history"], read_json(os.path.join(b, "metrics.json"))["history"]
+    ha, hb = (read_json(os.path.join(a, "metrics.json"))["history"],
+              read_json(os.path.join(b, "metrics.json"))["history"])
     for ra, rb in zip(ha, hb):
         for key in ra:
             if key.startswith("train_") and key != "train_img_per_s" and train_rows or key == "test_acc":

@@ -121,7 +121,8 @@ def test_schedule_frontier_takes_the_strongest_attack_per_teacher_and_schedule(t
     f = front[("nasty_resnet20", 24)]  # the vanilla run has no second schedule, so only dkd is compared
     assert (f["strongest"], f["attacks"], f["verdict"], f["resists_all"]) == ("dkd", ["dkd"], "KD-resistant", True)
     assert front[("nasty_resnet20", 3)]["harmful"]
-    assert [(f["teacher"], f["epochs"]) for f in out["frontier"]][:2] == [("teacher_resnet20", 3), ("teacher_resnet20", 24)]
+    assert ([(f["teacher"], f["epochs"]) for f in out["frontier"]][:2]
+            == [("teacher_resnet20", 3), ("teacher_resnet20", 24)])
     text = open(os.path.join(long, "curve.md")).read()
     assert ("| cnn | nasty_resnet20 (87.60) | 24 | 1: dkd | dkd | 79.00 (1) | -1.00 | KD-resistant (n=1) | yes |"
             in text)
@@ -139,7 +140,8 @@ def test_each_data_size_is_its_own_arm_against_its_own_bar(tmp_path):
             _run(curve, f"kd_n{n}_e{e}", e, kd, attack="vanilla", tau=4.0, subset=n, subset_seed=0)
     out = report.curve(curve)
     labels = {a["label"] for a in out["arms"]}
-    assert "label smoothing (cnn, 1,000 images)" in labels and "vanilla KD from teacher_resnet20 (cnn, 5,000 images)" in labels
+    assert ("label smoothing (cnn, 1,000 images)" in labels
+            and "vanilla KD from teacher_resnet20 (cnn, 5,000 images)" in labels)
     diffs = {s["label"]: [r["diff"] for r in s["rows"]] for s in out["schedule"]}
     assert diffs["vanilla KD from teacher_resnet20 (cnn, 1,000 images)"] == [8.0, 8.0]
     assert diffs["vanilla KD from teacher_resnet20 (cnn, 5,000 images)"] == [6.0, 6.0]

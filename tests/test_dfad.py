@@ -195,7 +195,8 @@ def test_interrupt_then_resume_matches_uninterrupted(tmp_path, test_only_root, t
     for k in ca["model"]:
         torch.testing.assert_close(ca["model"][k], cb["model"][k], rtol=1e-5, atol=1e-6)
     for k in ca["parts"]["generator"]["module"]:
-        torch.testing.assert_close(ca["parts"]["generator"]["module"][k], cb["parts"]["generator"]["module"][k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ca["parts"]["generator"]["module"][k], cb["parts"]["generator"]["module"][k],
+                                   rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -41,7 +41,8 @@ def test_a_grid_teacher_brought_to_judge_gets_the_grid_verdicts(judged, threat_r
     for name in ("s50", "s50nl"):
         grid = read_json(os.path.join(roots[name], "results.json"))
         mine = read_json(os.path.join(judged, name, "results.json"))
-        grid_rows = {k: v for k, v in _accs(grid, "cnn_small").items() if k.split("/")[0] in ("ls", "nasty", "original")}
+        grid_rows = {k: v for k, v in _accs(grid, "cnn_small").items()
+                     if k.split("/")[0] in ("ls", "nasty", "original")}
         assert _accs(mine, "cnn_small") == grid_rows  # same students, same accuracies, same verdicts
         assert mine["teachers"]["nasty"]["acc"] == grid["teachers"]["nasty"]["acc"]
         assert mine["teachers"]["nasty"]["delta"] == pytest.approx(grid["teachers"]["nasty"]["delta"])
@@ -52,10 +53,12 @@ def test_a_grid_teacher_brought_to_judge_gets_the_grid_verdicts(judged, threat_r
         assert all(p["status"] == "ok" for p in mine["provenance"].values())
     # the label-free thief's label smoothing and hard-label students are the labelled thief's, trained once
     names = {s["name"] for s in read_json(os.path.join(judged, "s50nl", "steps.json"))["steps"]}
-    assert {"../s50/ls_cnn_small", "../s50/kd_hardlabel_original_cnn_small", "../s50/kd_hardlabel_nasty_cnn_small"} <= names
+    assert {"../s50/ls_cnn_small", "../s50/kd_hardlabel_original_cnn_small",
+            "../s50/kd_hardlabel_nasty_cnn_small"} <= names
     assert not os.path.exists(os.path.join(judged, "s50nl", "ls_cnn_small"))
     assert os.path.isfile(os.path.join(judged, "s50", "kd_hardlabel_nasty_cnn_small", "metrics.json"))
-    assert os.path.isfile(os.path.join(judged, "summary.md")) and os.path.isfile(os.path.join(judged, "fig_threats.png"))
+    assert (os.path.isfile(os.path.join(judged, "summary.md"))
+            and os.path.isfile(os.path.join(judged, "fig_threats.png")))
     imported = read_json(os.path.join(judged, "teachers", "nasty", "metrics.json"))
     assert imported["imported"]["source_sha256"] == judge.file_sha256(imported["imported"]["source"])
 

@@ -30,7 +30,8 @@ def _exp(tmp_path, cifar_root, teacher, name="run", **over):
 
 def _error_lines(capsys):
     err = [line.split("\r")[-1] for line in capsys.readouterr().err.splitlines()]
-    return [line for line in err if line.strip() and "it/s" not in line and "s/it" not in line]  # progress-bar lines aside
+    return [line for line in err
+            if line.strip() and "it/s" not in line and "s/it" not in line]  # progress-bar lines aside
 
 
 def _tree(path):
@@ -221,7 +222,8 @@ def test_interrupted_sweep_resumes_every_unfinished_tau(tmp_path, cifar_root, te
     assert out.count("skipped") == 2 and "tau 10" in out
     m10 = read_json(os.path.join(d, "tau_10", "metrics.json"))
     assert m10["battery"] == [os.path.join(d, "tau_10")]
-    assert read_json(os.path.join(d, "tau_1", "metrics.json"))["battery"] == [os.path.join(d, f"tau_{t}") for t in (1, 4)]
+    assert (read_json(os.path.join(d, "tau_1", "metrics.json"))["battery"]
+            == [os.path.join(d, f"tau_{t}") for t in (1, 4)])
 
 
 # ------------------------------------------------------------------------------------------ bad input

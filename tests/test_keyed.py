@@ -1,5 +1,5 @@
-"""The keyed defences (the variants of METHOD.md section 9): a secret permutation of the non-target ranks chosen by the top-1
-class, optionally with the target-versus-rest split fixed; the key is never written anywhere but its own file."""
+"""The keyed defences (the variants of METHOD.md section 9): a secret permutation of the non-target ranks chosen by the
+top-1 class, optionally with the target-versus-rest split fixed; the key is never written anywhere but its own file."""
 import os
 
 import pytest

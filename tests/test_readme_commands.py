@@ -144,7 +144,8 @@ def test_the_readme_shows_only_commands_that_are_run(capsys):
         if script_command in tested:
             continue
         tokens = shlex.split(script_command)
-        assert PLACEHOLDERS & set(tokens), f"README line {number}: {command!r} is neither run by this test nor a template"
+        assert PLACEHOLDERS & set(tokens), (
+            f"README line {number}: {command!r} is neither run by this test nor a template")
         assert tokens[0] in MAIN, f"README line {number}: {tokens[0]} is not a script"
         capsys.readouterr()
         assert run_main(MAIN[tokens[0]], ["--help"]) == 0

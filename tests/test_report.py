@@ -33,8 +33,8 @@ def _preset(root, runs, threat=None):
     for name, role, m in runs:
         if m is None:  # a step without results yet
             continue
-        m = dict({"seed": role.get("seed", 0), "wall_time_s": 60.0, "history": [{"epoch": 1, "test_acc": m["final_acc"]}]},
-                 **m)
+        m = dict({"seed": role.get("seed", 0), "wall_time_s": 60.0,
+                  "history": [{"epoch": 1, "test_acc": m["final_acc"]}]}, **m)
         if role["kind"] == "teacher":
             m.setdefault("weights_sha256", f"sha-{name}")
         if role["kind"] == "teacher" and role["teacher"] != "original":
@@ -84,7 +84,8 @@ def test_collect_gives_every_arm_its_seeds_mean_and_verdict_against_the_bar(pres
     s = res["students"]["cnn"]
     assert s["ls"]["accs"] == BAR and s["ls"]["n"] == 3 and s["ls"]["acc"] == pytest.approx(65.2333, abs=1e-4)
     up, down = s["kd"]["original"]["vanilla"], s["kd"]["nasty"]["vanilla"]
-    assert up["accs"] == {0: 68.0, 1: 68.6, 2: 68.4} and up["folders"] == [f"kd_vanilla_original_cnn_s{i}" for i in range(3)]
+    assert (up["accs"] == {0: 68.0, 1: 68.6, 2: 68.4}
+            and up["folders"] == [f"kd_vanilla_original_cnn_s{i}" for i in range(3)])
     assert up["delta_ls"] == pytest.approx(3.1) and up["delta_scratch"] == pytest.approx(3.5)
     assert up["verdict"] == "distillable" and up["p"] < 0.05 and up["n_paired"] == 3
     assert down["verdict"] == "KD-resistant" and down["harmful"]
@@ -279,7 +280,8 @@ def test_the_strongest_attack_is_ranked_by_its_paired_delta_not_by_a_mean_over_f
 
 
 def test_cells_read_as_the_table_prints_them():
-    assert fmt(None) == "–" and fmt(1.234) == "1.23" and fmt(1.0, signed=True) == "+1.00" and fmt(0.5, "{:g}") == "0.5"
+    assert (fmt(None) == "–" and fmt(1.234) == "1.23" and fmt(1.0, signed=True) == "+1.00"
+            and fmt(0.5, "{:g}") == "0.5")
     assert seeded(None) == "–" and seeded({"acc": None}) == "–"
     assert seeded({"acc": 65.123, "std": 0.456, "n": 3}) == "65.12 ± 0.46 (3)"
     assert verdict_cell({}) == "–"

@@ -51,7 +51,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, cifar_root, capsys, params, args
     before = sorted(os.listdir(d))
     assert run_main(train_scratch.main, ["--save_path", d] + args) == 2
     err = [line.split("\r")[-1] for line in capsys.readouterr().err.splitlines()]
-    err = [line for line in err if line.strip() and "it/s" not in line and "s/it" not in line]  # progress-bar lines aside
+    err = [line for line in err
+           if line.strip() and "it/s" not in line and "s/it" not in line]  # progress-bar lines aside
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     if message != "NaN/inf":  # a NaN run has trained and logged; everything else touches nothing
         assert sorted(os.listdir(d)) == before

@@ -106,7 +106,8 @@ def test_a_hard_label_thief_trains_the_same_student_with_or_without_labels(tmp_p
 
 def test_transfer_images_train_a_label_free_thief(tmp_path, cifar_root, teacher):
     fakedata.make_cifar100(cifar_root_copy := str(tmp_path / "data"), train_per_class=2)
-    shutil.copytree(os.path.join(cifar_root, "cifar-10-batches-py"), os.path.join(cifar_root_copy, "cifar-10-batches-py"))
+    shutil.copytree(os.path.join(cifar_root, "cifar-10-batches-py"),
+                    os.path.join(cifar_root_copy, "cifar-10-batches-py"))
     d = make_exp(tmp_path / "transfer", **dict(TINY, data_root=cifar_root_copy, teacher=teacher, epochs=1,
                                                transfer="cifar100", labels=False, subset=100))
     assert run_main(train_kd.main, ["--save_path", d]) == 0
@@ -151,7 +152,8 @@ def test_scoring_every_few_epochs_trains_the_same_model(tmp_path, cifar_root, te
         d = make_exp(tmp_path / f"every{every}", **dict(TINY, data_root=cifar_root, teacher=teacher, epochs=3,
                                                         eval_every=every))
         assert run_main(train_kd.main, ["--save_path", d]) == 0
-        out[every] = (load_checkpoint(os.path.join(d, "weights.pth"))["model"], read_json(os.path.join(d, "metrics.json")))
+        out[every] = (load_checkpoint(os.path.join(d, "weights.pth"))["model"],
+                      read_json(os.path.join(d, "metrics.json")))
     (w1, m1), (w2, m2) = out[1], out[2]
     assert all(torch.equal(w1[k], w2[k]) for k in w1) and m1["final_acc"] == m2["final_acc"]
     assert [("test_acc" in r) for r in m2["history"]] == [False, True, True]  # epochs 2 and 3 (the last)

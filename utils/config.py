@@ -44,7 +44,8 @@ TRAIN_DEFAULTS = {
     "channels_last": True,
     "compile": False,
     "log_every": 25,         # steps between host syncs for the progress bar
-    "eval_every": 1,         # epochs between test evaluations (the last is always scored; a small subset's epoch is short)
+    "eval_every": 1,         # epochs between test evaluations (the last is always scored; a small subset's
+                             # epoch is short)
 }
 
 # Keys that do not change what a run computes: where the data lives, which device, how often the bar updates
@@ -176,7 +177,8 @@ def _parse_cli_value(key, text, default):
 def read_params(save_path, defaults, script=None):
     path = os.path.join(save_path, "params.json")
     if not os.path.isfile(path):
-        raise UserError(f"{path} not found; create it (copy one from exps/) or point --save_path at an experiment folder")
+        raise UserError(f"{path} not found; create it (copy one from exps/) "
+                        "or point --save_path at an experiment folder")
     try:
         with open(path) as f:
             params = json.load(f)
@@ -216,7 +218,8 @@ def validate(cfg, source="config"):
         raise UserError(f"{source}: 'milestones' must be a list of positive epoch numbers")
     if cfg.get("transfer"):
         if cfg["transfer"] not in DATASETS:
-            raise UserError(f"{source}: 'transfer' must be empty or one of {', '.join(DATASETS)}, got '{cfg['transfer']}'")
+            raise UserError(f"{source}: 'transfer' must be empty or one of {', '.join(DATASETS)}, "
+                            f"got '{cfg['transfer']}'")
         if cfg.get("labels", True):
             raise UserError(f"{source}: transfer data ({cfg['transfer']}) has no labels for {cfg.get('dataset')}'s "
                             f"classes; set labels to false")

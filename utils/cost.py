@@ -4,10 +4,11 @@ or from the finished runs of a folder (what is left of a grid, at the pace its l
     python reproduce.py --preset paper --dry_run --cost bench/cuda_check_out/epoch_times.json
     python reproduce.py --preset mini --threat p2 --dry_run --cost exps/threat_p2
 
-A folder's epoch times (epoch_times_from_runs, read by reproduction.state.epoch_times_of) are, per script/model, the median of train_time_s / epochs over its
-finished lone runs (a battery's students share one clock, a sweep's runs sit a level down: both left out), with the
-batch size and the thief's image count they ran at: a step with another count gets no estimate. They hold for the
-machine those runs ran on, one run per slot (a CPU thread or a GPU, as they ran): with --jobs N, divide the total by N.
+A folder's epoch times (epoch_times_from_runs, read by reproduction.state.epoch_times_of) are, per script/model, the
+median of train_time_s / epochs over its finished lone runs (a battery's students share one clock, a sweep's runs sit
+a level down: both left out), with the batch size and the thief's image count they ran at: a step with another count
+gets no estimate. They hold for the machine those runs ran on, one run per slot (a CPU thread or a GPU, as they ran):
+with --jobs N, divide the total by N.
 
 The epoch times file maps "script/model" to the seconds one epoch of that script takes with the preset's
 settings, either as a number or as {"seconds_per_epoch": s, ...}; an entry may also record the batch_size

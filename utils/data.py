@@ -114,7 +114,8 @@ def _load_tiny(root, train, download):
         _download("tinyimagenet", root)
     wnids_path = os.path.join(folder, "wnids.txt")
     if not os.path.isfile(wnids_path):
-        raise UserError(f"tinyimagenet: missing {wnids_path}; point --data_root at the folder holding tiny-imagenet-200/")
+        raise UserError(f"tinyimagenet: missing {wnids_path}; "
+                        "point --data_root at the folder holding tiny-imagenet-200/")
     wnids = [w.strip() for w in open(wnids_path) if w.strip()]
     index = {w: i for i, w in enumerate(wnids)}
     items = []

@@ -326,7 +326,8 @@ class KeyedPermutation(Defence):
     @classmethod
     def check(cls, cfg, source):
         if not 0 <= cfg["keyed_confidence"] < 1:
-            raise UserError(f"{source}: 'keyed_confidence' must be in [0, 1) (0: not fixed), got {cfg['keyed_confidence']}")
+            raise UserError(f"{source}: 'keyed_confidence' must be in [0, 1) (0: not fixed), "
+                            f"got {cfg['keyed_confidence']}")
         if not cfg["keyed_tau"] > 0:
             raise UserError(f"{source}: 'keyed_tau' must be > 0, got {cfg['keyed_tau']}")
 

@@ -425,7 +425,8 @@ class Engine:
         self._plan_replace()
         if self.resume:
             start_epoch, start_step = self._load_resume()
-            self.log(f"resumed from {os.path.join(self.save_path, 'last.pth')} at epoch {start_epoch} step {start_step}")
+            self.log(f"resumed from {os.path.join(self.save_path, 'last.pth')} "
+                     f"at epoch {start_epoch} step {start_step}")
         elif self.is_main and os.path.exists(os.path.join(self.save_path, "last.pth")):
             self.log(f"note: starting afresh; the old checkpoints in {self.save_path} will be replaced "
                      f"(use --resume to continue them)")
@@ -594,8 +595,8 @@ class Engine:
         if bad > 0:
             step = int(first_bad.item())
             msg = (f"loss became NaN/inf (or above {LOSS_LIMIT:g}) at epoch {epoch + 1}, step {step + 1}; the likely "
-                   f"cause is a learning rate too high for this model (lr={self.cfg['lr']}) or a loss weight too large; "
-                   f"lower --lr and start again (the last good checkpoint in {self.save_path} is kept)")
+                   f"cause is a learning rate too high for this model (lr={self.cfg['lr']}) or a loss weight "
+                   f"too large; lower --lr and start again (the last good checkpoint in {self.save_path} is kept)")
             raise UserError(msg)
 
     def _check_weights(self, name):
