@@ -64,12 +64,13 @@ def violations(source, filename="<source>"):
     return out
 
 
-def source_files():
-    """Every .py file of the repository outside tests/, hidden folders and caches, relative to ROOT."""
+def source_files(tests=False):
+    """Every .py file of the repository outside hidden folders and caches (and outside tests/ unless tests),
+    relative to ROOT."""
     out = []
     for folder, dirs, files in os.walk(ROOT):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__"
-                         and not (folder == ROOT and d == "tests"))
+                         and (tests or not (folder == ROOT and d == "tests")))
         out += [os.path.relpath(os.path.join(folder, f), ROOT) for f in sorted(files) if f.endswith(".py")]
     return out
 
