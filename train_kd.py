@@ -12,8 +12,9 @@ kd_delay epochs, the final head learning from labels and that head).
 With tau_sweep the attack runs once per tau into SAVE_PATH/tau_<tau>/ and SAVE_PATH/sweep.json names the best;
 alpha_sweep adds the KD weight (SAVE_PATH/tau_<tau>_alpha_<alpha>/). The best is picked on the test split (an
 upper bound) unless val_split > 0: then val_split of the thief's own training images are held out (a draw fixed
-by subset_seed, never trained on) and the thief picks there, as a real thief would. tau_from then runs any
-attack at what such a sweep picked: the thief's own tau (and alpha), for the same images and teacher.
+by subset_seed, never trained on) and the thief picks there, as a real thief would, by top-1 or (select_by
+val_nll) by cross-entropy. tau_from then runs any attack at what such a sweep picked: the thief's own tau (and
+alpha), for the same images and teacher.
 
     python train_kd.py --save_path exps/t/kd_vanilla_nasty_sweep --tau_sweep 1,4,10,20 --val_split 500
     python train_kd.py --save_path exps/t/kd_dkd_nasty --attack dkd --tau_from exps/t/kd_vanilla_nasty_sweep
@@ -31,7 +32,7 @@ from collections import Counter
 import torch
 
 import models
-from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, finished_weights, input_record
+from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, finished_weights, freeze, git_commit, input_record
 from utils.config import (TRAIN_DEFAULTS, checkpoint_keys, close_match, parse_config, resolve_config, thief_has_labels,
                           write_config)
 from utils.constants import DATASETS
@@ -39,14 +40,17 @@ from utils.engine import Engine, Member, Task, refuse_finished, train_together, 
 from utils.errors import UserError, cli_main
 from utils.attacks import ATTACKS, attack_keys
 from utils import battery as bat
-from utils.thief import SWEEP_PROTOCOL, VAL_PROTOCOL, grid, load_teacher, read_done, tau_name, tuned
+from utils.thief import (SELECT_BY, SWEEP_PROTOCOL, VAL_PROTOCOL, check_sweep_keys, grid, load_teacher, read_done,
+                         scores_from_weights, tau_name, tuned, val_scores, val_sums)
 
 DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", **checkpoint_keys("teacher"), tau=4.0, attack="vanilla", **attack_keys(),
-                tau_sweep=[], alpha_sweep=[], val_split=0, tau_from="", teacher_cache="auto")
+                tau_sweep=[], alpha_sweep=[], val_split=0, select_by="val_acc", tau_from="", teacher_cache="auto")
 HELP_NOTES = {"teacher_cache": "keep the frozen teacher's answer for each augmented version of a training image "
                                "and answer repeats from it (auto: on a CPU, when the table fits in 1 GiB and it "
                                "saves at least a fifth of the teacher's forwards, as on a small thief set trained "
-                               "long; on a GPU only with on)"}
+                               "long; on a GPU only with on)",
+              "select_by": "how a sweep with val_split picks its run: val_acc (the highest top-1 on the held-out "
+                           "images) or val_nll (the lowest cross-entropy there)"}
 
 
 
@@ -65,20 +69,8 @@ def check_kd_config(cfg, source):
     if cfg["label_smoothing"]:
         raise UserError(f"{source}: 'label_smoothing' is not used by train_kd.py; remove it (the label-smoothing "
                         f"student is trained by train_scratch.py)")
-    for tau in cfg["tau_sweep"]:
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
-            raise UserError(f"{source}: 'tau_sweep' must be a list of temperatures > 0, e.g. 1,4,10,20; "
-                            f"got {json.dumps(cfg['tau_sweep'])}")
-    for alpha in cfg["alpha_sweep"]:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise UserError(f"{source}: 'alpha_sweep' must be a list of KD weights in [0, 1], e.g. 0.5,0.9; "
-                            f"got {json.dumps(cfg['alpha_sweep'])}")
-    if cfg["val_split"] < 0:
-        raise UserError(f"{source}: 'val_split' must be >= 0 (images held out of the thief's training images; 0: "
-                        f"none), got {cfg['val_split']}")
-    if cfg["tau_from"] and (cfg["tau_sweep"] or cfg["alpha_sweep"]):
-        raise UserError(f"{source}: 'tau_from' runs at a finished sweep's pick, 'tau_sweep'/'alpha_sweep' make this a "
-                        f"sweep itself; keep one of them")
+    check_sweep_keys(cfg, source)
+
 
 SINGLE_RUN_FILES = ("metrics.json", WEIGHTS_FILE, "last.pth", "best.pth", "log.csv")
 
@@ -126,27 +118,19 @@ class KDTask(Task):
         return self.attack.loss(s, view, y, self.engine.progress, modules), s, y
 
     @torch.no_grad()
-    def val_acc(self):
-        """Top-1 (%) of the student on the thief's validation split, against the labels the thief holds (the
-        teacher's argmax for a thief without labels); None without a validation split."""
+    def val_scores(self):
+        """{"val_acc": top-1 (%), "val_nll": mean cross-entropy} of the student on the thief's validation split,
+        against the labels the thief holds (the teacher's argmax for a thief without labels); {} without one."""
         engine = self.engine
         loader = engine.loaders.get("val")
         if loader is None:
-            return None
+            return {}
         model = engine.model
         was = model.training
         model.eval()
-        counts = torch.zeros(2, device=engine.device)
-        for x, y in loader:
-            with engine.autocast():
-                s = model(x)
-                if not self.labels:
-                    y = self.teacher(x).argmax(1)
-            counts[0] += (s.float().argmax(1) == y).sum()
-            counts[1] += len(y)
+        sums = val_sums(model, loader, self.teacher, self.labels, engine.autocast)
         model.train(was)
-        correct, total = engine.all_reduce(counts).tolist()
-        return 100.0 * correct / total
+        return val_scores(engine.all_reduce(sums))
 
     def answer_cache(self):
         """The AnswerCache around the teacher (inside a battery's SharedForward), or None."""
@@ -160,9 +144,7 @@ class KDTask(Task):
         cache = self.answer_cache()
         if cache is not None:
             m["teacher_answers"] = cache.record()
-        val = self.val_acc()
-        if val is not None:
-            m["val_acc"] = val
+        m.update(self.val_scores())
         return m
 
 
@@ -276,15 +258,22 @@ def sweep(cfg, save_path, resume=False, overwrite=False):
     if single and not overwrite:
         raise UserError(f"{save_path} holds a single run ({', '.join(single)}), not a sweep; add --overwrite to "
                         f"remove it and run the sweep there, or give the sweep a folder of its own")
-    _, ckpt = load_teacher(cfg)  # a bad teacher stops the sweep before any folder is made
+    teacher_model, ckpt = load_teacher(cfg)  # a bad teacher stops the sweep before any folder is made
     teacher = input_record(cfg["teacher"], ckpt)
     plan = []
     for name, folder, tau, alpha in grid(cfg):
         sub = os.path.join(save_path, folder)
-        sub_cfg = dict(cfg, tau=tau, alpha=alpha, tau_sweep=[], alpha_sweep=[])
+        # select_by is the sweep's, not its runs': a run is the same whichever way the sweep picks among them
+        sub_cfg = {k: v for k, v in dict(cfg, tau=tau, alpha=alpha, tau_sweep=[], alpha_sweep=[]).items()
+                   if k != "select_by"}
         what = f"tau {tau_name(tau)}" + (f", alpha {alpha:g}" if cfg["alpha_sweep"] else "")
         # --overwrite trains every run again from the start; without it a finished run of this config is reused
         plan.append((name, what, sub, sub_cfg) + ((None, None) if overwrite else read_done(sub, sub_cfg, teacher)))
+    # finished runs that predate val_nll are scored from their weights, before anything is trained or written
+    scored_after = [p[0] for p in plan if cfg["select_by"] == "val_nll" and p[4] and "val_nll" not in p[4]]
+    for name, _, sub, sub_cfg, done, _ in plan:
+        if name in scored_after:
+            done["val_nll"] = scores_from_weights(sub_cfg, sub, freeze(teacher_model))["val_nll"]
     is_main = int(os.environ.get("RANK", 0)) == 0
     if is_main:
         acquire(save_path)
@@ -325,8 +314,8 @@ def sweep(cfg, save_path, resume=False, overwrite=False):
     results.update(zip([name for name, _ in todo], trained))
     results = {name: results[name] for name, *_ in plan}  # the sweep's order: a tie goes to the first
     on_val = cfg["val_split"] > 0
-    score = "val_acc" if on_val else "final_acc"
-    best = max(results, key=lambda n: results[n][score])  # the first of a tie, in the sweep's order
+    score = cfg["select_by"] if on_val else "final_acc"
+    best = SELECT_BY.get(score, max)(results, key=lambda n: results[n][score])  # a tie: the first, in sweep order
     best_cfg = next(p[3] for p in plan if p[0] == best)
     summary = {
         "final_acc": {n: m["final_acc"] for n, m in results.items()},
@@ -335,23 +324,29 @@ def sweep(cfg, save_path, resume=False, overwrite=False):
         "best_tau": best_cfg["tau"], "best_acc": results[best]["final_acc"],
         "attack": cfg["attack"], "model": cfg["model"], "teacher": cfg["teacher"],
         "teacher_acc": results[best].get("teacher_acc"), "protocol": VAL_PROTOCOL if on_val else SWEEP_PROTOCOL,
-        "inputs": {"teacher": teacher}, "config": cfg,
+        "inputs": {"teacher": teacher}, "config": cfg, "git_commit": git_commit(),
     }
     if cfg["alpha_sweep"]:
         summary.update(best_alpha=best_cfg["alpha"], best_run=best)
     if on_val:
-        summary.update(selected_on="val", val_acc={n: m["val_acc"] for n, m in results.items()},
+        summary.update(selected_on="val", selected_by=score, val_acc={n: m["val_acc"] for n, m in results.items()},
                        val_images=results[best].get("thief", {}).get("val_images"))
+        if all("val_nll" in m for m in results.values()):
+            summary["val_nll"] = {n: m["val_nll"] for n, m in results.items()}
+            if score == "val_nll" and scored_after:
+                summary["val_nll_from_weights"] = scored_after  # their metrics.json predate val_nll
     if is_main:
         atomic_write_json(os.path.join(save_path, "sweep.json"), summary)
         label = "tau/alpha" if cfg["alpha_sweep"] else "tau"
         width = 10 if cfg["alpha_sweep"] else 8
-        print(f"\n{label:>{width}}  final_acc" + ("    val_acc" if on_val else ""))
+        nll = "val_nll" in summary
+        print(f"\n{label:>{width}}  final_acc" + ("    val_acc" if on_val else "") + ("    val_nll" if nll else ""))
         for n, m in results.items():
-            val = f"  {m['val_acc']:9.2f}" if on_val else ""
+            val = (f"  {m['val_acc']:9.2f}" if on_val else "") + (f"  {m['val_nll']:9.4f}" if nll else "")
             print(f"{n:>{width}}  {m['final_acc']:9.2f}{val}{'  <- best' if n == best else ''}")
         alpha = f", alpha {best_cfg['alpha']:g}" if cfg["alpha_sweep"] else ""
-        print(f"best tau {tau_name(best_cfg['tau'])}{alpha}" + (" (on the validation split)" if on_val else "") +
+        where = f" (on the validation split, by {score})" if on_val else ""
+        print(f"best tau {tau_name(best_cfg['tau'])}{alpha}{where}" +
               f": final test acc {summary['best_acc']:.2f} ({cfg['attack']} KD of {cfg['model']} from "
               f"{cfg['teacher']}); {os.path.join(save_path, 'sweep.json')}", flush=True)
     return summary
@@ -367,6 +362,7 @@ def parse_args(argv=None):
     """The command line of train_kd.py: (args namespace, parser), as utils/config.py parse_config gives them."""
     return parse_config(__doc__.splitlines()[0], DEFAULTS, argv, extra_args=_battery_arg,
                         choices={"attack": tuple(ATTACKS), "rereverse_target": ATTACKS["rereverse"].TARGETS,
+                                 "select_by": tuple(SELECT_BY),
                                  "teacher_cache": bat.CACHE_MODES},
                         script="train_kd.py", notes=HELP_NOTES)
 

@@ -91,7 +91,8 @@ def tau_cell(arm, attack=None):
     if not chosen:
         return cell
     alpha = f", α {_per_seed(arm.get('alphas'), chosen['alpha'])}" if chosen.get("alpha") is not None else ""
-    return f"{cell}{alpha} (val {chosen.get('val_images')})"
+    by = ", by cross-entropy" if chosen.get("by") == "val_nll" else ""
+    return f"{cell}{alpha} (val {chosen.get('val_images')}{by})"
 
 
 def _per_seed(by_seed, first):
@@ -106,7 +107,10 @@ def chosen_note(student):
     """The line under a student's table when a τ there was picked on the thief's validation split; none else."""
     if not any(a.get("chosen") for a in kd_arms(student)):
         return []
+    nll = any((a.get("chosen") or {}).get("by") == "val_nll" for a in kd_arms(student))
     return ["", "best τ marked (val N): the thief picked τ (and α where shown) on N of its own training images, "
                 "held out of the student's training (val_split), once per seed (where the seeds picked differently, "
                 "each seed's pick in seed order); the accuracy shown is on the test split. Unmarked: picked on the "
-                "test split, an upper bound."]
+                "test split, an upper bound." + (" (val N, by cross-entropy): picked there by the lowest mean "
+                                                 "cross-entropy (select_by val_nll), not the highest top-1." if nll
+                                                 else "")]

@@ -34,6 +34,8 @@ def read_run(exp_root, name):
                "metrics": metrics, "seconds": total_seconds(runs.values()), "inputs": _sweep_inputs(runs.values())}
         if sweep.get("selected_on") == "val":  # the thief picked on its own held-out images
             out["chosen"] = {"alpha": sweep.get("best_alpha"), "val_images": sweep.get("val_images")}
+            if sweep.get("selected_by", "val_acc") != "val_acc":
+                out["chosen"]["by"] = sweep["selected_by"]
         return out
     metrics = read_json(os.path.join(folder, "metrics.json"))
     if metrics is None:
@@ -43,6 +45,8 @@ def read_run(exp_root, name):
     tuned = metrics.get("tau_from")
     if tuned:  # a run at the tau (and alpha) a sweep of the thief picked on its own held-out images
         out["chosen"] = {"alpha": tuned.get("alpha"), "val_images": tuned.get("val_images")}
+        if tuned.get("selected_by", "val_acc") != "val_acc":
+            out["chosen"]["by"] = tuned["selected_by"]
     return out
 
 

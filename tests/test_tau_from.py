@@ -46,7 +46,8 @@ def test_a_run_at_the_sweeps_pick_is_the_run_that_tau_by_hand_gives(thief, tmp_p
     with open(os.path.join(thief["val"], "sweep.json"), "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     assert a["tau_from"] == {"path": thief["val"], "sweep_sha256": digest, "attack": "vanilla",
-                             "tau": sweep["best_tau"], "alpha": sweep["best_alpha"], "val_images": 20}
+                             "tau": sweep["best_tau"], "alpha": sweep["best_alpha"], "val_images": 20,
+                             "selected_by": "val_acc"}
     assert "tau_from" not in b
     run = read_run(str(tmp_path), "tuned")  # the report marks the tau as the thief's own pick
     assert tau_cell({"tau": run["tau"], "chosen": run["chosen"]}).endswith("(val 20)")

@@ -1,6 +1,7 @@
 """The thief's validation split (train_kd.py val_split): held out of its own training images by a draw fixed by
 subset_seed, never trained on, never the test split; the tau (and alpha) sweep picks there when it is given."""
 import hashlib
+import json
 import os
 
 import pytest
@@ -84,7 +85,7 @@ def test_sweep_picks_tau_and_alpha_on_the_validation_split(tmp_path, cifar_root,
         assert m["val_acc"] == s["val_acc"][n] and m["thief"]["val_images"] == 20 and m["thief"]["images"] == 80
         assert m["config"]["tau_sweep"] == [] and m["config"]["alpha_sweep"] == []
         assert f"{m['tau']:g}/{m['alpha']:g}" == n
-    assert "(on the validation split)" in capsys.readouterr().out
+    assert "(on the validation split, by val_acc)" in capsys.readouterr().out
     # the report names the pick and where it was made; an arm tuned on the test split reads as before
     from reporting.collect import read_run
     run = read_run(str(tmp_path), "sweep")
@@ -95,6 +96,68 @@ def test_sweep_picks_tau_and_alpha_on_the_validation_split(tmp_path, cifar_root,
     assert cells.chosen_note({"kd": {"nasty": {"vanilla": arm}}})
     assert cells.tau_cell({"tau": 4.0}) == "4"
     assert cells.chosen_note({"kd": {"nasty": {"vanilla": {"tau": 4.0}}}}) == []
+
+
+def test_val_scores_are_top1_and_mean_cross_entropy_against_the_labels_the_thief_holds():
+    from utils.thief import val_scores, val_sums
+    torch.manual_seed(0)
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    loader = [(x[:20], y[:20]), (x[20:], y[20:])]  # two batches: the sums add up across them
+    with torch.no_grad():
+        for labels, target in ((True, y), (False, teacher(x).argmax(1))):
+            got = val_scores(val_sums(student, loader, teacher, labels))
+            assert got["val_acc"] == pytest.approx(100.0 * (student(x).argmax(1) == target).float().mean().item())
+            assert got["val_nll"] == pytest.approx(torch.nn.functional.cross_entropy(student(x), target).item())
+
+
+def test_a_sweep_picks_by_val_nll_reusing_its_runs_and_scoring_older_ones_from_their_weights(tmp_path, cifar_root,
+                                                                                            teacher, capsys):
+    base = dict(TINY, data_root=cifar_root, teacher=teacher, epochs=1, val_split=20, tau_sweep=[1, 4, 20])
+    d = make_exp(tmp_path / "sweep", **dict(base, select_by="val_nll"))
+    assert run_main(train_kd.main, ["--save_path", d]) == 0
+    s = read_json(os.path.join(d, "sweep.json"))
+    assert s["selected_by"] == "val_nll" and "val_nll_from_weights" not in s
+    assert s["runs"][f"{s['best_tau']:g}"] == f"tau_{s['best_tau']:g}"
+    assert s["val_nll"][f"{s['best_tau']:g}"] == min(s["val_nll"].values())  # the lowest cross-entropy wins
+    recorded = {}
+    for n, sub in s["runs"].items():
+        m = read_json(os.path.join(d, sub, "metrics.json"))
+        assert m["val_nll"] == s["val_nll"][n] and m["val_acc"] == s["val_acc"][n]
+        assert "select_by" not in m["config"]  # the sweep's, not its runs': either pick reuses them
+        recorded[n] = m["val_nll"]
+    assert "(on the validation split, by val_nll)" in capsys.readouterr().out
+    from reporting.collect import read_run
+    arm = {"tau": s["best_tau"], "chosen": read_run(str(tmp_path), "sweep")["chosen"]}
+    assert cells.tau_cell(arm) == f"{s['best_tau']:g} (val 20, by cross-entropy)"
+    assert "select_by val_nll" in cells.chosen_note({"kd": {"nasty": {"tuned": arm}}})[1]
+    # the same runs picked by accuracy: nothing trained again
+    with open(os.path.join(d, "params.json")) as f:
+        params = f.read()
+    with open(os.path.join(d, "params.json"), "w") as f:
+        f.write(params.replace('"val_nll"', '"val_acc"'))
+    assert run_main(train_kd.main, ["--save_path", d]) == 0
+    out = capsys.readouterr().out
+    assert out.count("exists, skipped") == 3
+    acc = read_json(os.path.join(d, "sweep.json"))
+    assert acc["selected_by"] == "val_acc" and acc["val_acc"][f"{acc['best_tau']:g}"] == max(acc["val_acc"].values())
+    # a run that finished before val_nll was recorded is scored from its weights; without them, one line
+    older = os.path.join(d, "tau_4", "metrics.json")
+    m = read_json(older)
+    del m["val_nll"]
+    with open(older, "w") as f:
+        json.dump(m, f)
+    with open(os.path.join(d, "params.json"), "w") as f:
+        f.write(params)
+    assert run_main(train_kd.main, ["--save_path", d]) == 0
+    again = read_json(os.path.join(d, "sweep.json"))
+    assert again["val_nll_from_weights"] == ["4"] and again["val_nll"]["4"] == pytest.approx(recorded["4"], rel=1e-5)
+    assert again["best_tau"] == s["best_tau"]
+    os.remove(os.path.join(d, "tau_4", "weights.pth"))
+    capsys.readouterr()
+    assert run_main(train_kd.main, ["--save_path", d]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip().startswith("error")]
+    assert len(err) == 1 and "records no val_nll" in err[0] and "--overwrite" in err[0], err
 
 
 def test_a_label_free_thief_validates_against_the_teachers_answers(tmp_path, cifar_root, teacher):
@@ -109,6 +172,9 @@ def test_a_label_free_thief_validates_against_the_teachers_answers(tmp_path, cif
     (["--val_split", "-1"], "'val_split' must be >= 0"),
     (["--val_split", "100"], "val_split 100 must be below the thief's 100 training images"),
     (["--alpha_sweep", "0.5,2"], "'alpha_sweep' must be a list of KD weights in [0, 1]"),
+    (["--select_by", "val_loss"], "'select_by' must be one of val_acc, val_nll"),
+    (["--select_by", "val_nll", "--tau_sweep", "1,4"], "select_by val_nll picks among a sweep's runs"),
+    (["--select_by", "val_nll", "--val_split", "20"], "select_by val_nll picks among a sweep's runs"),
 ])
 def test_bad_validation_settings_are_one_line_exit_2(tmp_path, cifar_root, teacher, capsys, args, message):
     d = make_exp(tmp_path / "bad", **dict(TINY, data_root=cifar_root, teacher=teacher))

@@ -1,12 +1,17 @@
 """What a thief does around its attack: load the teacher it attacks, lay out a sweep of tau (and alpha), reuse the
 finished runs of a sweep, and run at the tau a sweep picked on its own held-out images (tau_from). train_kd.py runs
 the attack and the sweep with these."""
+import contextlib
 import hashlib
 import json
 import os
 
-from .checkpoint import input_record, read_json
-from .config import ADDED_KEYS, changed_result_key, checkpoint_options
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import WEIGHTS_FILE, freeze, input_record, read_json, rebuild_model
+from .config import ADDED_KEYS, changed_result_key, checkpoint_options, thief_has_labels
+from .data import build_loaders
 from .constants import DATASETS
 from .defences import build_from_checkpoint
 from .errors import UserError
@@ -14,8 +19,13 @@ from .errors import UserError
 SWEEP_PROTOCOL = ("best_tau is picked on the test split: the thief's most favourable temperature, so "
                   "best_acc is an upper bound on what this attack steals")
 VAL_PROTOCOL = ("best_tau (and best_alpha) are picked on the thief's validation split, held out of its own training "
-                "images (val_acc); best_acc is the test accuracy of the run picked there, what a thief tuning "
-                "itself gets")
+                "images, by selected_by (val_acc: the highest top-1; val_nll: the lowest cross-entropy); best_acc is "
+                "the test accuracy of the run picked there, what a thief tuning itself gets")
+
+# How a sweep with a validation split picks its run: the score each run records there, and whether the best is
+# its highest or its lowest. val_acc counts the images right (100 images move it a point each); val_nll is the mean
+# cross-entropy of the student's softmax, which also weighs how sure it is, right or wrong.
+SELECT_BY = {"val_acc": max, "val_nll": min}
 
 
 def load_teacher(cfg):
@@ -112,5 +122,67 @@ def tuned(cfg, source):
     if isinstance(summary.get("best_alpha"), (int, float)):
         cfg["alpha"] = float(summary["best_alpha"])
     record = {"path": folder, "sweep_sha256": digest, "attack": summary.get("attack"), "tau": cfg["tau"],
-              "alpha": summary.get("best_alpha"), "val_images": summary.get("val_images")}
+              "alpha": summary.get("best_alpha"), "val_images": summary.get("val_images"),
+              "selected_by": summary.get("selected_by", "val_acc")}
     return cfg, record
+
+
+def check_sweep_keys(cfg, source):
+    """The keys of a sweep and of the thief's own model selection (tau_sweep, alpha_sweep, val_split, select_by,
+    tau_from); raised before anything is written."""
+    for tau in cfg["tau_sweep"]:
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
+            raise UserError(f"{source}: 'tau_sweep' must be a list of temperatures > 0, e.g. 1,4,10,20; "
+                            f"got {json.dumps(cfg['tau_sweep'])}")
+    for alpha in cfg["alpha_sweep"]:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise UserError(f"{source}: 'alpha_sweep' must be a list of KD weights in [0, 1], e.g. 0.5,0.9; "
+                            f"got {json.dumps(cfg['alpha_sweep'])}")
+    if cfg["val_split"] < 0:
+        raise UserError(f"{source}: 'val_split' must be >= 0 (images held out of the thief's training images; 0: "
+                        f"none), got {cfg['val_split']}")
+    if cfg["select_by"] not in SELECT_BY:
+        raise UserError(f"{source}: 'select_by' must be one of {', '.join(SELECT_BY)}, got {cfg['select_by']!r}")
+    if cfg["select_by"] != "val_acc" and not (cfg["val_split"] > 0 and (cfg["tau_sweep"] or cfg["alpha_sweep"])):
+        raise UserError(f"{source}: select_by {cfg['select_by']} picks among a sweep's runs on the thief's validation "
+                        f"split; give tau_sweep (or alpha_sweep) and val_split > 0, or leave select_by at val_acc")
+    if cfg["tau_from"] and (cfg["tau_sweep"] or cfg["alpha_sweep"]):
+        raise UserError(f"{source}: 'tau_from' runs at a finished sweep's pick, 'tau_sweep'/'alpha_sweep' make this a "
+                        f"sweep itself; keep one of them")
+
+
+@torch.no_grad()
+def val_sums(model, loader, teacher, labels, autocast=contextlib.nullcontext):
+    """[images right, summed cross-entropy (nats), images] of a model in eval mode on the thief's validation split,
+    against the labels the thief holds (the teacher's argmax for a thief without labels): sums, so that the ranks
+    of a DDP run add them up before val_scores divides."""
+    sums = None
+    for x, y in loader:
+        with autocast():
+            s = model(x)
+            if not labels:
+                y = teacher(x).argmax(1)
+        s = s.float()
+        batch = torch.stack([(s.argmax(1) == y).sum().float(), F.cross_entropy(s, y, reduction="sum"),
+                             torch.tensor(float(len(y)), device=s.device)])
+        sums = batch if sums is None else sums + batch
+    return sums
+
+
+def val_scores(sums):
+    """{"val_acc": top-1 (%), "val_nll": mean cross-entropy} from val_sums."""
+    right, nll, total = sums.tolist()
+    return {"val_acc": 100.0 * right / total, "val_nll": nll / total}
+
+
+def scores_from_weights(sub_cfg, folder, teacher):
+    """val_scores of a finished run of a sweep that did not record val_nll (it finished before val_nll was
+    recorded), from its weights file, on the CPU in fp32; teacher: the thief's frozen view of it, which labels the
+    split for a thief without labels. A run whose weights are gone is refused with one line."""
+    path = os.path.join(folder, WEIGHTS_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{folder}/metrics.json records no val_nll (the run finished before it was recorded) and "
+                        f"{path} is gone; train the sweep again with --overwrite, or pick with select_by val_acc")
+    model, _ = rebuild_model(path, "student", dataset=sub_cfg["dataset"])
+    loader = build_loaders(dict(sub_cfg, channels_last=False), "cpu")["val"]
+    return val_scores(val_sums(freeze(model), loader, teacher, thief_has_labels(sub_cfg)))
