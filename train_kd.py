@@ -24,7 +24,6 @@ alpha), for the same images and teacher.
 trains several runs of one teacher (same data keys and seed) in one pass: one teacher forward per batch
 serves every student, each still writing its own folder (utils/battery.py). reproduce.py does this by default.
 """
-import json
 import os
 import sys
 from collections import Counter
