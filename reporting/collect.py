@@ -1,5 +1,6 @@
 """Read a preset folder into one dict: every step's headline accuracy from its run folder (steps.json names the
 steps), mean ± std over seeds, each row's provenance, and the verdict of every stolen student against its bar."""
+import hashlib
 import json
 import os
 
@@ -31,7 +32,8 @@ def read_run(exp_root, name):
         runs = {sub: read_json(os.path.join(folder, sub, "metrics.json")) or {} for sub in sweep["runs"].values()}
         metrics = runs[sweep["runs"][sweep.get("best_run") or _tau_key(sweep["best_tau"], sweep["runs"])]]
         out = {"acc": sweep["best_acc"], "tau": sweep["best_tau"], "per_tau": sweep["final_acc"],
-               "metrics": metrics, "seconds": total_seconds(runs.values()), "inputs": _sweep_inputs(runs.values())}
+               "metrics": metrics, "seconds": total_seconds(runs.values()), "inputs": _sweep_inputs(runs.values()),
+               "digests": [_file_digest(os.path.join(folder, sub, "metrics.json")) for sub in runs]}
         if sweep.get("selected_on") == "val":  # the thief picked on its own held-out images
             out["chosen"] = {"alpha": sweep.get("best_alpha"), "val_images": sweep.get("val_images")}
             if sweep.get("selected_by", "val_acc") != "val_acc":
@@ -41,13 +43,24 @@ def read_run(exp_root, name):
     if metrics is None:
         return None
     out = {"acc": metrics["final_acc"], "tau": metrics.get("tau", metrics.get("config", {}).get("tau")),
-           "metrics": metrics, "seconds": total_seconds([metrics])}
+           "metrics": metrics, "seconds": total_seconds([metrics]),
+           "digests": [_file_digest(os.path.join(folder, "metrics.json"))]}
     tuned = metrics.get("tau_from")
     if tuned:  # a run at the tau (and alpha) a sweep of the thief picked on its own held-out images
         out["chosen"] = {"alpha": tuned.get("alpha"), "val_images": tuned.get("val_images")}
         if tuned.get("selected_by", "val_acc") != "val_acc":
             out["chosen"]["by"] = tuned["selected_by"]
     return out
+
+
+def _file_digest(path):
+    """sha256 of a file's bytes (None if unreadable): two steps whose metrics.json are the same bytes hold the same
+    run (a sweep picked two ways shares its runs), which the compute sum counts once."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
 
 
 def _sweep_inputs(metrics_list):
@@ -87,6 +100,7 @@ def collect(exp_root):
            "runs": {}}
     if manifest.get("threat"):  # a threat model's students, against the teachers of another preset folder
         res["threat"] = manifest["threat"]
+    seen = {}  # digest of a run's metrics.json -> the first step that holds it
     for step in manifest["steps"]:
         role = step["role"]
         run = read_run(teachers_root if role["kind"] == "teacher" else exp_root, step["name"])
@@ -94,7 +108,14 @@ def collect(exp_root):
             res["missing"].append(step["name"])
             continue
         m = run["metrics"]
-        res["compute"][step["name"]] = run["seconds"]
+        ids = [d for d in run.get("digests") or [] if d]
+        if ids and all(d in seen for d in ids):  # the runs of an earlier step (a sweep picked another way)
+            res["compute"][step["name"]] = None
+            res.setdefault("shared_runs", {})[step["name"]] = seen[ids[0]]
+        else:
+            res["compute"][step["name"]] = run["seconds"]
+        for d in ids:
+            seen.setdefault(d, step["name"])
         res["runs"][step["name"]] = {"role": role, "weights_sha256": m.get("weights_sha256"),
                                      "inputs": run.get("inputs", m.get("inputs")), "git_commit": m.get("git_commit"),
                                      "precision": precision(m)}

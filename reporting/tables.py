@@ -168,10 +168,14 @@ def _compute_lines(res, extra):
     if not timed:
         return []
     lines = ["", "## Compute", "", "| step | wall time (min) |", "|---|---|"]
-    lines += [f"| {name} | {sec / 60:.1f} |" for name, sec in timed.items()]
+    shared = res.get("shared_runs") or {}
+    lines += [f"| {name} | {sec / 60:.1f} |" if sec is not None else f"| {name} | – (the runs of {shared[name]}) |"
+              for name, sec in res["compute"].items() if sec is not None or name in shared]
     lines += ["", f"Sum of the step times: **{sum(timed.values()) / 60:.1f} min** (what the chain costs one step "
                   f"at a time, on the hardware each step ran on; a student trained in a shared-teacher battery counts "
-                  f"its share, the battery's wall time over its students)."]
+                  f"its share, the battery's wall time over its students" +
+                  ("; a step marked – holds the same runs as the step it names, counted once there" if shared else "")
+                  + ")."]
     if extra.get("reproduce_wall_time_s") is not None:
         jobs = extra.get("jobs", 1)
         lines.append(f"The last `reproduce.py` run took **{extra['reproduce_wall_time_s'] / 60:.1f} min** of wall "

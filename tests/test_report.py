@@ -159,6 +159,44 @@ def test_a_tau_sweep_counts_at_the_thiefs_best_temperature_and_every_temperature
     assert "one marked (val N) is the thief's own pick, made on N of its training images held out." in text
 
 
+def test_a_sweep_picked_two_ways_counts_its_runs_time_once(tmp_path):
+    import shutil
+    root = _preset(str(tmp_path / "two"), [_teacher("original", 90.0), _student("ls", 0, 65.0)])
+    manifest = read_json(os.path.join(root, "steps.json"))
+    inputs = {"teacher": {"weights_sha256": "sha-teacher_original"}}
+    for name, attack, picked in (("kd_tuned_original_cnn", "tuned", "val_acc"),
+                                 ("kd_tunednll_original_cnn", "tuned_nll", "val_nll")):
+        manifest["steps"].append({"name": name, "role": {"kind": "kd", "arch": "cnn", "teacher": "original",
+                                                         "attack": attack, "seed": 0}})
+        folder = os.path.join(root, name)
+        _write(os.path.join(folder, "params.json"), {"tau_sweep": [1, 4], "val_split": 10, "select_by": picked})
+        best = 4.0 if picked == "val_acc" else 1.0
+        _write(os.path.join(folder, "sweep.json"), {
+            "runs": {"1.0": "tau_1", "4.0": "tau_4"}, "best_tau": best, "best_acc": 66.0 if best == 1.0 else 67.0,
+            "final_acc": {"1.0": 66.0, "4.0": 67.0}, "selected_on": "val", "selected_by": picked, "val_images": 10})
+        if picked == "val_acc":
+            for sub, acc, secs in (("tau_1", 66.0, 30.0), ("tau_4", 67.0, 45.0)):
+                _write(os.path.join(folder, sub, "metrics.json"), {"final_acc": acc, "wall_time_s": secs,
+                                                                   "inputs": inputs, "config": {"tau": float(sub[4:])}})
+        else:  # the same runs, copied
+            for sub in ("tau_1", "tau_4"):
+                shutil.copytree(os.path.join(root, "kd_tuned_original_cnn", sub), os.path.join(folder, sub))
+    _write(os.path.join(root, "steps.json"), manifest)
+    res = collect(root)
+    assert res["compute"]["kd_tuned_original_cnn"] == 75.0 and res["compute"]["kd_tunednll_original_cnn"] is None
+    assert res["shared_runs"] == {"kd_tunednll_original_cnn": "kd_tuned_original_cnn"}
+    kd = res["students"]["cnn"]["kd"]["original"]
+    assert kd["tuned"]["acc"] == 67.0 and kd["tuned_nll"]["acc"] == 66.0  # each step keeps its own pick
+    text = markdown(res)
+    assert "| kd_tunednll_original_cnn | – (the runs of kd_tuned_original_cnn) |" in text
+    assert "1 (val 10, by cross-entropy)" in text and "| 4 (val 10) |" in text
+    # a run trained again (other bytes in its metrics.json) is its own compute
+    _write(os.path.join(root, "kd_tunednll_original_cnn", "tau_4", "metrics.json"),
+           {"final_acc": 67.0, "wall_time_s": 44.0, "inputs": inputs, "config": {"tau": 4.0}})
+    res = collect(root)
+    assert res["compute"]["kd_tunednll_original_cnn"] == 74.0 and not res.get("shared_runs")
+
+
 def test_the_tau_cell_shows_each_seeds_pick_where_the_seeds_picked_differently(tmp_path):
     runs = [_teacher("original", 90.0)] + [_student("ls", s, 65.0 + s / 10) for s in range(3)]
     runs += [_kd("original", "vanilla", s, 66.0 + s, tau=tau) for s, tau in ((0, 1.0), (1, 1.0), (2, 4.0))]
