@@ -144,8 +144,9 @@ def _landed(threat, rows):
     """The steps of a threat model's grid landed ahead of it: {step name without its seed: the seeds it holds}.
     A label-free threat model's rows that are its labelled twin's runs are named in the twin's folder, as the grid
     names them (plan: twin_folder)."""
-    s = _steps("mini", seeds=(0, 1, 2), threat=threat, twin_folder=twin_folder("mini", threat))
-    return [s[seeded(name, seed)] for seed in (0, 1, 2) for name, seeds in rows.items() if seed in seeds]
+    every = tuple(sorted({seed for seeds in rows.values() for seed in seeds}))  # seeds past 2 settle a verdict
+    s = _steps("mini", seeds=every, threat=threat, twin_folder=twin_folder("mini", threat))
+    return [s[seeded(name, seed)] for seed in every for name, seeds in rows.items() if seed in seeds]
 
 
 # The p10 runs landed so far, and the seeds each holds: the Skeptical student's first (the folder is named after

@@ -145,7 +145,9 @@ def test_a_threat_models_grid_goes_on_from_the_runs_its_schedule_landed(threat, 
     same steps: its dry run on a clone finds every one of them done, none to train again."""
     monkeypatch.chdir(ROOT)
     root = os.path.join("exps", SCHEDULES[schedule]["root"])
-    assert run_main(reproduce.main, ["--preset", "mini", "--threat", threat, "--seeds", "0,1,2", "--dry_run"]) == 0
+    seeds = {0, 1, 2} | {int(d.rsplit("_seed", 1)[1]) for d in _run_folders(root) if "_seed" in d}
+    assert run_main(reproduce.main, ["--preset", "mini", "--threat", threat, "--seeds",
+                                     ",".join(map(str, sorted(seeds))), "--dry_run"]) == 0
     out = capsys.readouterr().out
     done = {line.split()[2].rstrip(":") for line in out.splitlines() if line.endswith(": done")}
     extra = {os.path.join(root, d) for d in NOT_IN_GRID.get(schedule, ())}  # variants the grid does not train
