@@ -109,6 +109,7 @@ def test_val_scores_are_top1_and_mean_cross_entropy_against_the_labels_the_thief
             got = val_scores(val_sums(student, loader, teacher, labels))
             assert got["val_acc"] == pytest.approx(100.0 * (student(x).argmax(1) == target).float().mean().item())
             assert got["val_nll"] == pytest.approx(torch.nn.functional.cross_entropy(student(x), target).item())
+    assert val_sums(student, [], teacher, True).tolist() == [0.0, 0.0, 0.0]  # a DDP rank with no images adds 0
 
 
 def test_a_sweep_picks_by_val_nll_reusing_its_runs_and_scoring_older_ones_from_their_weights(tmp_path, cifar_root,

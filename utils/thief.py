@@ -156,16 +156,15 @@ def val_sums(model, loader, teacher, labels, autocast=contextlib.nullcontext):
     """[images right, summed cross-entropy (nats), images] of a model in eval mode on the thief's validation split,
     against the labels the thief holds (the teacher's argmax for a thief without labels): sums, so that the ranks
     of a DDP run add them up before val_scores divides."""
-    sums = None
+    sums = torch.zeros(3, device=next(model.parameters()).device)  # a DDP rank may hold none of the images
     for x, y in loader:
         with autocast():
             s = model(x)
             if not labels:
                 y = teacher(x).argmax(1)
         s = s.float()
-        batch = torch.stack([(s.argmax(1) == y).sum().float(), F.cross_entropy(s, y, reduction="sum"),
+        sums += torch.stack([(s.argmax(1) == y).sum().float(), F.cross_entropy(s, y, reduction="sum"),
                              torch.tensor(float(len(y)), device=s.device)])
-        sums = batch if sums is None else sums + batch
     return sums
 
 
