@@ -200,8 +200,8 @@ THREAT_P2_ROWS = {"ls_cnn": (0, 1, 2), "kd_vanilla_nasty_cnn": (0, 1, 2), "kd_va
 
 
 # The self-tuning thief against Nasty picking by cross-entropy on its held-out images (select_by val_nll) where
-# the grid's picks by top-1: the same sweep of four runs a seed (their folders copied from kd_tuned_nasty_cnn's,
-# nothing trained again: a sweep's runs do not depend on how it picks), picked the other way.
+# the grid's tuned row picks by top-1: the same sweep of four runs a seed (their folders copied from
+# kd_tuned_nasty_cnn's, nothing trained again: a sweep's runs do not depend on how it picks), picked the other way.
 THREAT_P2_NLL_SEEDS = (0, 1, 2)
 
 # Rows a threat model's schedule holds beside its grid's steps, which the grid does not train (variants of them).
