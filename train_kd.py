@@ -40,7 +40,7 @@ from utils.errors import UserError, cli_main
 from utils.attacks import ATTACKS, attack_keys
 from utils import battery as bat
 from utils.thief import (SELECT_BY, SWEEP_PROTOCOL, VAL_PROTOCOL, check_sweep_keys, grid, load_teacher, read_done,
-                         scores_from_weights, tau_name, tuned, val_scores, val_sums)
+                         nll_from_weights, tau_name, tuned, val_scores, val_sums)
 
 DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", **checkpoint_keys("teacher"), tau=4.0, attack="vanilla", **attack_keys(),
                 tau_sweep=[], alpha_sweep=[], val_split=0, select_by="val_acc", tau_from="", teacher_cache="auto")
@@ -269,10 +269,11 @@ def sweep(cfg, save_path, resume=False, overwrite=False):
         # --overwrite trains every run again from the start; without it a finished run of this config is reused
         plan.append((name, what, sub, sub_cfg) + ((None, None) if overwrite else read_done(sub, sub_cfg, teacher)))
     # finished runs that predate val_nll are scored from their weights, before anything is trained or written
-    scored_after = [p[0] for p in plan if cfg["select_by"] == "val_nll" and p[4] and "val_nll" not in p[4]]
-    for name, _, sub, sub_cfg, done, _ in plan:
-        if name in scored_after:
-            done["val_nll"] = scores_from_weights(sub_cfg, sub, freeze(teacher_model))["val_nll"]
+    older = {p[2]: p[4] for p in plan if cfg["select_by"] == "val_nll" and p[4] and "val_nll" not in p[4]}
+    if older:
+        for sub, nll in nll_from_weights(cfg, list(older), freeze(teacher_model)).items():
+            older[sub]["val_nll"] = nll
+    scored_after = [p[0] for p in plan if p[2] in older]
     is_main = int(os.environ.get("RANK", 0)) == 0
     if is_main:
         acquire(save_path)

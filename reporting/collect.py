@@ -35,9 +35,7 @@ def read_run(exp_root, name):
                "metrics": metrics, "seconds": total_seconds(runs.values()), "inputs": _sweep_inputs(runs.values()),
                "digests": [_file_digest(os.path.join(folder, sub, "metrics.json")) for sub in runs]}
         if sweep.get("selected_on") == "val":  # the thief picked on its own held-out images
-            out["chosen"] = {"alpha": sweep.get("best_alpha"), "val_images": sweep.get("val_images")}
-            if sweep.get("selected_by", "val_acc") != "val_acc":
-                out["chosen"]["by"] = sweep["selected_by"]
+            out["chosen"] = _chosen(sweep, sweep.get("best_alpha"))
         return out
     metrics = read_json(os.path.join(folder, "metrics.json"))
     if metrics is None:
@@ -47,10 +45,17 @@ def read_run(exp_root, name):
            "digests": [_file_digest(os.path.join(folder, "metrics.json"))]}
     tuned = metrics.get("tau_from")
     if tuned:  # a run at the tau (and alpha) a sweep of the thief picked on its own held-out images
-        out["chosen"] = {"alpha": tuned.get("alpha"), "val_images": tuned.get("val_images")}
-        if tuned.get("selected_by", "val_acc") != "val_acc":
-            out["chosen"]["by"] = tuned["selected_by"]
+        out["chosen"] = _chosen(tuned, tuned.get("alpha"))
     return out
+
+
+def _chosen(record, alpha):
+    """What the report says of a pick made on the thief's validation split (a sweep.json, or the tau_from record
+    of a run at its pick): the α picked with τ, the images it was made on, and its rule where not top-1."""
+    chosen = {"alpha": alpha, "val_images": record.get("val_images")}
+    if record.get("selected_by", "val_acc") != "val_acc":
+        chosen["by"] = record["selected_by"]
+    return chosen
 
 
 def _file_digest(path):

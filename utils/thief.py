@@ -174,14 +174,19 @@ def val_scores(sums):
     return {"val_acc": 100.0 * right / total, "val_nll": nll / total}
 
 
-def scores_from_weights(sub_cfg, folder, teacher):
-    """val_scores of a finished run of a sweep that did not record val_nll (it finished before val_nll was
-    recorded), from its weights file, on the CPU in fp32; teacher: the thief's frozen view of it, which labels the
-    split for a thief without labels. A run whose weights are gone is refused with one line."""
-    path = os.path.join(folder, WEIGHTS_FILE)
-    if not os.path.isfile(path):
-        raise UserError(f"{folder}/metrics.json records no val_nll (the run finished before it was recorded) and "
-                        f"{path} is gone; train the sweep again with --overwrite, or pick with select_by val_acc")
-    model, _ = rebuild_model(path, "student", dataset=sub_cfg["dataset"])
-    loader = build_loaders(dict(sub_cfg, channels_last=False), "cpu")["val"]
-    return val_scores(val_sums(freeze(model), loader, teacher, thief_has_labels(sub_cfg)))
+def nll_from_weights(cfg, folders, teacher):
+    """{folder: val_nll} of finished runs of a sweep that did not record val_nll (they finished before it was
+    recorded), from their weights files, on the CPU in fp32, over the sweep's one validation split (its runs share
+    the thief's images); teacher: the thief's frozen view of it, which labels the split for a thief without labels.
+    A run whose weights are gone is refused with one line, before any is scored."""
+    for folder in folders:
+        path = os.path.join(folder, WEIGHTS_FILE)
+        if not os.path.isfile(path):
+            raise UserError(f"{folder}/metrics.json records no val_nll (the run finished before it was recorded) and "
+                            f"{path} is gone; train the sweep again with --overwrite, or pick with select_by val_acc")
+    loader = build_loaders(dict(cfg, channels_last=False), "cpu")["val"]
+    out = {}
+    for folder in folders:
+        model, _ = rebuild_model(os.path.join(folder, WEIGHTS_FILE), "student", dataset=cfg["dataset"])
+        out[folder] = val_scores(val_sums(freeze(model), loader, teacher, thief_has_labels(cfg)))["val_nll"]
+    return out
