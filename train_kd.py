@@ -13,8 +13,8 @@ With tau_sweep the attack runs once per tau into SAVE_PATH/tau_<tau>/ and SAVE_P
 alpha_sweep adds the KD weight (SAVE_PATH/tau_<tau>_alpha_<alpha>/). The best is picked on the test split (an
 upper bound) unless val_split > 0: then val_split of the thief's own training images are held out (a draw fixed
 by subset_seed, never trained on) and the thief picks there, as a real thief would, by top-1 or (select_by
-val_nll) by cross-entropy. tau_from then runs any attack at what such a sweep picked: the thief's own tau (and
-alpha), for the same images and teacher.
+val_nll) by cross-entropy; runs_from picks among another sweep's finished runs, training nothing. tau_from then
+runs any attack at what such a sweep picked: the thief's own tau (and alpha), for the same images and teacher.
 
     python train_kd.py --save_path exps/t/kd_vanilla_nasty_sweep --tau_sweep 1,4,10,20 --val_split 500
     python train_kd.py --save_path exps/t/kd_dkd_nasty --attack dkd --tau_from exps/t/kd_vanilla_nasty_sweep
@@ -31,7 +31,8 @@ from collections import Counter
 import torch
 
 import models
-from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, finished_weights, freeze, git_commit, input_record
+from utils.checkpoint import (WEIGHTS_FILE, atomic_write_json, file_sha256, finished_weights, freeze, git_commit,
+                              input_record)
 from utils.config import (TRAIN_DEFAULTS, checkpoint_keys, close_match, parse_config, resolve_config, thief_has_labels,
                           write_config)
 from utils.constants import DATASETS
@@ -39,17 +40,20 @@ from utils.engine import Engine, Member, Task, refuse_finished, train_together, 
 from utils.errors import UserError, cli_main
 from utils.attacks import ATTACKS, attack_keys
 from utils import battery as bat
-from utils.thief import (SELECT_BY, SWEEP_PROTOCOL, VAL_PROTOCOL, check_sweep_keys, grid, load_teacher, read_done,
-                         nll_from_weights, tau_name, tuned, val_scores, val_sums)
+from utils.thief import (SELECT_BY, SWEEP_PROTOCOL, VAL_PROTOCOL, check_sweep_keys, load_teacher, nll_from_weights,
+                         sweep_runs, tau_name, tuned, val_scores, val_sums)
 
 DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", **checkpoint_keys("teacher"), tau=4.0, attack="vanilla", **attack_keys(),
-                tau_sweep=[], alpha_sweep=[], val_split=0, select_by="val_acc", tau_from="", teacher_cache="auto")
+                tau_sweep=[], alpha_sweep=[], val_split=0, select_by="val_acc", runs_from="", tau_from="",
+                teacher_cache="auto")
 HELP_NOTES = {"teacher_cache": "keep the frozen teacher's answer for each augmented version of a training image "
                                "and answer repeats from it (auto: on a CPU, when the table fits in 1 GiB and it "
                                "saves at least a fifth of the teacher's forwards, as on a small thief set trained "
                                "long; on a GPU only with on)",
               "select_by": "how a sweep with val_split picks its run: val_acc (the highest top-1 on the held-out "
-                           "images) or val_nll (the lowest cross-entropy there)"}
+                           "images) or val_nll (the lowest cross-entropy there)",
+              "runs_from": "the folder of a finished sweep with the same runs (select_by aside): this sweep picks "
+                           "among them there and trains nothing"}
 
 
 
@@ -251,7 +255,8 @@ def sweep(cfg, save_path, resume=False, overwrite=False):
     the thief's validation split when val_split > 0, else on the test split (an upper bound).
 
     The folder holds the sweep alone: the files of a single run there (a folder used before without
-    tau_sweep) are refused, or removed with overwrite. With overwrite every run is trained again."""
+    tau_sweep) are refused, or removed with overwrite. With overwrite every run is trained again; with runs_from
+    the runs are that sweep's, none is trained, and sweep.json names them by their path from this folder."""
     from utils.lock import acquire
     single = [n for n in SINGLE_RUN_FILES if os.path.isfile(os.path.join(save_path, n))]
     if single and not overwrite:
@@ -259,19 +264,15 @@ def sweep(cfg, save_path, resume=False, overwrite=False):
                         f"remove it and run the sweep there, or give the sweep a folder of its own")
     teacher_model, ckpt = load_teacher(cfg)  # a bad teacher stops the sweep before any folder is made
     teacher = input_record(cfg["teacher"], ckpt)
-    plan = []
-    for name, folder, tau, alpha in grid(cfg):
-        sub = os.path.join(save_path, folder)
-        # select_by is the sweep's, not its runs': a run is the same whichever way the sweep picks among them
-        sub_cfg = {k: v for k, v in dict(cfg, tau=tau, alpha=alpha, tau_sweep=[], alpha_sweep=[]).items()
-                   if k != "select_by"}
-        what = f"tau {tau_name(tau)}" + (f", alpha {alpha:g}" if cfg["alpha_sweep"] else "")
-        # --overwrite trains every run again from the start; without it a finished run of this config is reused
-        plan.append((name, what, sub, sub_cfg) + ((None, None) if overwrite else read_done(sub, sub_cfg, teacher)))
+    if cfg["runs_from"] and os.path.realpath(cfg["runs_from"]) == os.path.realpath(save_path):
+        raise UserError(f"runs_from {cfg['runs_from']} is this sweep's own folder; leave runs_from empty to pick "
+                        f"among the runs here")
+    # a finished run of this config is reused; --overwrite trains this folder's runs again (never runs_from's)
+    plan = sweep_runs(cfg, save_path, teacher, overwrite)
     # finished runs that predate val_nll are scored from their weights, before anything is trained or written
     older = {p[2]: p[4] for p in plan if cfg["select_by"] == "val_nll" and p[4] and "val_nll" not in p[4]}
     if older:
-        for sub, nll in nll_from_weights(cfg, list(older), freeze(teacher_model)).items():
+        for sub, nll in nll_from_weights(cfg, older, freeze(teacher_model)).items():
             older[sub]["val_nll"] = nll
     scored_after = [p[0] for p in plan if p[2] in older]
     is_main = int(os.environ.get("RANK", 0)) == 0
@@ -320,12 +321,14 @@ def sweep(cfg, save_path, resume=False, overwrite=False):
     summary = {
         "final_acc": {n: m["final_acc"] for n, m in results.items()},
         "best_acc_per_tau": {n: m["best_acc"] for n, m in results.items()},
-        "runs": {n: os.path.basename(sub) for n, _, sub, *_ in plan},
+        "runs": {n: os.path.relpath(sub, save_path) for n, _, sub, *_ in plan},
         "best_tau": best_cfg["tau"], "best_acc": results[best]["final_acc"],
         "attack": cfg["attack"], "model": cfg["model"], "teacher": cfg["teacher"],
         "teacher_acc": results[best].get("teacher_acc"), "protocol": VAL_PROTOCOL if on_val else SWEEP_PROTOCOL,
         "inputs": {"teacher": teacher}, "config": cfg, "git_commit": git_commit(),
     }
+    if cfg["runs_from"]:  # the runs it picked among, as they were: a later change to them makes this pick stale
+        summary["inputs"]["runs"] = {n: file_sha256(os.path.join(sub, "metrics.json")) for n, _, sub, *_ in plan}
     if cfg["alpha_sweep"]:
         summary.update(best_alpha=best_cfg["alpha"], best_run=best)
     if on_val:

@@ -1,10 +1,9 @@
 """Read a preset folder into one dict: every step's headline accuracy from its run folder (steps.json names the
 steps), mean ± std over seeds, each row's provenance, and the verdict of every stolen student against its bar."""
-import hashlib
 import json
 import os
 
-from utils.checkpoint import read_json
+from utils.checkpoint import file_sha256, read_json
 from utils.errors import UserError
 from utils.stats import mean_std, verdict
 
@@ -33,7 +32,7 @@ def read_run(exp_root, name):
         metrics = runs[sweep["runs"][sweep.get("best_run") or _tau_key(sweep["best_tau"], sweep["runs"])]]
         out = {"acc": sweep["best_acc"], "tau": sweep["best_tau"], "per_tau": sweep["final_acc"],
                "metrics": metrics, "seconds": total_seconds(runs.values()), "inputs": _sweep_inputs(runs.values()),
-               "digests": [_file_digest(os.path.join(folder, sub, "metrics.json")) for sub in runs]}
+               "digests": [file_sha256(os.path.join(folder, sub, "metrics.json")) for sub in runs]}
         if sweep.get("selected_on") == "val":  # the thief picked on its own held-out images
             out["chosen"] = _chosen(sweep, sweep.get("best_alpha"))
         return out
@@ -42,7 +41,7 @@ def read_run(exp_root, name):
         return None
     out = {"acc": metrics["final_acc"], "tau": metrics.get("tau", metrics.get("config", {}).get("tau")),
            "metrics": metrics, "seconds": total_seconds([metrics]),
-           "digests": [_file_digest(os.path.join(folder, "metrics.json"))]}
+           "digests": [file_sha256(os.path.join(folder, "metrics.json"))]}
     tuned = metrics.get("tau_from")
     if tuned:  # a run at the tau (and alpha) a sweep of the thief picked on its own held-out images
         out["chosen"] = _chosen(tuned, tuned.get("alpha"))
@@ -56,16 +55,6 @@ def _chosen(record, alpha):
     if record.get("selected_by", "val_acc") != "val_acc":
         chosen["by"] = record["selected_by"]
     return chosen
-
-
-def _file_digest(path):
-    """sha256 of a file's bytes (None if unreadable): two steps whose metrics.json are the same bytes hold the same
-    run (a sweep picked two ways shares its runs), which the compute sum counts once."""
-    try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except OSError:
-        return None
 
 
 def _sweep_inputs(metrics_list):

@@ -11,7 +11,7 @@ from utils.checkpoint import WEIGHTS_FILE, atomic_write_json
 from utils.engine import catch_stop_signals
 from utils.errors import UserError
 
-from .plan import dependencies, dependency_keys, describe, resolve_paths
+from .plan import dependencies, dependency_keys, describe, resolve_paths, waits_on
 from .state import finished_record, step_state, weights_digest, write_params
 
 # The repository root: where the scripts a step runs live.
@@ -106,7 +106,7 @@ def run_parallel(todo, jobs, t0):
             for slot in [s for s in range(jobs) if s not in running]:
                 if failed or stopping:
                     break
-                ready = [j for j in pending if not dependencies(j["step"]) & pending_names]
+                ready = [j for j in pending if not waits_on(j["step"]) & pending_names]
                 if not ready:
                     break
                 job = ready[0]
@@ -179,13 +179,19 @@ def run_plan(steps, selected, exp_root, teachers_root, manifest, data_root, devi
     counts = {}
     loaded = {d for s in steps for d in dependencies(s)}  # steps whose weights later steps load
     digests = {}  # teacher step -> digest of the weights its dependents will load (None: trained in this run)
+    training = set()  # the steps this run trains (or picks again)
     for step in steps:
         name = step["name"]
         folder = os.path.normpath(os.path.join(teachers_root if step["role"]["kind"] == "teacher" else exp_root, name))
-        params = resolve_paths(step, teachers_root)
+        params = resolve_paths(step, teachers_root, exp_root)
         deps = {key: (dep, digests.get(dep)) for key, dep in dependency_keys(step).items()}
         state, reason = step_state(folder, params, deps, weights_needed=name in loaded)
+        picks_from = step["params"].get("runs_from")
+        if state == "done" and picks_from in training:  # the runs it picked among are trained again first
+            state, reason = "stale", f"the runs of {picks_from}, which it picks among, are to be trained again"
         chosen = step in selected
+        if chosen and state != "done":
+            training.add(name)
         if name in loaded:
             if state == "done":
                 digests[name] = finished_record(folder, params)["weights_sha256"]

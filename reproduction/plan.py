@@ -129,13 +129,16 @@ def student_steps(preset, dataset, seeds, teacher_ckpt, amp=None, threat=None, f
     return steps
 
 
-def resolve_paths(step, teachers_root):
+def resolve_paths(step, teachers_root, exp_root=None):
     """Checkpoint references inside a preset are relative to the folder of its teachers (the preset folder, or
-    for a threat model the preset folder its teachers come from)."""
+    for a threat model the preset folder its teachers come from); a sweep's runs_from names another step of the
+    same experiment folder (exp_root)."""
     params = dict(step["params"])
     for key in CHECKPOINT_KEYS:
         if key in params:
             params[key] = os.path.join(teachers_root, params[key])
+    if params.get("runs_from"):
+        params["runs_from"] = os.path.normpath(os.path.join(exp_root, params["runs_from"]))
     return params
 
 
@@ -147,6 +150,12 @@ def dependency_keys(step):
 def dependencies(step):
     """Names of the steps whose checkpoints this step loads (its 'original' / 'teacher' entries)."""
     return set(dependency_keys(step).values())
+
+
+def waits_on(step):
+    """Names of the steps that must finish before this one runs: those whose checkpoints it loads, and the sweep
+    whose runs it picks among (runs_from)."""
+    return dependencies(step) | ({step["params"]["runs_from"]} if step["params"].get("runs_from") else set())
 
 
 def describe(step, preset):

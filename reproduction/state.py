@@ -4,7 +4,8 @@ the finished runs of a folder (epoch_times_of)."""
 import json
 import os
 
-from utils.checkpoint import WEIGHTS_FILE, atomic_write_json, checkpoint_digest, load_checkpoint, read_json
+from utils.checkpoint import (WEIGHTS_FILE, atomic_write_json, checkpoint_digest, file_sha256, load_checkpoint,
+                              read_json)
 from utils.config import changed_result_key
 from utils.cost import epoch_times_from_runs, load_epoch_times
 from utils.defences import key_problem
@@ -70,6 +71,23 @@ def input_mismatch(inputs, deps):
     return None
 
 
+def picked_runs_changed(folder, inputs, params):
+    """Why a sweep that picked among another sweep's runs (runs_from) must pick again: one of those runs'
+    metrics.json is gone or is not the file it picked from (None when every one is, or without runs_from)."""
+    if not params.get("runs_from"):
+        return None
+    recorded = (inputs or {}).get("runs")
+    runs = (read_json(os.path.join(folder, "sweep.json")) or {}).get("runs") or {}
+    if not recorded:
+        return "it has no record of the runs it picked among"
+    for name, digest in sorted(recorded.items()):
+        path = os.path.join(folder, runs.get(name, ""), "metrics.json")
+        now = file_sha256(path)
+        if now != digest:
+            return f"{path}, a run it picked among, " + ("is gone" if now is None else "changed since it picked")
+    return None
+
+
 def step_state(folder, params, deps=None, weights_needed=False):
     """(state, reason) of a step folder for the params it should run with and the teachers it loads.
 
@@ -83,7 +101,7 @@ def step_state(folder, params, deps=None, weights_needed=False):
     rec = finished_record(folder, params)
     reason = None
     if rec is not None and same_config(rec["config"], params):
-        reason = input_mismatch(rec["inputs"], deps)
+        reason = input_mismatch(rec["inputs"], deps) or picked_runs_changed(folder, rec["inputs"], params)
         if reason is not None:
             return "stale", reason
         if not weights_needed:

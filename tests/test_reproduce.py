@@ -493,3 +493,47 @@ def test_report_treats_a_corrupt_result_as_missing(chain, tmp_path):
     assert run_main(report.main, [exp_root]) == 0
     assert "ls_cnn_small" in report.collect(exp_root)["missing"]
     assert "Steps without results yet: " in open(os.path.join(exp_root, "results.md")).read()
+
+
+def test_a_sweep_picked_another_way_shares_its_runs_and_goes_stale_with_them(chain, cifar_root, tmp_path, capsys):
+    """A step that picks among another step's sweep (runs_from, as threat_p2's tuned_nll rows do) runs after it,
+    trains nothing, and is picked again when those runs change or are to be trained again."""
+    from reproduction.jobs import run_plan
+    from reproduction.plan import plan, waits_on
+    from reproduction.schedules import variant
+    teachers_root, _ = chain
+    steps = {s["name"]: s for s in plan("tiny")}
+    tuned = variant(steps["kd_vanilla_original_cnn_small"], "tuned", tau_sweep=[1, 4], val_split=20)
+    del tuned["params"]["tau"]
+    picked = variant(tuned, "picked", select_by="val_nll", runs_from="tuned")
+    assert waits_on(picked) == {"teacher_cnn", "tuned"} and waits_on(tuned) == {"teacher_cnn"}
+    root = str(tmp_path / "exp")
+    every = [steps["teacher_cnn"], tuned, picked]
+
+    def plan_run(dry_run=False):
+        capsys.readouterr()
+        left = run_plan(every, [tuned, picked], root, teachers_root, {"preset": "tiny"}, cifar_root,
+                        device=TEST_DEVICE, dry_run=dry_run)
+        return left, capsys.readouterr().out
+
+    plan_run()
+    assert sorted(os.listdir(os.path.join(root, "picked"))) == ["config.json", "params.json", "sweep.json"]
+    sweep = read_json(os.path.join(root, "picked", "sweep.json"))
+    assert sweep["runs"] == {"1": os.path.join("..", "tuned", "tau_1"), "4": os.path.join("..", "tuned", "tau_4")}
+    assert sweep["config"]["runs_from"] == os.path.join(root, "tuned") and sweep["selected_by"] == "val_nll"
+    assert plan_run(dry_run=True)[0] == []
+    # a run it picked among changes: it picks again, the sweep stays done
+    path = os.path.join(root, "tuned", "tau_4", "metrics.json")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    left, out = plan_run(dry_run=True)
+    assert [s["name"] for s in left] == ["picked"] and "tau_4/metrics.json, a run it picked among, changed" in out
+    with open(path, "w") as f:
+        f.write(text)
+    assert plan_run(dry_run=True)[0] == []
+    # the sweep is to be trained again: so is the pick, after it
+    os.remove(os.path.join(root, "tuned", "sweep.json"))
+    left, out = plan_run(dry_run=True)
+    assert [s["name"] for s in left] == ["tuned", "picked"] and "which it picks among, are to be trained again" in out

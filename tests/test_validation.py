@@ -3,6 +3,7 @@ subset_seed, never trained on, never the test split; the tau (and alpha) sweep p
 import hashlib
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -154,11 +155,50 @@ def test_a_sweep_picks_by_val_nll_reusing_its_runs_and_scoring_older_ones_from_t
     again = read_json(os.path.join(d, "sweep.json"))
     assert again["val_nll_from_weights"] == ["4"] and again["val_nll"]["4"] == pytest.approx(recorded["4"], rel=1e-5)
     assert again["best_tau"] == s["best_tau"]
-    os.remove(os.path.join(d, "tau_4", "weights.pth"))
+    # another run's weights in its place are refused, as are missing ones: one line each
+    weights = os.path.join(d, "tau_4", "weights.pth")
+    os.replace(weights, weights + ".kept")
+    shutil.copy(os.path.join(d, "tau_1", "weights.pth"), weights)
     capsys.readouterr()
     assert run_main(train_kd.main, ["--save_path", d]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip().startswith("error")]
+    assert len(err) == 1 and "is not the weights file" in err[0] and "tau_4/metrics.json recorded" in err[0], err
+    os.remove(weights)
+    assert run_main(train_kd.main, ["--save_path", d]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip().startswith("error")]
     assert len(err) == 1 and "records no val_nll" in err[0] and "--overwrite" in err[0], err
+
+
+def test_a_sweep_picks_among_another_sweeps_runs_training_nothing(tmp_path, cifar_root, teacher, capsys):
+    base = dict(TINY, data_root=cifar_root, teacher=teacher, epochs=1, val_split=20, tau_sweep=[1, 4])
+    a = make_exp(tmp_path / "a", **base)
+    assert run_main(train_kd.main, ["--save_path", a]) == 0
+    capsys.readouterr()
+    b = make_exp(tmp_path / "b", **dict(base, select_by="val_nll", runs_from=a))
+    assert run_main(train_kd.main, ["--save_path", b, "--overwrite"]) == 0  # overwrite never retrains a's runs
+    assert capsys.readouterr().out.count("exists, skipped") == 2
+    assert sorted(os.listdir(b)) == ["config.json", "params.json", "sweep.json"]  # no run of its own
+    sa, sb = read_json(os.path.join(a, "sweep.json")), read_json(os.path.join(b, "sweep.json"))
+    assert sb["runs"] == {"1": os.path.join("..", "a", "tau_1"), "4": os.path.join("..", "a", "tau_4")}
+    assert sb["val_nll"] == sa["val_nll"] and sb["final_acc"] == sa["final_acc"]
+    assert sb["best_tau"] == float(min(sb["val_nll"], key=sb["val_nll"].get))
+    for n, sub in sa["runs"].items():
+        with open(os.path.join(a, sub, "metrics.json"), "rb") as f:
+            assert sb["inputs"]["runs"][n] == hashlib.sha256(f.read()).hexdigest()
+    from reporting.collect import read_run
+    ra, rb = read_run(str(tmp_path), "a"), read_run(str(tmp_path), "b")
+    assert rb["acc"] == sb["best_acc"] and rb["digests"] == ra["digests"]  # one set of runs: counted once
+    assert rb["chosen"]["by"] == "val_nll" and "by" not in ra["chosen"]
+    # runs_from without those runs, with another config, or naming the sweep's own folder: one line, nothing written
+    for name, params, message in (
+            ("c", dict(base, runs_from=str(tmp_path / "none")), "tau 1 is not a finished run of this sweep there"),
+            ("d", dict(base, runs_from=a, epochs=2), "was made with epochs=1, this sweep has epochs=2"),
+            ("e", dict(base, runs_from=str(tmp_path / "e")), "is this sweep's own folder")):
+        d = make_exp(tmp_path / name, **params)
+        assert run_main(train_kd.main, ["--save_path", d]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip().startswith("error")]
+        assert len(err) == 1 and message in err[0], err
+        assert os.listdir(d) == ["params.json"]
 
 
 def test_a_label_free_thief_validates_against_the_teachers_answers(tmp_path, cifar_root, teacher):
@@ -176,6 +216,7 @@ def test_a_label_free_thief_validates_against_the_teachers_answers(tmp_path, cif
     (["--select_by", "val_loss"], "'select_by' must be one of val_acc, val_nll"),
     (["--select_by", "val_nll", "--tau_sweep", "1,4"], "select_by val_nll picks among a sweep's runs"),
     (["--select_by", "val_nll", "--val_split", "20"], "select_by val_nll picks among a sweep's runs"),
+    (["--runs_from", "exps/elsewhere"], "'runs_from' makes a sweep pick among another sweep's runs"),
 ])
 def test_bad_validation_settings_are_one_line_exit_2(tmp_path, cifar_root, teacher, capsys, args, message):
     d = make_exp(tmp_path / "bad", **dict(TINY, data_root=cifar_root, teacher=teacher))

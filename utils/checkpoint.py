@@ -284,6 +284,17 @@ def weights_sha256(state_dict):
     return h.hexdigest()
 
 
+def file_sha256(path):
+    """sha256 of a file's bytes, or None when it cannot be read: two steps whose metrics.json are the same bytes
+    hold the same run (a sweep picked two ways shares its runs)."""
+    import hashlib
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
 def checkpoint_digest(ckpt):
     """The digest that identifies a teacher: its weights' sha256, combined with the defence's name and
     settings when the file is a training-free defence of those weights (two defences of one original differ)."""

@@ -86,7 +86,8 @@ def checkpoint_options(cfg, role):
 ADDED_KEYS = {**checkpoint_keys("teacher"), **checkpoint_keys("original"),
               "subset_seed": 0, "labels": True, "transfer": "", "eval_every": 1,
               "kd_delay": 20.0, "skeptical_weight": 1.0, "skeptical_sd": 0.3, "skeptical_aux_ce": 0.7,
-              "skeptical_stage": 0, "val_split": 0, "alpha_sweep": [], "tau_from": "", "select_by": "val_acc"}
+              "skeptical_stage": 0, "val_split": 0, "alpha_sweep": [], "tau_from": "", "select_by": "val_acc",
+              "runs_from": ""}
 
 CHOICES = {
     "dataset": tuple(DATASETS),

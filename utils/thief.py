@@ -9,7 +9,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import WEIGHTS_FILE, freeze, input_record, read_json, rebuild_model
+from .checkpoint import WEIGHTS_FILE, checkpoint_digest, freeze, input_record, read_json, rebuild_model
 from .config import ADDED_KEYS, changed_result_key, checkpoint_options, thief_has_labels
 from .data import build_loaders
 from .constants import DATASETS
@@ -83,6 +83,32 @@ def grid(cfg):
     return [(f"{tau_name(t)}/{a:g}", f"tau_{tau_name(t)}_alpha_{a:g}", t, a) for t in taus for a in alphas]
 
 
+# A sweep's keys that are not its runs': a run is the same whichever way the sweep picks among them and wherever
+# the sweep reads them from (runs_from), so one set of runs serves every pick.
+SWEEP_ONLY_KEYS = ("select_by", "runs_from")
+
+
+def sweep_runs(cfg, save_path, teacher, overwrite=False):
+    """[(run name, what, folder, run config, metrics of its finished run or None, why not reused)] of a sweep.
+    A sweep with runs_from picks among the finished runs of the sweep in that folder and trains nothing: a run
+    missing there, or made with another config or teacher, is refused with one line before anything is written.
+    Without it the runs live in save_path and --overwrite trains every one again."""
+    root = cfg["runs_from"] or save_path
+    plan = []
+    for name, folder, tau, alpha in grid(cfg):
+        sub = os.path.join(root, folder)
+        sub_cfg = {k: v for k, v in dict(cfg, tau=tau, alpha=alpha, tau_sweep=[], alpha_sweep=[]).items()
+                   if k not in SWEEP_ONLY_KEYS}
+        what = f"tau {tau_name(tau)}" + (f", alpha {alpha:g}" if cfg["alpha_sweep"] else "")
+        done, why = (None, None) if overwrite and not cfg["runs_from"] else read_done(sub, sub_cfg, teacher)
+        if cfg["runs_from"] and done is None:
+            raise UserError(f"runs_from {root}: {what} is not a finished run of this sweep there ("
+                            f"{why or f'no {sub}/metrics.json'}); run that sweep first (python train_kd.py "
+                            f"--save_path {root}) or leave runs_from empty to train the runs in this folder")
+        plan.append((name, what, sub, sub_cfg, done, why))
+    return plan
+
+
 # What a sweep and a run that takes its pick (tau_from) must share: the thief's images, labels and validation split
 # (the pick was made on them), and the teacher (checked by its weights digest).
 THIEF_KEYS = ("dataset", "subset", "subset_seed", "labels", "transfer", "val_split", "test_subset")
@@ -129,7 +155,7 @@ def tuned(cfg, source):
 
 def check_sweep_keys(cfg, source):
     """The keys of a sweep and of the thief's own model selection (tau_sweep, alpha_sweep, val_split, select_by,
-    tau_from); raised before anything is written."""
+    runs_from, tau_from); raised before anything is written."""
     for tau in cfg["tau_sweep"]:
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
             raise UserError(f"{source}: 'tau_sweep' must be a list of temperatures > 0, e.g. 1,4,10,20; "
@@ -146,6 +172,9 @@ def check_sweep_keys(cfg, source):
     if cfg["select_by"] != "val_acc" and not (cfg["val_split"] > 0 and (cfg["tau_sweep"] or cfg["alpha_sweep"])):
         raise UserError(f"{source}: select_by {cfg['select_by']} picks among a sweep's runs on the thief's validation "
                         f"split; give tau_sweep (or alpha_sweep) and val_split > 0, or leave select_by at val_acc")
+    if cfg["runs_from"] and not (cfg["tau_sweep"] or cfg["alpha_sweep"]):
+        raise UserError(f"{source}: 'runs_from' makes a sweep pick among another sweep's runs; give the tau_sweep "
+                        f"(and alpha_sweep) of the sweep in {cfg['runs_from']}, or leave runs_from empty")
     if cfg["tau_from"] and (cfg["tau_sweep"] or cfg["alpha_sweep"]):
         raise UserError(f"{source}: 'tau_from' runs at a finished sweep's pick, 'tau_sweep'/'alpha_sweep' make this a "
                         f"sweep itself; keep one of them")
@@ -174,19 +203,25 @@ def val_scores(sums):
     return {"val_acc": 100.0 * right / total, "val_nll": nll / total}
 
 
-def nll_from_weights(cfg, folders, teacher):
+def nll_from_weights(cfg, runs, teacher):
     """{folder: val_nll} of finished runs of a sweep that did not record val_nll (they finished before it was
     recorded), from their weights files, on the CPU in fp32, over the sweep's one validation split (its runs share
-    the thief's images); teacher: the thief's frozen view of it, which labels the split for a thief without labels.
-    A run whose weights are gone is refused with one line, before any is scored."""
-    for folder in folders:
+    the thief's images); runs: {folder: its metrics}; teacher: the thief's frozen view of it, which labels the split
+    for a thief without labels. A run whose weights are gone, or are not the file its metrics.json recorded, is
+    refused with one line, before any is scored."""
+    loaded = {}
+    for folder, metrics in runs.items():
         path = os.path.join(folder, WEIGHTS_FILE)
         if not os.path.isfile(path):
             raise UserError(f"{folder}/metrics.json records no val_nll (the run finished before it was recorded) and "
                             f"{path} is gone; train the sweep again with --overwrite, or pick with select_by val_acc")
+        model, ckpt = rebuild_model(path, "student", dataset=cfg["dataset"])
+        digest = checkpoint_digest(ckpt)
+        if digest != metrics.get("weights_sha256"):
+            raise UserError(f"{path} ({digest[:12]}) is not the weights file {folder}/metrics.json recorded "
+                            f"({(metrics.get('weights_sha256') or 'none')[:12]}); put that run's own file there, "
+                            f"or pick with select_by val_acc")
+        loaded[folder] = model
     loader = build_loaders(dict(cfg, channels_last=False), "cpu")["val"]
-    out = {}
-    for folder in folders:
-        model, _ = rebuild_model(os.path.join(folder, WEIGHTS_FILE), "student", dataset=cfg["dataset"])
-        out[folder] = val_scores(val_sums(freeze(model), loader, teacher, thief_has_labels(cfg)))["val_nll"]
-    return out
+    return {folder: val_scores(val_sums(freeze(model), loader, teacher, thief_has_labels(cfg)))["val_nll"]
+            for folder, model in loaded.items()}
