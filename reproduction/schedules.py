@@ -196,33 +196,18 @@ THREAT_P2_ROWS = {"ls_cnn": (0, 1, 2), "kd_vanilla_nasty_cnn": (0, 1, 2), "kd_va
                   "kd_hardlabel_original_cnn": (0, 1, 2, 3, 4), "kd_hardlabel_rml_cnn": (0, 1, 2),
                   "kd_hardlabel_rmlnasty_cnn": (0, 1, 2), "kd_hardlabel_posthoc_cnn": (0, 1, 2),
                   **{f"kd_{a}_nasty_cnn": (0, 1, 2) for a in ("rereverse", "dkd", "hardlabel", "tckd", "markov")},
-                  "kd_skeptical_nasty_cnn": (0, 1, 2), "kd_tuned_nasty_cnn": (0, 1, 2)}
-
-
-# The self-tuning thief against Nasty picking by cross-entropy on its held-out images (select_by val_nll) where
-# the grid's tuned row picks by top-1: the same sweep of four runs a seed (their folders copied from
-# kd_tuned_nasty_cnn's, nothing trained again: a sweep's runs do not depend on how it picks), picked the other way.
-THREAT_P2_NLL_SEEDS = (0, 1, 2)
-
-# Rows a threat model's schedule holds beside its grid's steps, which the grid does not train (variants of them).
-NOT_IN_GRID = {"threat_p2": {seeded("kd_tunednll_nasty_cnn", seed) for seed in THREAT_P2_NLL_SEEDS}}
+                  "kd_skeptical_nasty_cnn": (0, 1, 2), "kd_tuned_nasty_cnn": (0, 1, 2),
+                  "kd_tunednll_nasty_cnn": (0, 1, 2)}
 
 
 def threat_p2():
     """The first rows of the p2 threat model (1,000 labelled images, its 1,200-epoch schedule, fp32 as every
     threat-model arm) landed so far: the label-smoothing bar, vanilla KD from the undefended original and from
-    the defences, the battery's other attacks against Nasty (THREAT_P2_ROWS says which seeds each holds).
-    They are the grid's own steps (reproduce.py --preset mini --threat p2 trains the same configs), landed ahead of
-    it; then the self-tuning thief picking by cross-entropy (tuned_nll, THREAT_P2_NLL_SEEDS), a variant of the
-    grid's."""
-    out = _landed("p2", THREAT_P2_ROWS)
-    steps = {step["name"]: step for step in out}
-    for seed in THREAT_P2_NLL_SEEDS:
-        run = variant(steps[seeded("kd_tuned_nasty_cnn", seed)], seeded("kd_tunednll_nasty_cnn", seed),
-                      select_by="val_nll")
-        run["role"]["attack"] = "tuned_nll"
-        out.append(run)
-    return out
+    the defences, the battery's other attacks against Nasty, and the self-tuning thief against Nasty, picking by
+    top-1 (tuned) and by cross-entropy (tuned_nll: the same sweep's runs) (THREAT_P2_ROWS says which seeds each
+    holds). They are the grid's own steps (reproduce.py --preset mini --threat p2 trains the same configs), landed
+    ahead of it."""
+    return _landed("p2", THREAT_P2_ROWS)
 
 
 # The seeds each of threat_p2nl's rows holds so far. Label smoothing and the hard-label floor are p2's runs, in

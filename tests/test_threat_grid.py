@@ -25,15 +25,22 @@ def test_a_threat_model_plans_every_student_arm_on_its_images_and_labels():
         sources = {s["role"]["source"] for s in students if s["role"]["kind"] == "student"}
         assert sources == ({"scratch", "ls"} if labels else {"ls"})
         kd = [s for s in students if s["role"]["kind"] == "kd"]
-        # every attack of the registry's battery, and the self-tuning thief, against every teacher, every seed
-        assert len(kd) == 3 * len(reproduce.battery_teachers()) * (len(reproduce.battery_attacks()) + 1)
+        # every attack of the registry's battery, and the self-tuning thief picking two ways, against every
+        # teacher, every seed
+        assert len(kd) == 3 * len(reproduce.battery_teachers()) * (len(reproduce.battery_attacks()) + 2)
         assert "skeptical" in reproduce.battery_attacks()
         tuned = [s for s in kd if s["role"]["attack"] == "tuned"]
         assert len(tuned) == 3 * len(reproduce.battery_teachers())
         for s in tuned:
             p = s["params"]
             assert p["attack"] == "vanilla" and p["tau_sweep"] == [1.0, 4.0, 10.0, 20.0] and p["val_split"] == 500
-            assert p.get("labels", True) is labels and "tau" not in p
+            assert p.get("labels", True) is labels and "tau" not in p and "runs_from" not in p
+        # by cross-entropy: the same sweep, reading the top-1 pick's runs in place (trained once)
+        by_nll = {(s["role"]["teacher"], s["role"]["seed"]): s for s in kd if s["role"]["attack"] == "tuned_nll"}
+        assert len(by_nll) == len(tuned)
+        for s in tuned:
+            twin = by_nll[s["role"]["teacher"], s["role"]["seed"]]
+            assert twin["params"] == dict(s["params"], select_by="val_nll", runs_from=s["name"])
         assert any(s["role"]["teacher"] == "original" and s["role"]["attack"] == "hardlabel" for s in kd)  # the floor
     full = reproduce.plan("mini", seeds=[0], threat="full")
     assert all("subset" not in s["params"] for s in full)

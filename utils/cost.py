@@ -92,7 +92,10 @@ def epoch_times_from_runs(runs, folder):
 
 
 def runs_of(params):
-    """Training runs a step makes: one per distinct tau of a sweep, else one."""
+    """Training runs a step makes: one per distinct tau of a sweep, else one; none for a sweep that picks among
+    another's runs (runs_from)."""
+    if params.get("runs_from"):
+        return 0
     return len({float(t) for t in params.get("tau_sweep") or []}) or 1
 
 
