@@ -264,9 +264,6 @@ def sweep(cfg, save_path, resume=False, overwrite=False):
                         f"remove it and run the sweep there, or give the sweep a folder of its own")
     teacher_model, ckpt = load_teacher(cfg)  # a bad teacher stops the sweep before any folder is made
     teacher = input_record(cfg["teacher"], ckpt)
-    if cfg["runs_from"] and os.path.realpath(cfg["runs_from"]) == os.path.realpath(save_path):
-        raise UserError(f"runs_from {cfg['runs_from']} is this sweep's own folder; leave runs_from empty to pick "
-                        f"among the runs here")
     # a finished run of this config is reused; --overwrite trains this folder's runs again (never runs_from's)
     plan = sweep_runs(cfg, save_path, teacher, overwrite)
     # finished runs that predate val_nll are scored from their weights, before anything is trained or written

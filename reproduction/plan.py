@@ -118,15 +118,13 @@ def student_steps(preset, dataset, seeds, teacher_ckpt, amp=None, threat=None, f
                         **p.get("attacks", {}).get(attack, {}))
                 if t is not None and t.get("val_split") and p.get("tuned_taus"):
                     # the self-tuning thief: vanilla KD at the tau it picks on its own held-out images
-                    arm(f"kd_tuned_{teacher}_{student}",
-                        {"kind": "kd", "arch": student, "teacher": teacher, "attack": "tuned"},
-                        model=student, teacher=teacher_ckpt[teacher], attack="vanilla", tau_sweep=p["tuned_taus"],
-                        val_split=t["val_split"], **student_cfg)
+                    tuned = dict(model=student, teacher=teacher_ckpt[teacher], attack="vanilla",
+                                 tau_sweep=p["tuned_taus"], val_split=t["val_split"], **student_cfg)
+                    role = {"kind": "kd", "arch": student, "teacher": teacher}
+                    arm(f"kd_tuned_{teacher}_{student}", dict(role, attack="tuned"), **tuned)
                     # and the same sweep picked by cross-entropy there: the tuned arm's runs, nothing trained again
-                    arm(f"kd_tunednll_{teacher}_{student}",
-                        {"kind": "kd", "arch": student, "teacher": teacher, "attack": "tuned_nll"},
-                        model=student, teacher=teacher_ckpt[teacher], attack="vanilla", tau_sweep=p["tuned_taus"],
-                        val_split=t["val_split"], select_by="val_nll", runs_from=steps[-1]["name"], **student_cfg)
+                    arm(f"kd_tunednll_{teacher}_{student}", dict(role, attack="tuned_nll"), **tuned,
+                        select_by="val_nll", runs_from=steps[-1]["name"])
         for teacher in dfad_teachers if t is None else []:
             student = p["dfad_student"]
             arm(f"dfad_{teacher}_{student}", {"kind": "dfad", "arch": student, "teacher": teacher},

@@ -31,7 +31,7 @@ def finished_record(folder, params):
         if not isinstance(sweep, dict):
             return None
         config = sweep.get("config") or read_json(os.path.join(folder, "config.json")) or {}
-        return {"config": config, "inputs": sweep.get("inputs"), "weights_sha256": None}
+        return {"config": config, "inputs": sweep.get("inputs"), "weights_sha256": None, "runs": sweep.get("runs")}
     metrics = read_json(os.path.join(folder, "metrics.json"))
     if not isinstance(metrics, dict):
         return None
@@ -71,13 +71,14 @@ def input_mismatch(inputs, deps):
     return None
 
 
-def picked_runs_changed(folder, inputs, params):
+def picked_runs_changed(folder, rec, params):
     """Why a sweep that picked among another sweep's runs (runs_from) must pick again: one of those runs'
-    metrics.json is gone or is not the file it picked from (None when every one is, or without runs_from)."""
+    metrics.json is gone or is not the file it picked from (None when every one is, or without runs_from).
+    rec: the sweep's finished_record."""
     if not params.get("runs_from"):
         return None
-    recorded = (inputs or {}).get("runs")
-    runs = (read_json(os.path.join(folder, "sweep.json")) or {}).get("runs") or {}
+    recorded = (rec["inputs"] or {}).get("runs")
+    runs = rec.get("runs") or {}
     if not recorded:
         return "it has no record of the runs it picked among"
     for name, digest in sorted(recorded.items()):
@@ -101,7 +102,7 @@ def step_state(folder, params, deps=None, weights_needed=False):
     rec = finished_record(folder, params)
     reason = None
     if rec is not None and same_config(rec["config"], params):
-        reason = input_mismatch(rec["inputs"], deps) or picked_runs_changed(folder, rec["inputs"], params)
+        reason = input_mismatch(rec["inputs"], deps) or picked_runs_changed(folder, rec, params)
         if reason is not None:
             return "stale", reason
         if not weights_needed:

@@ -2,14 +2,14 @@
 finished runs of a sweep, and run at the tau a sweep picked on its own held-out images (tau_from). train_kd.py runs
 the attack and the sweep with these."""
 import contextlib
-import hashlib
 import json
 import os
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import WEIGHTS_FILE, checkpoint_digest, freeze, input_record, read_json, rebuild_model
+from .checkpoint import (WEIGHTS_FILE, checkpoint_digest, file_sha256, freeze, input_record, read_json,
+                         rebuild_model)
 from .config import ADDED_KEYS, changed_result_key, checkpoint_options, thief_has_labels
 from .data import build_loaders
 from .constants import DATASETS
@@ -93,6 +93,9 @@ def sweep_runs(cfg, save_path, teacher, overwrite=False):
     A sweep with runs_from picks among the finished runs of the sweep in that folder and trains nothing: a run
     missing there, or made with another config or teacher, is refused with one line before anything is written.
     Without it the runs live in save_path and --overwrite trains every one again."""
+    if cfg["runs_from"] and os.path.realpath(cfg["runs_from"]) == os.path.realpath(save_path):
+        raise UserError(f"runs_from {cfg['runs_from']} is this sweep's own folder; leave runs_from empty to pick "
+                        f"among the runs here")
     root = cfg["runs_from"] or save_path
     plan = []
     for name, folder, tau, alpha in grid(cfg):
@@ -142,8 +145,7 @@ def tuned(cfg, source):
     if used != now:
         raise UserError(f"{source}: the sweep in {folder} tuned against teacher weights {(used or 'unrecorded')[:12]}, "
                         f"this run's teacher has {now[:12]}; tune against the teacher you attack")
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+    digest = file_sha256(path)
     cfg = dict(cfg, tau=float(summary["best_tau"]))
     if isinstance(summary.get("best_alpha"), (int, float)):
         cfg["alpha"] = float(summary["best_alpha"])
