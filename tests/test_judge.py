@@ -135,9 +135,10 @@ def test_bad_input_is_one_line(threat_runs, extra, words, capsys):
 
 def test_the_released_nasty_teacher_brought_to_judge_at_p2_plans_the_grids_committed_students():
     """The README's demonstration at real scale without training: judge.py's students for the released Nasty
-    teacher (and its original) at p2 are the configs of the grid's committed runs in exps/threat_p2, step by step,
-    and the teacher it would import carries the weights those runs recorded. With the tiny chain's bit-for-bit
-    test above, the grid's verdicts are what the one command rebuilds."""
+    teacher (and its original) at p2 are the configs of the grid's committed runs in exps/threat_p2, step by step (the
+    paths of the teacher and of a sweep's runs_from aside), and the teacher it would import carries the weights those
+    runs recorded (every run of a sweep). With the tiny chain's bit-for-bit test above, the grid's verdicts are what
+    the one command rebuilds."""
     from import_teacher import load_teacher
     from utils.checkpoint import checkpoint_digest
     released = {"nasty": os.path.join("exps", "mini", "nasty_resnet20"),
@@ -153,16 +154,27 @@ def test_the_released_nasty_teacher_brought_to_judge_at_p2_plans_the_grids_commi
     compared = []
     for step in steps:
         folder = os.path.join(grid, step["name"])
-        if not os.path.isfile(os.path.join(folder, "metrics.json")):
+        if step["params"].get("tau_sweep"):  # a sweep's record: the metrics.json of each run it picked among
+            if not os.path.isfile(os.path.join(folder, "sweep.json")):
+                continue
+            runs = [os.path.join(folder, r) for r in read_json(os.path.join(folder, "sweep.json"))["runs"].values()]
+        elif os.path.isfile(os.path.join(folder, "metrics.json")):
+            runs = [folder]
+        else:
             continue
         mine = {k: where.get(v, v) if k == "teacher" else v for k, v in step["params"].items()}
+        if "runs_from" in mine:  # a step of the same folder, resolved against it as resolve_paths does
+            mine["runs_from"] = "/".join(("exps", "threat_p2", mine["runs_from"]))
         theirs = {k: v for k, v in read_json(os.path.join(folder, "params.json")).items() if not k.startswith("_")}
         assert mine == theirs, step["name"]
         if "teacher" in mine:
-            recorded = read_json(os.path.join(folder, "metrics.json"))["inputs"]["teacher"]["weights_sha256"]
-            assert digest[mine["teacher"]] == recorded, step["name"]
+            for r in runs:
+                recorded = read_json(os.path.join(r, "metrics.json"))["inputs"]["teacher"]["weights_sha256"]
+                assert digest[mine["teacher"]] == recorded, r
         compared.append(step["name"])
-    # the bar, the floor and Nasty's column on three seeds at least (the committed p2 rows of these teachers)
-    for name in ("ls_cnn", "kd_hardlabel_original_cnn", "kd_vanilla_original_cnn", "kd_vanilla_nasty_cnn",
-                 "kd_dkd_nasty_cnn", "kd_tckd_nasty_cnn", "kd_markov_nasty_cnn", "kd_rereverse_nasty_cnn"):
+    # the bar, the floor and Nasty's whole column on three seeds at least (the committed p2 rows of these teachers)
+    for name in ("ls_cnn", "kd_hardlabel_original_cnn", "kd_vanilla_original_cnn",
+                 "kd_vanilla_nasty_cnn", "kd_dkd_nasty_cnn", "kd_tckd_nasty_cnn", "kd_markov_nasty_cnn",
+                 "kd_rereverse_nasty_cnn", "kd_hardlabel_nasty_cnn", "kd_skeptical_nasty_cnn", "kd_tuned_nasty_cnn",
+                 "kd_tunednll_nasty_cnn"):
         assert {name, f"{name}_seed1", f"{name}_seed2"} <= set(compared), name
