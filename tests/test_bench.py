@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -44,3 +45,38 @@ def test_battery_bench_refuses_a_run_of_no_epochs():
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines()[-1].endswith("--cache_epochs takes epoch counts of at least 1, e.g. 240 "
                                                          "1200; got [240, 0]")
+
+
+def test_argmax_agreement_counts_the_thief_images_whose_argmax_is_the_label(tmp_path, teacher, cifar_root):
+    """bench/argmax_agreement.py: a row per teacher and seed; the clean share is the teacher's top-1 on the seed's
+    class-balanced subset, counted here on images read and normalised independently of the loader."""
+    from utils.checkpoint import freeze
+    from utils.constants import DATASETS
+    from utils.data import class_balanced_subset, load_split
+    from utils.thief import load_teacher
+    out = subprocess.run([sys.executable, "bench/argmax_agreement.py", "--teachers", teacher, "--subset", "50",
+                          "--seeds", "0", "1", "--epochs", "2", "--batch_size", "10", "--data_root", cifar_root,
+                          "--json", str(tmp_path / "a.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(tmp_path / "a.json") as f:
+        rows = json.load(f)
+    assert [(r["teacher"], r["seed"]) for r in rows] == [(teacher, 0), (teacher, 1)]
+    assert sum(line.startswith(f"| {teacher} |") for line in out.stdout.splitlines()) == 2
+    info = DATASETS["cifar10"]
+    images, labels = load_split("cifar10", cifar_root, True)
+    model, _ = load_teacher({"teacher": teacher, "dataset": "cifar10"})
+    for r in rows:
+        idx = class_balanced_subset(labels, 50, 10, r["seed"])
+        x = (images[idx].float() / 255 - torch.tensor(info.mean).view(1, 3, 1, 1)) / torch.tensor(info.std).view(
+            1, 3, 1, 1)
+        with torch.no_grad():
+            assert r["clean"] == pytest.approx((freeze(model)(x).argmax(1) == labels[idx]).float().mean().item())
+        assert 0 <= r["augmented"] <= 1 and r["epochs"] == 2 and r["subset"] == 50
+
+
+def test_argmax_agreement_refuses_an_empty_subset():
+    out = subprocess.run([sys.executable, "bench/argmax_agreement.py", "--subset", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("--subset and --epochs must be at least 1, got 0 and 20")
