@@ -120,6 +120,25 @@ def test_rereverse_distils_the_reversed_teacher(tmp_path, cifar_root, teacher_ck
     assert not torch.equal(seen["t"], raw)
 
 
+def test_rereverse_around_the_argmax_undoes_posthoc_reversal_exactly():
+    """Post-hoc reversal keeps the top-1 and reverses the rest; re-reversal around the argmax reverses them back:
+    the thief that knows this defence gets the original's logits bit for bit (distinct values, fp32), so its student
+    is vanilla KD from the original (exps/threat_p2nl: the same log.csv). Around the label it does not, where the
+    label is not the argmax."""
+    from utils.defences import DEFENCES
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(256, 10, generator=g)
+    defended = DEFENCES["posthoc"].transform(z, {})
+    assert torch.equal(defended.argmax(1), z.argmax(1)) and not torch.equal(defended, z)
+    y = torch.randint(0, 10, (256,), generator=g)
+    def thief(target):
+        return utils.attacks.ATTACKS["rereverse"]({"alpha": 0.9, "tau": 4.0, "rereverse_target": target}, 10)
+    assert torch.equal(thief("argmax").query(defended, y), z)
+    by_label = thief("label").query(defended, y)
+    same = y == z.argmax(1)
+    assert torch.equal(by_label[same], z[same]) and not torch.equal(by_label[~same], z[~same])
+
+
 def test_dkd_warmup_rule_and_progress(tmp_path, cifar_root, teacher_ckpt):
     assert utils.attacks.dkd_warmup_epochs({"dkd_warmup": 20, "epochs": 240}) == 20  # DKD's own setting
     assert utils.attacks.dkd_warmup_epochs({"dkd_warmup": 20, "epochs": 10}) == 2.5  # short run: a quarter
