@@ -139,6 +139,21 @@ def test_rereverse_around_the_argmax_undoes_posthoc_reversal_exactly():
     assert torch.equal(by_label[same], z[same]) and not torch.equal(by_label[~same], z[~same])
 
 
+def test_tckd_reads_the_same_from_posthoc_reversal_as_from_its_original_around_the_argmax():
+    """Post-hoc reversal only permutes the non-target logits, so the target-versus-rest confidence TCKD distils
+    (around the teacher's argmax, as for a thief without labels) is the original's, to rounding; DKD's non-target
+    term is not (it reads the reversed order)."""
+    from utils.defences import DEFENCES
+    from utils.losses import dkd_loss
+    g = torch.Generator().manual_seed(1)
+    z, s = torch.randn(128, 10, generator=g) * 3, torch.randn(128, 10, generator=g)
+    defended = DEFENCES["posthoc"].transform(z, {})
+    top = z.argmax(1)
+    plain, reversed_ = dkd_loss(s, z, top), dkd_loss(s, defended, top)
+    torch.testing.assert_close(reversed_["tckd"], plain["tckd"])
+    assert not torch.allclose(reversed_["nckd"], plain["nckd"])
+
+
 def test_dkd_warmup_rule_and_progress(tmp_path, cifar_root, teacher_ckpt):
     assert utils.attacks.dkd_warmup_epochs({"dkd_warmup": 20, "epochs": 240}) == 20  # DKD's own setting
     assert utils.attacks.dkd_warmup_epochs({"dkd_warmup": 20, "epochs": 10}) == 2.5  # short run: a quarter
