@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from train_kd import DEFAULTS  # noqa: E402
-from utils.checkpoint import freeze  # noqa: E402
+from utils.checkpoint import finished_weights, freeze  # noqa: E402
 from utils.data import build_loaders  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402
 from utils.thief import load_teacher  # noqa: E402
@@ -47,14 +47,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def weights_of(path):
-    if os.path.isdir(path):
-        path = os.path.join(path, "weights.pth")
-    if not os.path.isfile(path):
-        raise UserError(f"teacher {path} not found; give a finished run folder or its weights.pth")
-    return path
-
-
 @torch.no_grad()
 def agreement(teacher, loader, epochs):
     """(share of clean images whose argmax is the label, the same over `epochs` epochs of augmented queries)."""
@@ -77,14 +69,16 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.subset < 1 or args.epochs < 1:
         raise UserError(f"--subset and --epochs must be at least 1, got {args.subset} and {args.epochs}")
+    cfg = dict(DEFAULTS, dataset=args.dataset, data_root=args.data_root, subset=args.subset, labels=True,
+               batch_size=args.batch_size, channels_last=False)
+    # every teacher loaded once, before any image is read: a bad file stops the run first
+    teachers = [(path, freeze(load_teacher(dict(cfg, teacher=finished_weights(path, "teacher")))[0]))
+                for path in args.teachers]
     rows = []
     for seed in args.seeds:
-        cfg = dict(DEFAULTS, dataset=args.dataset, data_root=args.data_root, subset=args.subset, subset_seed=seed,
-                   seed=seed, labels=True, batch_size=args.batch_size, channels_last=False)
-        loader = build_loaders(cfg, torch.device("cpu"))["train"]
-        for path in args.teachers:
-            teacher, _ = load_teacher(dict(cfg, teacher=weights_of(path)))
-            clean, augmented = agreement(freeze(teacher), loader, args.epochs)
+        loader = build_loaders(dict(cfg, subset_seed=seed, seed=seed), torch.device("cpu"))["train"]
+        for path, teacher in teachers:
+            clean, augmented = agreement(teacher, loader, args.epochs)
             rows.append({"teacher": path, "seed": seed, "subset": args.subset, "epochs": args.epochs,
                          "clean": clean, "augmented": augmented})
     print(f"| teacher | seed | argmax = label, clean {args.subset} images | argmax = label, "
