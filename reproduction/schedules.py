@@ -197,7 +197,7 @@ THREAT_P2_ROWS = {"ls_cnn": (0, 1, 2), "kd_vanilla_nasty_cnn": (0, 1, 2), "kd_va
                   "kd_hardlabel_rmlnasty_cnn": (0, 1, 2), "kd_hardlabel_posthoc_cnn": (0, 1, 2),
                   **{f"kd_{a}_nasty_cnn": (0, 1, 2) for a in ("rereverse", "dkd", "hardlabel", "tckd", "markov")},
                   "kd_skeptical_nasty_cnn": (0, 1, 2), "kd_tuned_nasty_cnn": (0, 1, 2),
-                  "kd_tunednll_nasty_cnn": (0, 1, 2), "scratch_cnn": (0, 1)}
+                  "kd_tunednll_nasty_cnn": (0, 1, 2), "scratch_cnn": (0, 1, 2)}
 
 
 def threat_p2():
