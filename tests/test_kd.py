@@ -139,6 +139,22 @@ def test_rereverse_around_the_argmax_undoes_posthoc_reversal_exactly():
     assert torch.equal(by_label[same], z[same]) and not torch.equal(by_label[~same], z[~same])
 
 
+def test_rereverse_around_the_argmax_of_an_undefended_teacher_is_what_posthoc_reversal_serves():
+    """Re-reversal around the argmax reverses the non-target order, as post-hoc reversal does: against a teacher
+    that was never reversed the thief's counter-measure sends its student exactly post-hoc reversal's answers, so
+    re-reversal from the original trains vanilla KD from post-hoc reversal (exps/threat_p2: the same
+    weights_sha256 on seed 0). Applied twice it is the identity."""
+    from utils.defences import DEFENCES
+    g = torch.Generator().manual_seed(2)
+    z, y = torch.randn(256, 10, generator=g), torch.randint(0, 10, (256,), generator=g)
+    attack = utils.attacks.ATTACKS["rereverse"]
+    assert attack.keys["rereverse_target"] == "argmax"  # the battery's default
+    thief = attack({"alpha": 0.9, "tau": 4.0, "rereverse_target": "argmax"}, 10)
+    once = thief.query(z, y)
+    assert torch.equal(once, DEFENCES["posthoc"].transform(z, {})) and not torch.equal(once, z)
+    assert torch.equal(thief.query(once, y), z)
+
+
 def test_tckd_reads_the_same_from_posthoc_reversal_as_from_its_original_around_the_argmax():
     """Post-hoc reversal only permutes the non-target logits, so the target-versus-rest confidence TCKD distils
     (around the teacher's argmax, as for a thief without labels) is the original's, to rounding; DKD's non-target

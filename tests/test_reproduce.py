@@ -104,6 +104,21 @@ def test_a_defence_that_keeps_the_originals_argmax_gives_the_hard_label_thief_th
     assert weights("rml") != weights("original")
 
 
+def test_rereverse_and_posthoc_reversal_swap_students_bit_for_bit(chain):
+    """Re-reversal around the argmax and post-hoc reversal are the same permutation of the non-target logits,
+    applied twice the identity: re-reversal from the original trains vanilla KD from post-hoc reversal's student,
+    weight for weight, and re-reversal from post-hoc reversal vanilla KD from the original's (the p2 grid's
+    seed 0 agrees to the last bit). Against RML, whose order is its own, re-reversal is its own student."""
+    exp_root, _ = chain
+
+    def weights(attack, teacher):
+        return read_json(os.path.join(exp_root, f"kd_{attack}_{teacher}_cnn_small", "metrics.json"))["weights_sha256"]
+
+    assert weights("rereverse", "original") == weights("vanilla", "posthoc") != weights("vanilla", "original")
+    assert weights("rereverse", "posthoc") == weights("vanilla", "original")
+    assert weights("rereverse", "rml") not in (weights("vanilla", "rml"), weights("vanilla", "posthoc"))
+
+
 def test_frontier_names_each_teachers_strongest_attack(chain):
     exp_root, _ = chain
     res = report.collect(exp_root)
