@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_scratch
+from utils.checkpoint import CPU_ISA
 from conftest import ROOT, TEST_DEVICE, TINY, make_exp, read_json, run_main
 
 
@@ -29,6 +30,13 @@ def test_trains_and_writes_outputs(tmp_path, cifar_root):
     assert m["final_acc"] > 30  # 10 colour-coded classes: far above chance after 3 epochs
     assert m["images_per_s"] > 0 and m["seed"] == 0 and "torch" in m
     assert m["device"].split(":")[0] == TEST_DEVICE.split(":")[0]
+    # the processor, whose instruction sets decide the last bits of an fp32 run (CPU_ISA), as /proc/cpuinfo says
+    assert m["processor"]["cpu"] and set(m["processor"]["cpu_isa"]) <= set(CPU_ISA)
+    if os.path.isfile("/proc/cpuinfo"):
+        flags = open("/proc/cpuinfo").read().split()
+        assert ("avx512_bf16" in m["processor"]["cpu_isa"]) == ("avx512_bf16" in flags)
+        assert ("avx2" in m["processor"]["cpu_isa"]) == ("avx2" in flags)
+    assert ("gpu" in m["processor"]) == m["device"].startswith("cuda")
     assert read_json(os.path.join(d, "config.json"))["epochs"] == 3  # CLI override resolved
     ckpt = torch.load(os.path.join(d, "last.pth"), weights_only=True)
     assert ckpt["arch"] == "cnn" and ckpt["num_classes"] == 10 and ckpt["epoch"] == 3

@@ -5,6 +5,7 @@ model is always rebuilt from its checkpoint, never from a path or a folder name.
 """
 import json
 import os
+import platform
 import subprocess
 import tempfile
 
@@ -261,6 +262,34 @@ def git_commit():
         return commit if out.returncode == 0 and len(commit) == 40 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+# The instruction sets that decide which fp32/bf16 kernels run on a CPU: two runs of one config on processors that
+# differ here may part in the last bits (docs/RESULTS.md, p2: re-reversal from the original).
+CPU_ISA = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def processor(device=None):
+    """What computed a run, for metrics.json: the CPU's model name and which of CPU_ISA it has (from
+    /proc/cpuinfo; the platform's name and no flags elsewhere), and the GPU's name when device is a CUDA one."""
+    name, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and name is None:
+                    name = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+                if name is not None and flags:
+                    break
+    except OSError:
+        pass
+    out = {"cpu": name or platform.processor() or platform.machine(), "cpu_isa": [f for f in CPU_ISA if f in flags]}
+    if device is not None and torch.device(device).type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return out
 
 
 # The weights-only file every finished run leaves beside metrics.json: what later steps load and what a

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .checkpoint import (WEIGHTS_FILE, atomic_write_json, atomic_write_text, export_weights, git_commit,
-                         input_record, load_checkpoint, model_record, save_checkpoint, unwrap)
+                         input_record, load_checkpoint, model_record, processor, save_checkpoint, unwrap)
 from .config import ADDED_KEYS, changed_result_key
 from .constants import DATASETS
 from .diagnostics import expected_calibration_error
@@ -706,7 +706,8 @@ class Engine:
             "images_per_s": round(self.images_seen / max(self.train_time, 1e-9), 1),
             "seed": self.cfg["seed"], "batch_size": self.cfg["batch_size"], "world_size": self.world_size,
             "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
-            "torch": torch.__version__, "git_commit": self.commit, "protocol": PROTOCOL,
+            "torch": torch.__version__, "processor": processor(self.device), "git_commit": self.commit,
+            "protocol": PROTOCOL,
             "final_diagnostics": {k[5:]: v for k, v in last.items() if k.startswith("test_") and k != "test_acc"},
             "config": self.cfg, "history": self.history,
         }
