@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import signal
@@ -47,7 +46,8 @@ import fakedata  # noqa: E402
 import models  # noqa: E402
 import reproduce  # noqa: E402
 from reproduction.presets import battery_attacks  # noqa: E402
-from utils.checkpoint import atomic_write_json, atomic_write_text, export_weights, model_record  # noqa: E402
+from utils.checkpoint import (atomic_write_json, atomic_write_text, export_weights, model_record,  # noqa: E402
+                              processor)
 from utils.cost import runs_of  # noqa: E402
 from utils.engine import cpu_supports_bf16  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402
@@ -83,17 +83,6 @@ def row(check, name, status, seconds=None, figure="", reason=None):
 
 def status_text(r):
     return f"skipped ({r['reason']})" if r["status"] == "skipped" else r["status"]
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def free_port():
@@ -528,7 +517,7 @@ def check_args(args):
 def device_name(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} ({device})"
-    return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return f"{processor()['cpu']}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def table(rows):
@@ -560,7 +549,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     setup = ctx.prepare(selected)
     info = {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-            "host_cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "host_cpu": processor()["cpu"], "date": time.strftime("%Y-%m-%d %H:%M"),
             "command": "python bench/cuda_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "data": "real CIFAR-10 in " + args.data_root if args.data_root else "generated", "setup_s": round(setup, 1)}
     print(f"cuda_check on {info['device_name']}, torch {torch.__version__}; checks: {', '.join(selected)}; "
