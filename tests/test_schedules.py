@@ -168,3 +168,22 @@ def test_the_committed_threat_summary_is_rebuilt_from_the_committed_folders(tmp_
         line for line in lines if not line.startswith("Rebuild with")]
     with open(os.path.join(committed, "summary.json"), "rb") as a, open(tmp_path / "summary.json", "rb") as b:
         assert a.read() == b.read()
+
+
+def _weights(root, name, seed):
+    folder = name if seed == 0 else f"{name}_seed{seed}"
+    with open(os.path.join(ROOT, "exps", root, folder, "metrics.json"), encoding="utf-8") as f:
+        return json.load(f)["weights_sha256"]
+
+
+@pytest.mark.parametrize("teacher", ["stingy", "posthoc"])
+def test_the_landed_hard_label_students_of_an_argmax_keeping_defence_are_the_floors_weights(teacher):
+    """Stingy (top-k) and post-hoc reversal keep the original's top-1, so the thief who learns their argmax alone
+    trains the floor's student: docs/RESULTS.md says the p2 rows are the floor's bit for bit, seed by seed. A row
+    landed from another config, data draw or teacher breaks it."""
+    from reproduction.schedules import THREAT_P2_ROWS
+    seeds = THREAT_P2_ROWS[f"kd_hardlabel_{teacher}_cnn"]
+    assert seeds, "no landed seeds to compare"
+    for seed in seeds:
+        defended = _weights("threat_p2", f"kd_hardlabel_{teacher}_cnn", seed)
+        assert defended == _weights("threat_p2", "kd_hardlabel_original_cnn", seed), seed
