@@ -10,7 +10,7 @@ import pytest
 import report
 import reproduce
 from conftest import ROOT, run_main
-from reproduction.schedules import SCHEDULES, schedule_plan, variant
+from reproduction.schedules import SCHEDULES, THREAT_P2_ROWS, schedule_plan, variant
 from utils.config import changed_result_key
 
 
@@ -181,7 +181,6 @@ def test_the_landed_hard_label_students_of_an_argmax_keeping_defence_are_the_flo
     """Stingy (top-k) and post-hoc reversal keep the original's top-1, so the thief who learns their argmax alone
     trains the floor's student: docs/RESULTS.md says the p2 rows are the floor's bit for bit, seed by seed. A row
     landed from another config, data draw or teacher breaks it."""
-    from reproduction.schedules import THREAT_P2_ROWS
     seeds = THREAT_P2_ROWS[f"kd_hardlabel_{teacher}_cnn"]
     assert seeds, "no landed seeds to compare"
     for seed in seeds:
