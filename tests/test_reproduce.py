@@ -1,5 +1,6 @@
 """The whole chain on the tiny preset: every step runs, results.md has every row, re-runs skip, a killed
 run completes on re-run."""
+import functools
 import json
 import os
 import re
@@ -91,15 +92,17 @@ def test_figures_are_pngs(chain):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
 
 
+def _student_weights(exp_root, attack, teacher):
+    """The weights digest of the tiny chain's student of `attack` against `teacher`."""
+    return read_json(os.path.join(exp_root, f"kd_{attack}_{teacher}_cnn_small", "metrics.json"))["weights_sha256"]
+
+
 def test_a_defence_that_keeps_the_originals_argmax_gives_the_hard_label_thief_the_floor_bit_for_bit(chain):
     """Stingy (top-k) and post-hoc reversal change what the teacher says but not its argmax, on any image: the
     hardlabel attack reads the argmax alone, so its student is the hard-label floor's, weight for weight (the p2
     grid's post-hoc row is its floor's to the last bit too). RML's argmax is its own, and so is its student."""
     exp_root, _ = chain
-
-    def weights(teacher):
-        return read_json(os.path.join(exp_root, f"kd_hardlabel_{teacher}_cnn_small", "metrics.json"))["weights_sha256"]
-
+    weights = functools.partial(_student_weights, exp_root, "hardlabel")
     assert weights("stingy") == weights("original") == weights("posthoc")
     assert weights("rml") != weights("original")
 
@@ -110,9 +113,7 @@ def test_rereverse_and_posthoc_reversal_swap_students_bit_for_bit(chain):
     weight for weight, and re-reversal from post-hoc reversal vanilla KD from the original's (the p2 grid's
     seed 0 agrees to the last bit). Against RML, whose order is its own, re-reversal is its own student."""
     exp_root, _ = chain
-
-    def weights(attack, teacher):
-        return read_json(os.path.join(exp_root, f"kd_{attack}_{teacher}_cnn_small", "metrics.json"))["weights_sha256"]
+    weights = functools.partial(_student_weights, exp_root)
 
     assert weights("rereverse", "original") == weights("vanilla", "posthoc") != weights("vanilla", "original")
     assert weights("rereverse", "posthoc") == weights("vanilla", "original")

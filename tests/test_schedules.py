@@ -9,7 +9,8 @@ import pytest
 
 import report
 import reproduce
-from conftest import ROOT, run_main
+from conftest import ROOT, read_json, run_main
+from reproduction.presets import seeded
 from reproduction.schedules import SCHEDULES, THREAT_P2_ROWS, schedule_plan, variant
 from utils.config import changed_result_key
 
@@ -171,9 +172,7 @@ def test_the_committed_threat_summary_is_rebuilt_from_the_committed_folders(tmp_
 
 
 def _weights(root, name, seed):
-    folder = name if seed == 0 else f"{name}_seed{seed}"
-    with open(os.path.join(ROOT, "exps", root, folder, "metrics.json"), encoding="utf-8") as f:
-        return json.load(f)["weights_sha256"]
+    return read_json(os.path.join(ROOT, "exps", root, seeded(name, seed), "metrics.json"))["weights_sha256"]
 
 
 @pytest.mark.parametrize("teacher", ["stingy", "posthoc"])
