@@ -15,6 +15,8 @@ upper bound) unless val_split > 0: then val_split of the thief's own training im
 by subset_seed, never trained on) and the thief picks there, as a real thief would, by top-1 or (select_by
 val_nll) by cross-entropy; runs_from picks among another sweep's finished runs, training nothing. tau_from then
 runs any attack at what such a sweep picked: the thief's own tau (and alpha), for the same images and teacher.
+A finished run in SAVE_PATH/tau_<tau>/ made with the sweep's config is reused, a lone run trained there too
+(a sweep split over processes).
 
     python train_kd.py --save_path exps/t/kd_vanilla_nasty_sweep --tau_sweep 1,4,10,20 --val_split 500
     python train_kd.py --save_path exps/t/kd_dkd_nasty --attack dkd --tau_from exps/t/kd_vanilla_nasty_sweep

@@ -1,4 +1,5 @@
 """train_kd.py on tiny data: every attack end to end, the frozen teacher, the tau sweep, bad teachers and configs."""
+import json
 import os
 import signal
 
@@ -218,6 +219,31 @@ def test_tau_sweep_writes_each_tau_and_the_best(tmp_path, cifar_root, teacher_ck
     assert run_main(train_kd.main, ["--save_path", d, "--tau_sweep", "1,4", "--alpha", "0.5"]) == 0
     assert capsys.readouterr().out.count("was made with alpha=0.9, this sweep has alpha=0.5; running it again") == 2
     assert all(read_json(os.path.join(d, f"tau_{t}", "metrics.json"))["alpha"] == 0.5 for t in (1, 4))
+
+
+def test_a_sweep_reuses_a_lone_run_trained_into_its_tau_folder(tmp_path, cifar_root, teacher_ckpt, capsys):
+    # a sweep split over two processes: the tau-4 run is trained on its own, with the sweep's params, beforehand
+    d = _exp(tmp_path, cifar_root, teacher_ckpt, tau_sweep=[1, 4])
+    lone = make_exp(os.path.join(d, "tau_4"), **dict(read_json(os.path.join(d, "params.json")), tau=4.0, tau_sweep=[]))
+    assert run_main(train_kd.main, ["--save_path", lone]) == 0
+    assert read_json(os.path.join(lone, "metrics.json"))["config"]["runs_from"] == ""  # a lone run's default
+    before = _tree(lone)
+    capsys.readouterr()
+    assert run_main(train_kd.main, ["--save_path", d]) == 0
+    out = capsys.readouterr().out
+    assert "tau 4: " in out and out.count("skipped") == 1 and _tree(lone) == before
+    assert read_json(os.path.join(d, "sweep.json"))["final_acc"]["4"] == read_json(
+        os.path.join(lone, "metrics.json"))["final_acc"]
+    # what it ignores is the sweep-only keys alone: a lone run at another sweep's pick (tau_from) is another run
+    from utils.thief import read_done
+    m = read_json(os.path.join(lone, "metrics.json"))
+    sub_cfg = {k: v for k, v in m["config"].items() if k not in ("runs_from", "select_by")}
+    assert read_done(lone, sub_cfg, m["inputs"]["teacher"])[0] is not None
+    picked = tmp_path / "picked"
+    picked.mkdir()
+    (picked / "metrics.json").write_text(json.dumps(dict(m, config=dict(m["config"], tau_from=d))))
+    done, why = read_done(str(picked), sub_cfg, m["inputs"]["teacher"])
+    assert done is None and "tau_from" in why
 
 
 def test_a_sweep_asks_its_teacher_once_per_batch(tmp_path, cifar_root, teacher_ckpt, monkeypatch):

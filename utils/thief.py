@@ -53,7 +53,9 @@ def read_done(path, sub_cfg, teacher):
             and isinstance(done.get("final_acc"), (int, float))):
         return None, f"{metrics_path} is unreadable or incomplete"
     old = dict({k: v for k, v in ADDED_KEYS.items() if k in sub_cfg}, **done["config"])
-    key = changed_result_key(old, sub_cfg)
+    # a lone run of this config trained into the folder (a sweep split over several processes) records the
+    # sweep-only keys at their defaults, which a lone run never reads: it is the same run
+    key = changed_result_key(old, sub_cfg, ignore=SWEEP_ONLY_KEYS)
     if key is not None:
         return None, (f"{metrics_path} was made with {key}={old.get(key)!r}, "
                       f"this sweep has {key}={sub_cfg.get(key)!r}")
