@@ -14,6 +14,7 @@ from conftest import TINY, make_exp, read_json, run_main
 from utils.checkpoint import model_record, save_checkpoint
 from utils.engine import Engine
 from utils.losses import reverse_logits
+from utils.thief import read_done
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +236,6 @@ def test_a_sweep_reuses_a_lone_run_trained_into_its_tau_folder(tmp_path, cifar_r
     assert read_json(os.path.join(d, "sweep.json"))["final_acc"]["4"] == read_json(
         os.path.join(lone, "metrics.json"))["final_acc"]
     # what it ignores is the sweep-only keys alone: a lone run at another sweep's pick (tau_from) is another run
-    from utils.thief import read_done
     m = read_json(os.path.join(lone, "metrics.json"))
     sub_cfg = {k: v for k, v in m["config"].items() if k not in ("runs_from", "select_by")}
     assert read_done(lone, sub_cfg, m["inputs"]["teacher"])[0] is not None
