@@ -12,7 +12,8 @@ The parts are in reproduction/: presets.py (scale, seeds, threat models), plan.p
 Each step is the real script (train_scratch.py, train_possessive.py, train_kd.py, train_dfad.py) run on its
 own folder exps/<preset>/<step>/ (params.json written there). A finished step (metrics.json, or sweep.json
 for a tau sweep, matching the step's config) is skipped; an interrupted one resumes from its last.pth, so
-after a crash the same command loses at most the current epoch. At the end report.py writes
+after a crash the same command loses at most the current epoch; a sweep whose runs were trained one by one
+into its tau_<tau>/ folders resumes too (it reuses them and picks). At the end report.py writes
 exps/<preset>/results.md, results.json and the figures.
 
 --jobs N runs up to N steps at once, each as its own process, as soon as the teachers it loads are done

@@ -10,6 +10,7 @@ from utils.config import changed_result_key
 from utils.cost import epoch_times_from_runs, load_epoch_times
 from utils.defences import key_problem
 from utils.errors import UserError
+from utils.thief import SWEEP_ONLY_KEYS, tau_name
 
 from .presets import CHECKPOINT_KEYS
 
@@ -131,7 +132,48 @@ def step_state(folder, params, deps=None, weights_needed=False):
             if why is not None:
                 return "new", f"its unfinished run cannot resume: {why}"
         return "resume", reason
+    if (params.get("tau_sweep") or params.get("alpha_sweep")) and not params.get("runs_from"):
+        finished = split_sweep_runs(folder, params, deps)
+        if finished and not any(os.path.isfile(os.path.join(folder, n)) for n in ("metrics.json", "last.pth")):
+            return "resume", (f"{finished} of its runs are finished in its {TAU_DIR}*/ folders (a sweep split into "
+                              f"lone runs): the sweep reuses them, trains the rest and picks")
     return "new", reason
+
+
+TAU_DIR = "tau_"
+
+
+def split_sweep_runs(folder, params, deps):
+    """How many of a sweep's runs are finished in folder/tau_<tau>[_alpha_<alpha>]/ with this step's config and
+    teachers: runs trained there one by one, side by side (train_kd.py --save_path folder/tau_<tau>), which the
+    sweep reuses (utils/thief.read_done makes the final check), so the step resumes instead of training them again.
+    """
+    swept = {k for k in ("tau", "alpha") if params.get(f"{k}_sweep")}
+    lone = dict(params, tau_sweep=[], alpha_sweep=[])
+    keys = set(params) - swept
+    count = 0
+    for name in subdirs(folder):
+        if not name.startswith(TAU_DIR):
+            continue
+        metrics = read_json(os.path.join(folder, name, "metrics.json"))
+        if not (isinstance(metrics, dict) and isinstance(metrics.get("config"), dict)
+                and isinstance(metrics.get("final_acc"), (int, float))):
+            continue
+        config = metrics["config"]
+        tau, alpha = config.get("tau"), config.get("alpha")
+        if not (isinstance(tau, (int, float)) and isinstance(alpha, (int, float))):
+            continue
+        if any(float(config[k]) not in [float(v) for v in params[f"{k}_sweep"]] for k in swept):
+            continue
+        expected = TAU_DIR + tau_name(tau) + (f"_alpha_{alpha:g}" if params.get("alpha_sweep") else "")
+        if name != expected:
+            continue
+        if changed_result_key(config, lone, keys=keys, ignore=CHECKPOINT_KEYS + SWEEP_ONLY_KEYS) is not None:
+            continue
+        if input_mismatch(metrics.get("inputs"), deps or {}) is not None:
+            continue
+        count += 1
+    return count
 
 
 def subdirs(folder):

@@ -14,7 +14,7 @@ import pytest
 
 import report
 import reproduce
-from conftest import ROOT, TEST_DEVICE, read_json, run_main
+from conftest import ROOT, TEST_DEVICE, make_exp, read_json, run_main
 
 
 def _reproduce(exp_root, data_root):
@@ -553,3 +553,44 @@ def test_a_sweep_picked_another_way_shares_its_runs_and_goes_stale_with_them(cha
     os.remove(os.path.join(root, "tuned", "sweep.json"))
     left, out = plan_run(dry_run=True)
     assert [s["name"] for s in left] == ["tuned", "picked"] and "which it picks among, are to be trained again" in out
+
+
+def test_a_sweep_split_into_lone_runs_resumes_and_picks_without_training_them_again(chain, cifar_root, tmp_path,
+                                                                                    capsys):
+    """A sweep's runs trained one by one into its tau_<tau>/ folders (side by side, as README says) make the step
+    resume, not start again: the sweep reuses them, trains the rest and picks. A run of another config there is
+    not counted (the sweep trains it again itself)."""
+    import train_kd
+    from reproduction.jobs import run_plan
+    from reproduction.plan import plan, resolve_paths
+    from reproduction.schedules import variant
+    from reproduction.state import split_sweep_runs, step_state
+    teachers_root, _ = chain
+    steps = {s["name"]: s for s in plan("tiny")}
+    tuned = variant(steps["kd_vanilla_original_cnn_small"], "tuned", tau_sweep=[1, 4], val_split=20)
+    del tuned["params"]["tau"]
+    root = str(tmp_path / "exp")
+    params = resolve_paths(tuned, teachers_root, root)
+    lone = os.path.join(root, "tuned", "tau_4")
+    make_exp(lone, **dict(params, tau=4.0, tau_sweep=[]))
+    assert run_main(train_kd.main, ["--save_path", lone, "--data_root", cifar_root, "--device", TEST_DEVICE]) == 0
+    before = read_json(os.path.join(lone, "metrics.json"))
+    teacher = os.path.join(teachers_root, "teacher_cnn", "weights.pth")
+    deps = {"teacher": ("teacher_cnn", read_json(os.path.join(teachers_root, "teacher_cnn", "metrics.json"))[
+        "weights_sha256"])}
+    assert params["teacher"] == teacher and split_sweep_runs(os.path.join(root, "tuned"), params, deps) == 1
+    # another seed, or another teacher's weights, is another run
+    assert split_sweep_runs(os.path.join(root, "tuned"), dict(params, seed=params["seed"] + 1), deps) == 0
+    assert split_sweep_runs(os.path.join(root, "tuned"), params, {"teacher": ("teacher_cnn", "0" * 64)}) == 0
+    state, reason = step_state(os.path.join(root, "tuned"), params, deps)
+    assert state == "resume" and "1 of its runs are finished" in reason
+    every = [steps["teacher_cnn"], tuned]
+    capsys.readouterr()
+    run_plan(every, [tuned], root, teachers_root, {"preset": "tiny"}, cifar_root, device=TEST_DEVICE)
+    out = capsys.readouterr().out
+    assert "tau 4: " in out and "skipped" in out
+    assert read_json(os.path.join(lone, "metrics.json")) == before  # not trained again
+    sweep = read_json(os.path.join(root, "tuned", "sweep.json"))
+    assert sweep["final_acc"]["4"] == before["final_acc"] and set(sweep["final_acc"]) == {"1", "4"}
+    assert step_state(os.path.join(root, "tuned"), params, deps) == ("done", None)
+
