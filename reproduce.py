@@ -104,8 +104,8 @@ def build_parser():
                              "the committed exps/mini, when --exp_root puts this run elsewhere)")
     parser.add_argument("--seeds", default=None,
                         help="student seeds, e.g. 0,1,2: every student arm and DFAD is trained once per seed (teachers "
-                             "once); seeds already in EXP_ROOT/steps.json are kept in the report (default: the "
-                             "preset's, 0,1,2 for mini and paper and 0 for tiny, plus those)")
+                             "once); the steps of seeds already in EXP_ROOT/steps.json are kept, for the rows that "
+                             "hold them (default: the preset's, 0,1,2 for mini and paper and 0 for tiny, plus those)")
     parser.add_argument("--defences", default=None,
                         help="also screen these registered defences outside the default battery, e.g. keyed,keyedflat: "
                              "every attack against them, first seed only; kept in EXP_ROOT/steps.json, so later runs "
@@ -201,6 +201,12 @@ def preset_steps(args):
                  and s["role"]["teacher"] not in grid_teachers(PRESETS[preset], args.threat, screened)]
     steps = plan(preset, args.dataset, sorted(set(seeds) | set(known)), screened, args.amp, args.threat,
                  twin_folder=twin, siblings=threat is not None and not args.exp_root)
+    # a seed the folder holds for some rows alone (e.g. two more seeds of one arm, to settle its verdict) stays in
+    # the plan for those rows, not for every arm; the preset's seeds and those of --seeds are every arm's
+    every_arm = set(seeds) | set(PRESETS[preset].get("seeds", (0,)))
+    had = {s["name"] for s in old_steps}
+    steps = [s for s in steps if s["role"]["kind"] == "teacher" or s["role"].get("seed", 0) in every_arm
+             or s["name"] in had]
     run_seeds = set(seeds) if args.seeds is not None else set(seeds) | set(known)
     manifest = {"preset": preset}
     if threat is not None:

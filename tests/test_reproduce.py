@@ -594,3 +594,26 @@ def test_a_sweep_split_into_lone_runs_resumes_and_picks_without_training_them_ag
     assert sweep["final_acc"]["4"] == before["final_acc"] and set(sweep["final_acc"]) == {"1", "4"}
     assert step_state(os.path.join(root, "tuned"), params, deps) == ("done", None)
 
+
+def test_a_seed_only_some_rows_hold_stays_theirs_and_is_not_planned_for_every_arm(tmp_path, capsys):
+    """Two more seeds of one arm (to settle its verdict) keep that arm's steps in the plan; they do not put every
+    other arm's seed 3 into it. A seed asked for with --seeds is every arm's."""
+    exp_root = str(tmp_path / "tiny")
+    args = ["--preset", "tiny", "--exp_root", exp_root, "--dry_run"]
+
+    def planned(extra=()):
+        capsys.readouterr()
+        assert run_main(reproduce.main, args + list(extra)) == 0
+        return [line.split()[2].rsplit(os.sep, 1)[-1].rstrip(":")
+                for line in capsys.readouterr().out.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
+
+    base = planned()
+    students = [n for n in base if n.endswith("_small")]
+    assert len(students) > 10 and not any(n.endswith("_seed3") for n in base)
+    os.makedirs(exp_root)
+    extra = {"name": "ls_cnn_small_seed3", "script": "train_scratch.py", "role": {"kind": "ls", "seed": 3}}
+    with open(os.path.join(exp_root, "steps.json"), "w") as f:
+        json.dump({"preset": "tiny", "steps": [extra]}, f)
+    assert planned() == base + ["ls_cnn_small_seed3"]
+    asked = planned(["--seeds", "0,3"])  # asked for: every arm's
+    assert sorted(n for n in asked if n.endswith("_seed3")) == sorted(n + "_seed3" for n in students)
