@@ -201,7 +201,8 @@ THREAT_P2_ROWS = {"ls_cnn": (0, 1, 2), "kd_vanilla_nasty_cnn": (0, 1, 2), "kd_va
                   "kd_tckd_original_cnn": (0, 1, 2), "kd_dkd_original_cnn": (0, 1, 2),
                   "kd_rereverse_original_cnn": (0, 1, 2), "kd_markov_original_cnn": (0, 1, 2),
                   "kd_skeptical_original_cnn": (0, 1, 2), "kd_hardlabel_stingy_cnn": (0, 1, 2),
-                  "kd_tuned_original_cnn": (0, 1, 2), "kd_tunednll_original_cnn": (0, 1, 2)}
+                  "kd_tuned_original_cnn": (0, 1, 2), "kd_tunednll_original_cnn": (0, 1, 2),
+                  "kd_dkd_rml_cnn": (0, 1, 2)}
 
 
 def threat_p2():
