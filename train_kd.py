@@ -33,8 +33,7 @@ from collections import Counter
 import torch
 
 import models
-from utils.checkpoint import (WEIGHTS_FILE, atomic_write_json, file_sha256, finished_weights, freeze, git_commit,
-                              input_record)
+from utils.checkpoint import (atomic_write_json, file_sha256, finished_weights, freeze, git_commit, input_record)
 from utils.config import (TRAIN_DEFAULTS, checkpoint_keys, close_match, parse_config, resolve_config, thief_has_labels,
                           write_config)
 from utils.constants import DATASETS
@@ -42,8 +41,8 @@ from utils.engine import Engine, Member, Task, refuse_finished, train_together, 
 from utils.errors import UserError, cli_main
 from utils.attacks import ATTACKS, attack_keys
 from utils import battery as bat
-from utils.thief import (SELECT_BY, SWEEP_PROTOCOL, VAL_PROTOCOL, check_sweep_keys, load_teacher, nll_from_weights,
-                         sweep_runs, tau_name, tuned, val_scores, val_sums)
+from utils.thief import (SELECT_BY, SINGLE_RUN_FILES, SWEEP_PROTOCOL, VAL_PROTOCOL, check_sweep_keys, load_teacher,
+                         nll_from_weights, sweep_runs, tau_name, tuned, val_scores, val_sums)
 
 DEFAULTS = dict(TRAIN_DEFAULTS, teacher="", **checkpoint_keys("teacher"), tau=4.0, attack="vanilla", **attack_keys(),
                 tau_sweep=[], alpha_sweep=[], val_split=0, select_by="val_acc", runs_from="", tau_from="",
@@ -75,9 +74,6 @@ def check_kd_config(cfg, source):
         raise UserError(f"{source}: 'label_smoothing' is not used by train_kd.py; remove it (the label-smoothing "
                         f"student is trained by train_scratch.py)")
     check_sweep_keys(cfg, source)
-
-
-SINGLE_RUN_FILES = ("metrics.json", WEIGHTS_FILE, "last.pth", "best.pth", "log.csv")
 
 
 class KDTask(Task):

@@ -10,7 +10,7 @@ from utils.config import changed_result_key
 from utils.cost import epoch_times_from_runs, load_epoch_times
 from utils.defences import key_problem
 from utils.errors import UserError
-from utils.thief import SWEEP_ONLY_KEYS, tau_name
+from utils.thief import SINGLE_RUN_FILES, SWEEP_ONLY_KEYS, grid
 
 from .presets import CHECKPOINT_KEYS
 
@@ -134,13 +134,11 @@ def step_state(folder, params, deps=None, weights_needed=False):
         return "resume", reason
     if (params.get("tau_sweep") or params.get("alpha_sweep")) and not params.get("runs_from"):
         finished = split_sweep_runs(folder, params, deps)
-        if finished and not any(os.path.isfile(os.path.join(folder, n)) for n in ("metrics.json", "last.pth")):
-            return "resume", (f"{finished} of its runs are finished in its {TAU_DIR}*/ folders (a sweep split into "
+        # a single run's files there make the sweep refuse to start without --overwrite: that step is new
+        if finished and not any(os.path.isfile(os.path.join(folder, n)) for n in SINGLE_RUN_FILES):
+            return "resume", (f"{finished} of its runs are finished in its tau_*/ folders (a sweep split into "
                               f"lone runs): the sweep reuses them, trains the rest and picks")
     return "new", reason
-
-
-TAU_DIR = "tau_"
 
 
 def split_sweep_runs(folder, params, deps):
@@ -153,8 +151,6 @@ def split_sweep_runs(folder, params, deps):
     keys = set(params) - swept
     count = 0
     for name in subdirs(folder):
-        if not name.startswith(TAU_DIR):
-            continue
         metrics = read_json(os.path.join(folder, name, "metrics.json"))
         if not (isinstance(metrics, dict) and isinstance(metrics.get("config"), dict)
                 and isinstance(metrics.get("final_acc"), (int, float))):
@@ -163,10 +159,10 @@ def split_sweep_runs(folder, params, deps):
         tau, alpha = config.get("tau"), config.get("alpha")
         if not (isinstance(tau, (int, float)) and isinstance(alpha, (int, float))):
             continue
-        if any(float(config[k]) not in [float(v) for v in params[f"{k}_sweep"]] for k in swept):
-            continue
-        expected = TAU_DIR + tau_name(tau) + (f"_alpha_{alpha:g}" if params.get("alpha_sweep") else "")
-        if name != expected:
+        # one of the sweep's runs, in the folder the sweep gives it (a key the sweep does not vary is compared below)
+        runs = grid({"tau_sweep": params.get("tau_sweep") or [], "alpha_sweep": params.get("alpha_sweep") or [],
+                     "tau": tau, "alpha": alpha})
+        if (name, float(tau), float(alpha)) not in {(sub, t, a) for _, sub, t, a in runs}:
             continue
         if changed_result_key(config, lone, keys=keys, ignore=CHECKPOINT_KEYS + SWEEP_ONLY_KEYS) is not None:
             continue

@@ -85,6 +85,10 @@ def grid(cfg):
     return [(f"{tau_name(t)}/{a:g}", f"tau_{tau_name(t)}_alpha_{a:g}", t, a) for t in taus for a in alphas]
 
 
+# The files of a single run: a sweep's folder holding one is refused (or cleared with --overwrite), not resumed.
+SINGLE_RUN_FILES = ("metrics.json", WEIGHTS_FILE, "last.pth", "best.pth", "log.csv")
+
+
 # A sweep's keys that are not its runs': a run is the same whichever way the sweep picks among them and wherever
 # the sweep reads them from (runs_from), so one set of runs serves every pick.
 SWEEP_ONLY_KEYS = ("select_by", "runs_from")
