@@ -105,7 +105,8 @@ def build_parser():
     parser.add_argument("--seeds", default=None,
                         help="student seeds, e.g. 0,1,2: every student arm and DFAD is trained once per seed (teachers "
                              "once); the steps of seeds already in EXP_ROOT/steps.json are kept, for the rows that "
-                             "hold them (default: the preset's, 0,1,2 for mini and paper and 0 for tiny, plus those)")
+                             "hold them (default: the preset's, 0,1,2 for mini and paper and 0 for tiny, plus those); "
+                             "with --only, a seed beyond the preset's joins the plan for the named rows alone")
     parser.add_argument("--defences", default=None,
                         help="also screen these registered defences outside the default battery, e.g. keyed,keyedflat: "
                              "every attack against them, first seed only; kept in EXP_ROOT/steps.json, so later runs "
@@ -161,14 +162,19 @@ def check(args):
         raise UserError(f"data_root '{args.data_root}' does not exist; pass --data_root pointing at your dataset copy")
 
 
-def select(steps, only, seeds=None):
-    """The steps to bring up to date: those whose name contains `only` (or one of its comma-separated parts),
-    teachers and students of `seeds`."""
+def named(step, only):
+    """Whether --only names the step: its name contains `only` or one of its comma-separated parts (None: every
+    step)."""
     parts = [part for part in (only or "").split(",") if part]
     if only and not parts:
         raise UserError(f"--only {only!r} names no step; give part of a step name, or several separated by commas")
+    return not parts or any(part in step["name"] for part in parts)
 
-    chosen = [s for s in steps if (not parts or any(part in s["name"] for part in parts))
+
+def select(steps, only, seeds=None):
+    """The steps to bring up to date: those whose name contains `only` (or one of its comma-separated parts),
+    teachers and students of `seeds`."""
+    chosen = [s for s in steps if named(s, only)
               and (seeds is None or s["role"]["kind"] == "teacher" or s["role"].get("seed", 0) in seeds)]
     if not chosen:
         hint = close_match(only, [s["name"] for s in steps]) if only else ""
@@ -202,11 +208,12 @@ def preset_steps(args):
     steps = plan(preset, args.dataset, sorted(set(seeds) | set(known)), screened, args.amp, args.threat,
                  twin_folder=twin, siblings=threat is not None and not args.exp_root)
     # a seed the folder holds for some rows alone (e.g. two more seeds of one arm, to settle its verdict) stays in
-    # the plan for those rows, not for every arm; the preset's seeds and those of --seeds are every arm's
-    every_arm = set(seeds) | set(PRESETS[preset].get("seeds", (0,)))
+    # the plan for those rows, not for every arm; the preset's seeds and those of --seeds are every arm's, but a
+    # seed asked for with --only is the named rows' alone (it does not enter steps.json for every other arm)
+    every_arm = set(PRESETS[preset].get("seeds", (0,))) | (set() if args.only else set(seeds))
     had = {s["name"] for s in old_steps}
     steps = [s for s in steps if s["role"]["kind"] == "teacher" or s["role"].get("seed", 0) in every_arm
-             or s["name"] in had]
+             or s["name"] in had or (s["role"].get("seed", 0) in seeds and named(s, args.only))]
     run_seeds = set(seeds) if args.seeds is not None else set(seeds) | set(known)
     manifest = {"preset": preset}
     if threat is not None:

@@ -432,7 +432,10 @@ def test_seeds_flag_trains_only_the_new_seed_and_keeps_the_old(chain, cifar_root
     seeds = {s["role"].get("seed", 0) for s in read_json(os.path.join(exp_root, "steps.json"))["steps"]}
     assert seeds == {0, 1}
     capsys.readouterr()
-    assert run_main(reproduce.main, args + ["--dry_run"]) == 0  # both seeds listed; seed 1 mostly new
+    assert run_main(reproduce.main, args + ["--dry_run"]) == 0  # seed 1 stays the rows that were asked for
+    out = capsys.readouterr().out
+    assert "ls_cnn_small_seed1: done" in out and "scratch_cnn_small_seed1" not in out
+    assert run_main(reproduce.main, args + ["--seeds", "0,1", "--dry_run"]) == 0  # every arm's once asked for
     out = capsys.readouterr().out
     assert "ls_cnn_small_seed1: done" in out and "scratch_cnn_small_seed1: new" in out
     assert run_main(reproduce.main, args + ["--seeds", "x"]) == 2
@@ -617,3 +620,23 @@ def test_a_seed_only_some_rows_hold_stays_theirs_and_is_not_planned_for_every_ar
     assert planned() == base + ["ls_cnn_small_seed3"]
     asked = planned(["--seeds", "0,3"])  # asked for: every arm's
     assert sorted(n for n in asked if n.endswith("_seed3")) == sorted(n + "_seed3" for n in students)
+
+
+def test_a_seed_asked_for_with_only_joins_the_plan_for_the_named_rows_alone(tmp_path):
+    """`--seeds 0,3 --only ls_` plans seed 3 for the label-smoothing rows alone: the other arms' seed 3 do not enter
+    the plan, so neither steps.json (which later runs read and keep) nor the report lists them; without --only a
+    seed asked for is every arm's."""
+    exp_root = str(tmp_path / "tiny")
+
+    def plan_of(*extra):
+        args = reproduce.build_parser().parse_args(["--preset", "tiny", "--exp_root", exp_root, *extra])
+        steps, selected, *_ = reproduce.preset_steps(args)
+        return [s["name"] for s in steps], [s["name"] for s in selected]
+
+    names, selected = plan_of("--seeds", "0,3", "--only", "ls_")
+    seed3 = [n for n in names if n.endswith("_seed3")]
+    assert seed3 and all(n.startswith("ls_") for n in seed3)
+    assert set(seed3) <= set(selected)
+    assert len([n for n in names if not n.endswith("_seed3")]) > 10  # seed 0's every arm stays in the plan
+    every, _ = plan_of("--seeds", "0,3")
+    assert len([n for n in every if n.endswith("_seed3")]) > len(seed3) + 5
