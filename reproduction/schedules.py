@@ -47,14 +47,16 @@ MINI_LONG_LANDED = {"kd_skeptical_nasty_cnn": (0, 1, 2), "kd_skeptical_original_
                     "kd_rereverse_posthoc_cnn": (0, 1, 2), "kd_vanilla_rmlnasty_cnn": (0, 1, 2),
                     "kd_tckd_rmlnasty_cnn": (0, 1, 2), "kd_rereverse_rmlnasty_cnn": (0, 1, 2),
                     "kd_dkd_rmlnasty_cnn": (0, 1, 2), "kd_hardlabel_rmlnasty_cnn": (0, 1, 2),
-                    "kd_markov_rmlnasty_cnn": (0, 1, 2), "kd_skeptical_rmlnasty_cnn": (0, 1, 2)}
+                    "kd_markov_rmlnasty_cnn": (0, 1, 2), "kd_skeptical_rmlnasty_cnn": (0, 1, 2),
+                    "kd_tuned_rmlnasty_cnn": (0, 1), "kd_tunednll_rmlnasty_cnn": (0, 1)}
 
 
 def mini_long():
     """The full-data threat model's 24-epoch students, three seeds: label smoothing, vanilla KD and TCKD from every
     teacher of the battery, every attack against Nasty, and Markov KD from the original (seed 0); then the grid's
     runs landed later (MINI_LONG_LANDED: the Skeptical student against Nasty and the original, re-reversal
-    against post-hoc reversal, the seven attacks of the battery at a fixed τ against RML + Nasty)."""
+    against post-hoc reversal, the seven attacks of the battery at a fixed τ and the self-tuning thief against
+    RML + Nasty)."""
     s = _steps("mini", seeds=(0, 1, 2), threat="full", siblings=True)
     attacks = PRESETS["mini"]["grid_attacks"]  # the battery when the long schedule ran
     names = []
