@@ -48,7 +48,7 @@ MINI_LONG_LANDED = {"kd_skeptical_nasty_cnn": (0, 1, 2), "kd_skeptical_original_
                     "kd_tckd_rmlnasty_cnn": (0, 1, 2), "kd_rereverse_rmlnasty_cnn": (0, 1, 2),
                     "kd_dkd_rmlnasty_cnn": (0, 1, 2), "kd_hardlabel_rmlnasty_cnn": (0, 1, 2),
                     "kd_markov_rmlnasty_cnn": (0, 1, 2), "kd_skeptical_rmlnasty_cnn": (0, 1, 2),
-                    "kd_tuned_rmlnasty_cnn": (0, 1), "kd_tunednll_rmlnasty_cnn": (0, 1)}
+                    "kd_tuned_rmlnasty_cnn": (0, 1, 2), "kd_tunednll_rmlnasty_cnn": (0, 1, 2)}
 
 
 def mini_long():
