@@ -10,6 +10,7 @@ from utils.stats import mean_std, verdict
 
 from .cells import fmt, seeded, verdict_cell
 from .figures import convergence_figure, schedule_figure, schedule_frontier_figure
+from .names import count_attacks
 from .verdicts import strongest
 
 
@@ -209,7 +210,7 @@ def _schedule_frontier_lines(front):
              "verdict (p) | every attack compared KD-resistant |", "|---|---|---|---|---|---|---|---|---|"]
     for f in front:
         lines.append(f"| {f['model']} | {f['teacher']} ({fmt(f['teacher_acc'])}) | {f['epochs']} | "
-                     f"{len(f['attacks'])}: {', '.join(f['attacks'])} | {f['strongest']} | "
+                     f"{count_attacks(f['attacks'])}: {', '.join(f['attacks'])} | {f['strongest']} | "
                      f"{seeded({'acc': f['mean'], 'std': f['std'], 'n': f['n']})} "
                      f"| {fmt(f['diff'], signed=True)} | {verdict_cell(f)} | {'yes' if f['resists_all'] else 'no'} |")
     return lines

@@ -4,7 +4,7 @@ import os
 from utils.stats import MIN_SEEDS
 
 from .cells import fmt
-from .names import TEACHER_NAMES, teacher_order
+from .names import TEACHER_NAMES, count_attacks, teacher_order
 from .verdicts import bar_name, floor_of
 
 PALETTE = ["#55a868", "#c44e52", "#dd8452", "#8172b3", "#937860", "#da8bc3", "#64b5cd", "#ccb974"]
@@ -215,7 +215,7 @@ def schedule_frontier_figure(front, path):
     ax.axhline(0.0, color="black", lw=1, label="label-smoothing bar")
     markers = "os^Dv<>p*h"
     for i, e in enumerate(sorted({f["epochs"] for f in front})):
-        pts = [(teachers.index((f["model"], f["teacher"])), f["diff"], len(f["attacks"]))
+        pts = [(teachers.index((f["model"], f["teacher"])), f["diff"], count_attacks(f["attacks"]))
                for f in front if f["epochs"] == e]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], s=50,
                    label=f"{e} epochs", zorder=3)

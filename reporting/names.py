@@ -14,6 +14,15 @@ class _Names(dict):
 
 TEACHER_NAMES = _Names(original="original")
 
+# an attack that several report rows share: the self-tuning thief, one row per rule that picks its τ (docs/METHOD.md)
+SAME_ATTACK = {"tuned_nll": "tuned"}
+
+
+def count_attacks(keys):
+    """How many attacks the KD rows keyed by `keys` are: the self-tuning thief counts once, whichever of its
+    selection rules (tuned, tuned_nll) picked the τ of each of its rows."""
+    return len({SAME_ATTACK.get(k, k) for k in keys})
+
 
 def teacher_order(res):
     """Teachers in the manifest's order, then any a student names that has no teacher row."""

@@ -3,7 +3,7 @@ from utils.stats import ALPHA, MIN_SEEDS, RULE
 
 from .cells import (below_cell, chosen_note, count, few_seeds_note, fmt, precision_mark, provenance_mark, seeded,
                     tau_cell, verdict_cell)
-from .names import TEACHER_NAMES, kd_arms, teacher_order
+from .names import TEACHER_NAMES, count_attacks, kd_arms, teacher_order
 from .verdicts import bar_name, bar_of, bar_text, floor_of
 
 
@@ -194,7 +194,8 @@ def _resistance_lines(res):
             by = {word: [k for k, a in attacks.items() if a["verdict"] == word]
                   for word in ("distillable", "inconclusive", "KD-resistant")}
             if not by["distillable"] and not by["inconclusive"]:
-                every = ("all " if len(attacks) > 1 else "") + count(len(attacks), "attack")
+                n = count_attacks(attacks)  # the self-tuning thief's two rules are one attack
+                every = ("all " if n > 1 else "") + count(n, "attack")
                 out.append(f"- {TEACHER_NAMES[teacher]} → `{arch}`: **KD-resistant** against {every} "
                            f"({', '.join(attacks)}).")
                 continue

@@ -3,7 +3,7 @@
 """
 from utils.stats import MIN_SEEDS, verdict
 
-from .names import TEACHER_NAMES, teacher_order
+from .names import TEACHER_NAMES, count_attacks, teacher_order
 
 
 BAR_NAMES = {"ls": "label smoothing 0.1 on the true labels",
@@ -101,10 +101,10 @@ def frontier(res):
             out.append({"arch": arch, "teacher": teacher, "teacher_acc": t["acc"], "teacher_delta": t.get("delta"),
                         "strongest": best, "acc": b["acc"], "std": b.get("std"), "n": b.get("n", 1),
                         "delta_ls": paired_delta(b, bar_row), "verdict": b.get("verdict"),
-                        "p": b.get("p"), "bar": bar, "attacks": len(attacks),
+                        "p": b.get("p"), "bar": bar, "attacks": count_attacks(attacks),
                         "precision": b.get("precision"), "bar_precision": bar_row.get("precision"),
                         "resists_all": resists_all,
                         # judged on fewer seeds than a test needs: the seeds it shares with the bar (paired)
-                        "attacks_few_seeds": sum(1 for r in attacks.values()
-                                                 if r.get("n_paired", r.get("n", 1)) < MIN_SEEDS)})
+                        "attacks_few_seeds": count_attacks(a for a, r in attacks.items()
+                                                           if r.get("n_paired", r.get("n", 1)) < MIN_SEEDS)})
     return out

@@ -362,6 +362,13 @@ def test_resistance_line_counts_its_attacks_in_the_right_number():
     two = {"vanilla": {"verdict": "KD-resistant", "n_paired": 3}, "tckd": {"verdict": "KD-resistant", "n_paired": 3}}
     res = {"teachers": {}, "dfad": {}, "students": {"cnn": {"kd": {"nasty": two}}}}
     assert _resistance_lines(res) == ["- Nasty → `cnn`: **KD-resistant** against all 2 attacks (vanilla, tckd)."]
+    # the self-tuning thief's two selection rules are two rows but one attack
+    rules = {"tuned": two["vanilla"], "tuned_nll": two["tckd"]}
+    res["students"]["cnn"]["kd"]["nasty"] = {**two, **rules}
+    assert _resistance_lines(res) == [
+        "- Nasty → `cnn`: **KD-resistant** against all 3 attacks (vanilla, tckd, tuned, tuned_nll)."]
+    res["students"]["cnn"]["kd"]["nasty"] = rules
+    assert _resistance_lines(res) == ["- Nasty → `cnn`: **KD-resistant** against 1 attack (tuned, tuned_nll)."]
 
 
 def test_results_md_sections(preset):

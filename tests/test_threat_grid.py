@@ -205,6 +205,25 @@ def test_a_summary_cell_says_what_holds_against_how_many_attacks_and_what_is_alr
         "holds against 6 attacks (2 on fewer than 3 seeds)")
 
 
+def test_the_frontier_counts_the_self_tuning_thief_once_whichever_rule_picked_its_tau():
+    from reporting.verdicts import frontier
+
+    def arm(acc, n=3):
+        accs = {s: acc + 0.1 * s for s in range(n)}
+        return {"acc": acc + 0.1, "accs": accs, "n": n, "n_paired": n, "verdict": "KD-resistant"}
+
+    kd = {"vanilla": arm(70.0), "tckd": arm(71.0), "tuned": arm(69.0), "tuned_nll": arm(69.5, n=2)}
+    res = {"teachers": {"nasty": {"acc": 90.0}}, "dfad": {},
+           "students": {"cnn": {"ls": arm(72.0), "kd": {"nasty": kd}}}}
+    [row] = frontier(res)
+    # four rows, three attacks; the rule run on two seeds is one attack on fewer than three
+    assert (row["attacks"], row["attacks_few_seeds"], row["strongest"]) == (3, 1, "tckd")
+    assert summary_cell(dict(row, delta=row["delta_ls"])).endswith(
+        "holds against 3 attacks (1 on fewer than 3 seeds)")
+    kd["tuned"] = arm(69.0, n=2)  # both rules short of seeds: still one attack
+    assert frontier(res)[0]["attacks_few_seeds"] == 1
+
+
 def test_the_summary_refuses_a_folder_without_a_threat_model(tiny_chain, tmp_path, capsys):
     exp_root, _ = tiny_chain
     before = file_bytes(exp_root)
