@@ -50,8 +50,8 @@ MINI_LONG_LANDED = {"kd_skeptical_nasty_cnn": (0, 1, 2), "kd_skeptical_original_
                     "kd_markov_rmlnasty_cnn": (0, 1, 2), "kd_skeptical_rmlnasty_cnn": (0, 1, 2),
                     "kd_tuned_rmlnasty_cnn": (0, 1, 2), "kd_tunednll_rmlnasty_cnn": (0, 1, 2),
                     "kd_tuned_nasty_cnn": (0, 1, 2), "kd_tunednll_nasty_cnn": (0, 1, 2),
-                    "kd_rereverse_rml_cnn": (0, 1), "kd_dkd_rml_cnn": (0, 1), "kd_hardlabel_rml_cnn": (0, 1),
-                    "kd_markov_rml_cnn": (0, 1), "kd_skeptical_rml_cnn": (0, 1)}
+                    "kd_rereverse_rml_cnn": (0, 1, 2), "kd_dkd_rml_cnn": (0, 1, 2), "kd_hardlabel_rml_cnn": (0, 1, 2),
+                    "kd_markov_rml_cnn": (0, 1, 2), "kd_skeptical_rml_cnn": (0, 1, 2)}
 
 
 def mini_long():
