@@ -239,7 +239,7 @@ THREAT_P2NL_ROWS = {"ls_cnn": (0, 1, 2), "kd_hardlabel_original_cnn": (0, 1, 2, 
                     "kd_tckd_rml_cnn": (0, 1, 2), "kd_rereverse_posthoc_cnn": (0, 1, 2),
                     "kd_markov_rmlnasty_cnn": (0, 1, 2), "kd_skeptical_rmlnasty_cnn": (0, 1, 2),
                     "kd_tuned_rmlnasty_cnn": (0, 1, 2), "kd_tunednll_rmlnasty_cnn": (0, 1, 2),
-                    "kd_tuned_nasty_cnn": (0,), "kd_tunednll_nasty_cnn": (0,)}
+                    "kd_tuned_nasty_cnn": (0, 1, 2), "kd_tunednll_nasty_cnn": (0, 1, 2)}
 
 
 def threat_p2nl():
