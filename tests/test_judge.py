@@ -172,6 +172,9 @@ def test_the_released_nasty_teacher_brought_to_judge_at_p2_plans_the_grids_commi
                 recorded = read_json(os.path.join(r, "metrics.json"))["inputs"]["teacher"]["weights_sha256"]
                 assert digest[mine["teacher"]] == recorded, r
         compared.append(step["name"])
+    # every one of the command's steps has run in the grid (README: "all 60 have run"), so none was skipped above
+    assert sorted(compared) == sorted(step["name"] for step in steps)
+    assert len(compared) == 60
     # the bar, the floor and Nasty's whole column on three seeds at least (the committed p2 rows of these teachers)
     for name in ("ls_cnn", "kd_hardlabel_original_cnn", "kd_vanilla_original_cnn",
                  "kd_vanilla_nasty_cnn", "kd_dkd_nasty_cnn", "kd_tckd_nasty_cnn", "kd_markov_nasty_cnn",
