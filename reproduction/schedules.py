@@ -219,10 +219,9 @@ def threat_p2():
     defences, the battery's other attacks against Nasty, and the self-tuning thief against Nasty, picking by top-1
     (tuned) and by cross-entropy (tuned_nll: the same sweep's runs), scratch, TCKD, DKD, re-reversal, Markov KD
     and the Skeptical student from the original, hard-label KD from Stingy, the original's self-tuning thief (its
-    sweep's runs trained as lone runs side by side), DKD, TCKD, re-reversal, Markov KD and the
-    Skeptical student against RML + Nasty
-    (THREAT_P2_ROWS says which seeds each holds). They are the grid's own steps (reproduce.py --preset mini
-    --threat p2 trains the same configs), landed ahead of it."""
+    sweep's runs trained as lone runs side by side), DKD, TCKD, re-reversal, Markov KD and the Skeptical student
+    against RML + Nasty (THREAT_P2_ROWS says which seeds each holds). They are the grid's own steps (reproduce.py
+    --preset mini --threat p2 trains the same configs), landed ahead of it."""
     return _landed("p2", THREAT_P2_ROWS)
 
 
